@@ -1,0 +1,1 @@
+"""jax_inversion: learn personalized concepts as new token embeddings of Stable Diffusion models."""

@@ -1,0 +1,38 @@
+"""``jax-inversion <command> [--flags]``: one absl program per command.
+
+Each command lives in ``jax_inversion.commands.<name>`` with its own absl flags and
+``main(argv)``; only the chosen one is imported, so flag names never collide.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "check-parity": ("check_parity", "compare our Flax models with PyTorch diffusers/transformers on a model"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: jax-inversion <command> [--flags]   (jax-inversion <command> --helpfull for flags)", ""]
+    lines += [f"  {name:14s} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def run(argv=None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    name = argv[1]
+    if name not in COMMANDS:
+        print(f"jax-inversion: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(f"jax_inversion.commands.{COMMANDS[name][0]}")
+    from absl import app
+
+    app.run(module.main, argv=[f"jax-inversion {name}"] + argv[2:])
+
+
+if __name__ == "__main__":
+    run()

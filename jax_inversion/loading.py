@@ -1,0 +1,221 @@
+"""Loads diffusers-format Stable Diffusion checkpoints into our Flax modules.
+
+A model is a directory with ``model_index.json`` and ``unet/``, ``text_encoder/``,
+``vae/``, ``tokenizer/``, ``scheduler/`` (SDXL adds ``text_encoder_2/``, ``tokenizer_2/``),
+or a hub id resolved through ``huggingface_hub`` where a hub is reachable.
+Weights are read from ``.safetensors`` without torch; ``.bin`` only through
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_inversion.convert import convert_state_dict
+from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
+
+COMPONENTS = ("unet", "text_encoder", "vae")
+
+
+class ModelLoadError(ValueError):
+    """The model path/id cannot be read as a diffusers-format Stable Diffusion model."""
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """Modules (pure Flax, ``init``/``apply``), their params, tokenizer and scheduler config."""
+
+    path: str
+    unet: Optional[unet_lib.UNet2DConditionModel] = None
+    unet_params: Any = None
+    text_encoder: Optional[clip.CLIPTextTransformer] = None
+    text_encoder_params: Any = None
+    vae: Optional[vae_lib.AutoencoderKL] = None
+    vae_params: Any = None
+    text_encoder_2: Optional[clip.CLIPTextTransformer] = None
+    text_encoder_2_params: Any = None
+    tokenizer: Any = None
+    tokenizer_2: Any = None
+    scheduler_config: dict = dataclasses.field(default_factory=dict)
+    model_index: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} is missing: point --model at a diffusers-format model directory") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}): re-export or re-download the model") from None
+
+
+def resolve_model_path(path_or_id: str, revision: Optional[str] = None) -> str:
+    """A local directory as is; otherwise a hub id downloaded (config, tokenizer, safetensors)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    looks_like_hub_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelLoadError(f"model path {path_or_id!r} does not exist: give a diffusers-format directory or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            path_or_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"],
+            ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"],
+        )
+    except Exception as e:  # network, auth, missing repo: one line for the user
+        raise ModelLoadError(
+            f"model {path_or_id!r} is not a local directory and could not be fetched from the hub "
+            f"({type(e).__name__}): download it with `huggingface-cli download` and pass the directory"
+        ) from None
+
+
+def _weight_files(directory: str) -> tuple[list[str], str]:
+    for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
+        indexes = [p for p in glob.glob(os.path.join(directory, pattern)) if ".fp16." not in p]
+        if indexes:
+            shards = sorted(set(read_json(indexes[0])["weight_map"].values()))
+            kind = "safetensors" if pattern.startswith("*.safetensors") else "bin"
+            return [os.path.join(directory, s) for s in shards], kind
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if os.path.exists(os.path.join(directory, name)):
+            return [os.path.join(directory, name)], "safetensors"
+    candidates = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if candidates:
+        return candidates[:1], "safetensors"
+    for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(directory, name)):
+            return [os.path.join(directory, name)], "bin"
+    raise ModelLoadError(f"no .safetensors or .bin weights in {directory}")
+
+
+def read_state_dict(directory: str) -> dict[str, np.ndarray]:
+    """All tensors of a component folder as numpy (float32 for half types)."""
+    files, kind = _weight_files(directory)
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        if kind == "safetensors":
+            from safetensors.numpy import load_file
+
+            try:
+                tensors = load_file(file)
+            except Exception as e:
+                raise ModelLoadError(f"cannot read {file} ({e}): the file is corrupt or not safetensors") from None
+        else:
+            try:
+                import torch
+            except ImportError:
+                raise ModelLoadError(
+                    f"{file} is a PyTorch .bin file and torch is not installed: convert it to safetensors "
+                    "or `pip install torch`"
+                ) from None
+            try:
+                loaded = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ModelLoadError(f"cannot read {file} safely ({type(e).__name__}): convert it to safetensors") from None
+            tensors = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in loaded.items()}
+        for key, value in tensors.items():
+            if value.dtype.kind == "f" and value.dtype != np.float32:
+                value = value.astype(np.float32)
+            state[key] = value
+    return state
+
+
+def _cast(params, dtype):
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), params)
+
+
+def _load_component(directory: str, module, abstract, *, prefix: str = "", ignore=(), dtype=jnp.float32):
+    try:
+        params = convert_state_dict(read_state_dict(directory), abstract, prefix=prefix, ignore=ignore)
+    except ValueError as e:
+        raise ModelLoadError(f"{directory}: {e}") from None
+    return _cast(params, dtype)
+
+
+def load_text_encoder(directory: str, dtype=jnp.float32):
+    config = clip.CLIPTextConfig.from_dict(read_json(os.path.join(directory, "config.json")))
+    module = clip.CLIPTextTransformer(config, dtype=dtype)
+    abstract = clip.init_abstract_params(module)
+    try:
+        state = clip.add_text_model_prefix(read_state_dict(directory))
+        params = convert_state_dict(state, abstract, ignore=(r"position_ids$",))
+    except ValueError as e:
+        raise ModelLoadError(f"{directory}: {e}") from None
+    return module, _cast(params, dtype)
+
+
+def load_tokenizer(directory: str):
+    from transformers import CLIPTokenizer
+
+    if not os.path.isdir(directory):
+        raise ModelLoadError(f"tokenizer folder {directory} is missing")
+    try:
+        return CLIPTokenizer.from_pretrained(directory)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the CLIP tokenizer in {directory} ({type(e).__name__}: {e})") from None
+
+
+def load_pretrained(
+    path_or_id: str,
+    dtype: Any = jnp.float32,
+    components: Sequence[str] = COMPONENTS,
+    revision: Optional[str] = None,
+) -> Pretrained:
+    """Loads the requested components of a diffusers-format model into Flax.
+
+    ``dtype`` is both the compute dtype of the modules and the storage dtype of these
+    (frozen) params. The tokenizer and scheduler config are always loaded.
+    """
+    path = resolve_model_path(path_or_id, revision)
+    index_path = os.path.join(path, "model_index.json")
+    model_index = read_json(index_path) if os.path.exists(index_path) else {}
+    if not model_index and not os.path.isdir(os.path.join(path, "unet")):
+        raise ModelLoadError(f"{path} has no model_index.json and no unet/: it is not a diffusers-format model")
+    scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    out = Pretrained(
+        path=path,
+        model_index=model_index,
+        scheduler_config=read_json(scheduler_path) if os.path.exists(scheduler_path) else {},
+        tokenizer=load_tokenizer(os.path.join(path, "tokenizer")),
+    )
+    if os.path.isdir(os.path.join(path, "tokenizer_2")):
+        out.tokenizer_2 = load_tokenizer(os.path.join(path, "tokenizer_2"))
+    if "unet" in components:
+        directory = os.path.join(path, "unet")
+        try:
+            config = unet_lib.UNet2DConditionConfig.from_dict(read_json(os.path.join(directory, "config.json")))
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{directory}/config.json: {e}") from None
+        config = dataclasses.replace(config, prediction_type=out.prediction_type)
+        out.unet = unet_lib.UNet2DConditionModel(config, dtype=dtype)
+        out.unet_params = _load_component(directory, out.unet, unet_lib.init_abstract_params(out.unet), dtype=dtype)
+    if "vae" in components:
+        directory = os.path.join(path, "vae")
+        try:
+            config = vae_lib.AutoencoderKLConfig.from_dict(read_json(os.path.join(directory, "config.json")))
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{directory}/config.json: {e}") from None
+        out.vae = vae_lib.AutoencoderKL(config, dtype=dtype)
+        out.vae_params = _load_component(directory, out.vae, vae_lib.init_abstract_params(out.vae), dtype=dtype)
+    if "text_encoder" in components:
+        out.text_encoder, out.text_encoder_params = load_text_encoder(os.path.join(path, "text_encoder"), dtype)
+        if os.path.isdir(os.path.join(path, "text_encoder_2")):
+            out.text_encoder_2, out.text_encoder_2_params = load_text_encoder(
+                os.path.join(path, "text_encoder_2"), dtype
+            )
+    return out

@@ -1,0 +1,120 @@
+"""Tiny diffusers-format Stable Diffusion models built with PyTorch diffusers/transformers.
+
+They are the independent reference: our Flax code must load them and agree with the
+PyTorch modules that wrote them.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from jax_inversion.tokenizer_files import write_clip_tokenizer
+
+VARIANTS = {
+    # SD 1.x style: conv projections, one scalar head count, quick_gelu CLIP, epsilon.
+    "sd1": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=8,
+            cross_attention_dim=32,
+            layers_per_block=2,
+            norm_num_groups=8,
+            sample_size=16,
+        ),
+        text=dict(hidden_act="quick_gelu", num_hidden_layers=3),
+        prediction_type="epsilon",
+        beta_schedule="scaled_linear",
+    ),
+    # SD 2.x style: linear projections, per-block head counts, upcast attention,
+    # two transformer layers in deeper blocks, gelu CLIP, v-prediction.
+    "sd2": dict(
+        unet=dict(
+            block_out_channels=(32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=(2, 4, 4),
+            cross_attention_dim=32,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=16,
+            use_linear_projection=True,
+            upcast_attention=True,
+            transformer_layers_per_block=(1, 2, 2),
+        ),
+        text=dict(hidden_act="gelu", num_hidden_layers=2),
+        prediction_type="v_prediction",
+        beta_schedule="scaled_linear",
+    ),
+}
+
+
+def _perturb(module: torch.nn.Module, scale: float = 0.02) -> None:
+    """Random init leaves norms at identity; nudge everything so parity tests see real values."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def build_pipeline(directory: str, variant: str = "sd1", seed: int = 0) -> str:
+    """Writes a diffusers-format model directory and returns its path."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    spec = VARIANTS[variant]
+    torch.manual_seed(seed)
+    os.makedirs(directory, exist_ok=True)
+    write_clip_tokenizer(os.path.join(directory, "tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
+
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        layers_per_block=1,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **spec["text"],
+    )
+    text_encoder = CLIPTextModel(text_config)
+    for module in (unet, vae, text_encoder):
+        _perturb(module)
+    unet.save_pretrained(os.path.join(directory, "unet"))
+    vae.save_pretrained(os.path.join(directory, "vae"))
+    text_encoder.save_pretrained(os.path.join(directory, "text_encoder"))
+    DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule=spec["beta_schedule"],
+        prediction_type=spec["prediction_type"],
+        clip_sample=False,
+    ).save_pretrained(os.path.join(directory, "scheduler"))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    with open(os.path.join(directory, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return directory
