@@ -9,6 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "train": ("train", "learn placeholder token embeddings from a folder of images"),
     "check-parity": ("check_parity", "compare our Flax models with PyTorch diffusers/transformers on a model"),
 }
 

@@ -1,0 +1,77 @@
+"""Orbax checkpoints of a run: the train state plus the metadata export and resume read."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A workdir whose checkpoints cannot serve this request."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class CheckpointManager:
+    """Saves every ``every`` steps (async), keeps the last ``keep``, restores the latest."""
+
+    def __init__(self, workdir: str, every: int, keep: int, *, read_only: bool = False):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max(1, keep) if not read_only else None,
+            save_interval_steps=max(1, every),
+            enable_async_checkpointing=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, metadata: dict, force: bool = False) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata))
+        self._manager.save(step, args=args, force=force)
+
+    def read_metadata(self, step: int) -> dict:
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+        return restored["state"], restored["meta"]
+
+    def restore_latest(self, target: Any, metadata: dict) -> Optional[Any]:
+        """The latest state, after checking it belongs to the same tokens, width and model."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        saved = self.read_metadata(step)
+        for key in ("layout", "embedding_dim", "model"):
+            if saved.get(key) != metadata.get(key):
+                raise CheckpointError(
+                    f"the workdir's checkpoints are of another run ({key}: {saved.get(key)!r} vs {metadata.get(key)!r}): "
+                    "pass a new --workdir or the same model and tokens"
+                )
+        try:
+            state, _ = self.restore(step, target)
+        except ValueError as e:
+            raise CheckpointError(
+                f"checkpoint {step} does not fit this config's train state ({str(e).splitlines()[0][:120]}): "
+                "resume with the optimizer settings it was saved with, or pass a new --workdir"
+            ) from None
+        return state
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,63 @@
+"""The embedded default: a tiny model and a small image set, made on first use.
+
+``jax-inversion train --workdir DIR`` with no model and no images runs the whole job on
+these, offline, in a few minutes on a CPU.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+from PIL import Image, ImageDraw
+
+DEFAULT_INITIALIZER = "ball"
+DEFAULT_STEPS = 200  # the embedded default's length when num_steps is left at the config's value
+
+
+def write_concept_images(directory: str, count: int = 6, size: int = 64, seed: int = 0) -> str:
+    """A striped ball on varied backgrounds and positions: the default concept."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        background = tuple(int(c) for c in rng.integers(40, 220, 3))
+        image = Image.new("RGB", (size, size), background)
+        draw = ImageDraw.Draw(image)
+        radius = int(rng.integers(size // 5, size // 3))
+        cx, cy = (int(v) for v in rng.integers(radius, size - radius, 2))
+        box = (cx - radius, cy - radius, cx + radius, cy + radius)
+        draw.ellipse(box, fill=(220, 40, 40))
+        stripes = Image.new("L", (size, size), 0)
+        stripe_draw = ImageDraw.Draw(stripes)
+        for y in range(cy - radius, cy + radius, 6):
+            stripe_draw.rectangle((0, y, size, y + 2), fill=255)
+        mask = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(mask).ellipse(box, fill=255)
+        image.paste((250, 230, 60), mask=Image.fromarray(np.minimum(np.asarray(stripes), np.asarray(mask))))
+        image.save(os.path.join(directory, f"ball_{i}.png"))
+    return directory
+
+
+def fill_defaults(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """Points an empty ``model`` / ``data.concept_dir`` at the embedded default, made in ``workdir``."""
+    from jax_inversion.data import DataError
+    from jax_inversion.tiny import make_tiny_model
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    use_default_model = not config.model
+    if use_default_model:
+        path = os.path.join(os.path.abspath(workdir), "default_model")
+        if not os.path.exists(os.path.join(path, "model_index.json")):
+            make_tiny_model(path)
+        config.model = path
+    if not config.data.concept_dir:
+        if not use_default_model:
+            raise DataError("no concept images given: pass --config.data.concept_dir=DIR with your images")
+        config.data.concept_dir = write_concept_images(os.path.join(os.path.abspath(workdir), "default_concept"))
+        if not config.data.initializer_token:
+            config.data.initializer_token = DEFAULT_INITIALIZER
+        from jax_inversion.configs.ti import get_config
+
+        if config.train.num_steps == get_config().train.num_steps:
+            config.train.num_steps = DEFAULT_STEPS
+    return config

@@ -1,0 +1,101 @@
+"""Placeholder tokens: added to the tokenizer, their learned rows substituted by id.
+
+The frozen embedding table is never copied or updated: the only trainable array is
+``learned [n_tokens, d]``, looked up for ids in ``[first_id, first_id + n_tokens)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class TokenError(ValueError):
+    """A placeholder or initializer token the tokenizer cannot take."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Which strings were added and the ids they got (contiguous, ``first_id`` onwards)."""
+
+    tokens: tuple[str, ...]
+    first_id: int
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return tuple(range(self.first_id, self.first_id + len(self.tokens)))
+
+    def to_dict(self) -> dict:
+        return {"tokens": list(self.tokens), "first_id": self.first_id}
+
+    @classmethod
+    def from_dict(cls, d) -> "TokenLayout":
+        return cls(tuple(d["tokens"]), int(d["first_id"]))
+
+
+def vector_tokens(placeholder: str, num_vectors: int) -> list[str]:
+    """``<cat>`` with 3 vectors -> ``<cat> <cat>_1 <cat>_2`` (diffusers' multi-vector convention)."""
+    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+
+
+def add_placeholder_tokens(tokenizer, tokens: Sequence[str]) -> TokenLayout:
+    """Adds ``tokens``; refuses any that already exist in the vocabulary."""
+    vocab = tokenizer.get_vocab()
+    for token in tokens:
+        if not token or any(c.isspace() for c in token):
+            raise TokenError(f"placeholder token {token!r} is empty or has whitespace: use e.g. '<my-cat>'")
+        if token in vocab or token + "</w>" in vocab:
+            raise TokenError(
+                f"placeholder token {token!r} already exists in the tokenizer vocabulary: choose a new string such as '<{token.strip('<>')}-concept>'"
+            )
+    first_id = len(tokenizer)
+    added = tokenizer.add_tokens(list(tokens))
+    if added != len(tokens):
+        raise TokenError(f"the tokenizer took {added} of {len(tokens)} placeholder tokens {list(tokens)}: use distinct new strings")
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    if list(ids) != list(range(first_id, first_id + len(tokens))):
+        raise TokenError(f"placeholder tokens got non-contiguous ids {ids}")
+    return TokenLayout(tuple(tokens), first_id)
+
+
+def initializer_id(tokenizer, word: str) -> int:
+    """The id of a one-token initializer word; a word of several tokens is an error."""
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise TokenError(
+            f"initializer token {word!r} is {len(ids)} tokens {pieces}, not one: pick a single-token word (or leave it empty for random init)"
+        )
+    return ids[0]
+
+
+def initial_embeddings(
+    table: np.ndarray, init_ids: Sequence[Optional[int]], rng: np.random.Generator
+) -> np.ndarray:
+    """Rows to start from: the initializer's row, or random with the table's mean norm."""
+    table = np.asarray(table, np.float32)
+    mean_norm = float(np.linalg.norm(table, axis=-1).mean())
+    rows = []
+    for token_id in init_ids:
+        if token_id is None:
+            v = rng.standard_normal(table.shape[-1]).astype(np.float32)
+            rows.append(v / np.linalg.norm(v) * mean_norm)
+        else:
+            rows.append(table[token_id])
+    return np.stack(rows).astype(np.float32)
+
+
+def substitute(token_embeds: jax.Array, ids: jax.Array, learned: jax.Array, first_id: int) -> jax.Array:
+    """Replaces the embeddings at placeholder ids with their learned rows."""
+    offset = ids - first_id
+    is_learned = (offset >= 0) & (offset < learned.shape[0])
+    rows = jnp.take(learned, jnp.clip(offset, 0, learned.shape[0] - 1), axis=0)
+    return jnp.where(is_learned[..., None], rows.astype(token_embeds.dtype), token_embeds)
+
+
+def safe_ids(ids: jax.Array, first_id: int) -> jax.Array:
+    """Ids valid for the frozen table (placeholders mapped to 0; they are substituted anyway)."""
+    return jnp.where(ids >= first_id, 0, ids)

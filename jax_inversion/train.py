@@ -1,0 +1,392 @@
+"""The textual-inversion training job: one jit-compiled step, data parallel, resumable.
+
+``train(config, workdir)`` loads the frozen model, caches VAE latents once, then runs
+``step(state, batch, rng) -> (state, metrics)`` over a ``data`` mesh axis (batch sharded,
+learned rows replicated, gradients averaged by the global-batch mean), with Orbax
+checkpoints every N steps and on SIGTERM. The loop knows no method by name: the
+objective is built from ``config.loss`` weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax_inversion import checkpoints, data as data_lib, tokens as tokens_lib
+from jax_inversion.loading import Pretrained, load_pretrained
+from jax_inversion.models.clip import CLIPTextTransformer
+from jax_inversion.models.vae import scale_latents
+from jax_inversion.objectives import build_objective
+from jax_inversion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps, training_target
+
+log = logging.getLogger("jax_inversion")
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (and nothing frozen)."""
+
+    step: jax.Array
+    embeddings: jax.Array  # [n_tokens, d] float32, the learned rows
+    opt_state: Any
+    rng: jax.Array  # the run's base key; step k uses fold_in(rng, k)
+    nonfinite_steps: jax.Array  # steps skipped because loss or grads were NaN/inf
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_mesh(devices: Optional[list] = None) -> jax.sharding.Mesh:
+    """All devices of all hosts (or the given ones) on one ``data`` axis."""
+    devices = devices or jax.devices()
+    return jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict, global_batch: int) -> optax.GradientTransformation:
+    """AdamW on the learned rows, warmup then constant or cosine, optional global-norm clipping."""
+    lr = train_config.learning_rate * (global_batch if train_config.scale_lr else 1)
+    steps, warmup = train_config.num_steps, train_config.warmup_steps
+    if train_config.lr_schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), max(steps, warmup + 1))
+    elif train_config.lr_schedule == "constant":
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]) if warmup else optax.constant_schedule(lr)
+    else:
+        raise TrainError(f"unknown train.lr_schedule {train_config.lr_schedule!r}: use 'constant' or 'cosine'")
+    parts = [optax.clip_by_global_norm(train_config.max_grad_norm)] if train_config.max_grad_norm > 0 else []
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=train_config.adam_b1,
+            b2=train_config.adam_b2,
+            eps=train_config.adam_eps,
+            weight_decay=train_config.weight_decay,
+        )
+    )
+    return optax.chain(*parts), schedule
+
+
+def encode_latents(model: Pretrained, images: np.ndarray, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """VAE posterior mean and std of every image, computed once (never per step)."""
+    encode = jax.jit(lambda params, x: model.vae.apply({"params": params}, x, method="encode"))
+    means, stds = [], []
+    for start in range(0, len(images), chunk):
+        mean, logvar = encode(model.vae_params, jnp.asarray(images[start : start + chunk], model.vae.dtype))
+        means.append(np.asarray(mean, np.float32))
+        stds.append(np.asarray(jnp.exp(0.5 * logvar), np.float32))
+    return np.concatenate(means), np.concatenate(stds)
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Cached latents (index ``image + num_images * flipped``) and tokenized prompts."""
+
+    latent_mean: np.ndarray
+    latent_std: np.ndarray
+    input_ids: np.ndarray
+    num_images: int
+
+
+def build_dataset(config, model: Pretrained, prompts_text: str, workdir: str) -> Dataset:
+    """Loads the concept images and caches their (and their flips') VAE latents on disk."""
+    paths = data_lib.list_concept_images(config.data.concept_dir)
+    vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    resolution = config.data.resolution or model.unet.config.sample_size * vae_factor
+    rng = np.random.default_rng([config.seed, 1])
+    crops = 1 if config.data.center_crop else max(1, config.data.random_crops_per_image)
+    images = np.stack(
+        [
+            data_lib.load_image(p, resolution, center_crop=config.data.center_crop, rng=rng)
+            for p in paths
+            for _ in range(crops)
+        ]
+    )
+    if config.data.flip_probability > 0:
+        images = np.concatenate([images, images[:, :, ::-1]])
+    key = hashlib.sha256()
+    key.update(json.dumps([model.path, resolution, config.data.center_crop, crops, config.seed, str(model.vae.dtype)]).encode())
+    key.update(images.tobytes())
+    cache = os.path.join(workdir, "latents", key.hexdigest()[:16] + ".npz")
+    if os.path.exists(cache):
+        with np.load(cache) as f:
+            mean, std = f["mean"], f["std"]
+    else:
+        mean, std = encode_latents(model, images)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        np.savez(cache + ".tmp.npz", mean=mean, std=std)
+        os.replace(cache + ".tmp.npz", cache)
+    templates = data_lib.templates_for(config.data.learnable_property, config.data.templates)
+    prompts = [t.format(prompts_text) for t in templates]
+    input_ids = data_lib.tokenize_prompts(model.tokenizer, prompts)
+    return Dataset(mean, std, input_ids, num_images=len(paths) * crops)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def encode_prompts(text_encoder: CLIPTextTransformer, params, ids: jax.Array, learned: jax.Array, first_id: int):
+    """Text encoder states with the learned rows substituted at the placeholder ids."""
+    embeds = text_encoder.apply({"params": params}, tokens_lib.safe_ids(ids, first_id), method="embed_tokens")
+    embeds = tokens_lib.substitute(embeds, ids, learned, first_id)
+    return text_encoder.apply({"params": params}, inputs_embeds=embeds).last_hidden_state
+
+
+def make_train_step(
+    model: Pretrained,
+    schedule: NoiseSchedule,
+    layout: tokens_lib.TokenLayout,
+    optimizer: optax.GradientTransformation,
+    objective: Callable,
+    lr_schedule: Callable,
+    min_snr_gamma: float,
+    mesh: jax.sharding.Mesh,
+):
+    """Returns ``step(state, batch, rng) -> (state, metrics)``, jit-compiled over ``mesh``.
+
+    ``batch`` holds ``latent_mean``/``latent_std`` ``[B, h, w, c]`` and ``input_ids``
+    ``[B, L]``, sharded on ``data``; ``rng`` is the run's base key. Noise, timesteps and
+    the latent sample are drawn on device from ``fold_in(rng, state.step)``, which makes the
+    result independent of the device count and of interruptions.
+    """
+    frozen = {"text_encoder": model.text_encoder_params, "unet": model.unet_params}
+    vae_config = model.vae.config
+
+    def loss_fn(learned, frozen, batch, rng):
+        rng_latent, rng_noise, rng_time = jax.random.split(rng, 3)
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        latents = scale_latents(vae_config, mean + std * jax.random.normal(rng_latent, mean.shape))
+        noise = jax.random.normal(rng_noise, latents.shape)
+        timesteps = sample_timesteps(rng_time, latents.shape[0], schedule)
+        noisy = add_noise(schedule, latents, noise, timesteps)
+        states = encode_prompts(model.text_encoder, frozen["text_encoder"], batch["input_ids"], learned, layout.first_id)
+        prediction = model.unet.apply({"params": frozen["unet"]}, noisy.astype(model.unet.dtype), timesteps, states)
+        outputs = {
+            "prediction": prediction.astype(jnp.float32),
+            "target": training_target(schedule, latents, noise, timesteps),
+            "snr_weights": min_snr_weights(schedule, timesteps, min_snr_gamma),
+            "timesteps": timesteps,
+            "learned": learned,
+        }
+        return objective(outputs)
+
+    def step(frozen, state: TrainState, batch, rng):
+        step_rng = jax.random.fold_in(rng, state.step)
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.embeddings, frozen, batch, step_rng)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grads))
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.embeddings)
+        embeddings = optax.apply_updates(state.embeddings, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new_state = state.replace(
+            step=state.step + 1,
+            embeddings=keep(embeddings, state.embeddings),
+            opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            **{f"loss/{k}": v for k, v in terms.items()},
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": lr_schedule(state.step),
+            "embedding_norm": jnp.linalg.norm(embeddings, axis=-1).mean(),
+        }
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, P())
+    sharded = NamedSharding(mesh, P("data"))
+    jitted = jax.jit(
+        step,
+        in_shardings=(replicated, replicated, sharded, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(1,),
+    )
+    frozen = jax.device_put(frozen, replicated)
+    return lambda state, batch, rng: jitted(frozen, state, batch, rng)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _check_writable(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise TrainError(f"workdir {workdir} is not writable ({e.strerror}): pass a --workdir you can write to") from None
+
+
+def global_batch(dataset: Dataset, sampler: data_lib.BatchSampler, step: int, mesh) -> dict:
+    """This host's slice of the global batch, assembled into globally sharded arrays."""
+    sharding = NamedSharding(mesh, P("data"))
+    indices = sampler.indices(step)
+    local = sampler.host_slice(indices, jax.process_index(), jax.process_count())
+    rows = local["image"] + dataset.num_images * local["flip"]
+    host = {
+        "latent_mean": dataset.latent_mean[rows],
+        "latent_std": dataset.latent_std[rows],
+        "input_ids": dataset.input_ids[local["prompt"]].astype(np.int32),
+    }
+    size = len(indices["image"])
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (size,) + v.shape[1:]) for k, v in host.items()
+    }
+
+
+def run_metadata(config, layout: tokens_lib.TokenLayout, model: Pretrained) -> dict:
+    """What export and resume need to read back, stored with every checkpoint."""
+    return {
+        "model": model.path,
+        "layout": layout.to_dict(),
+        "placeholder_token": config.data.placeholder_token,
+        "num_vectors": config.data.num_vectors,
+        "embedding_dim": int(model.text_encoder.config.hidden_size),
+        "config": json.loads(config.to_json_best_effort()),
+    }
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[list] = None) -> TrainState:
+    """Runs (or resumes) the job described by ``config`` in ``workdir`` over ``devices`` (default all)."""
+    _check_writable(workdir)
+    if config.train.num_steps < 0:
+        raise TrainError("train.num_steps is negative: pass --config.train.num_steps=N with N >= 0")
+    devices = devices or jax.devices()
+    n_devices = len(devices)
+    if config.train.batch_size <= 0 or config.train.batch_size % n_devices:
+        raise TrainError(
+            f"train.batch_size={config.train.batch_size} is not a positive multiple of the {n_devices} devices: "
+            f"pass --config.train.batch_size={max(n_devices, (config.train.batch_size // n_devices) * n_devices or n_devices)}"
+        )
+    from jax_inversion import default_job
+
+    config = default_job.fill_defaults(config, workdir)
+    dtype = jnp.dtype(config.dtype)
+    model = load_pretrained(config.model, dtype=dtype)
+    tokens = tokens_lib.vector_tokens(config.data.placeholder_token, config.data.num_vectors)
+    init_id = tokens_lib.initializer_id(model.tokenizer, config.data.initializer_token) if config.data.initializer_token else None
+    layout = tokens_lib.add_placeholder_tokens(model.tokenizer, tokens)
+    dataset = build_dataset(config, model, " ".join(tokens), workdir)
+
+    mesh = make_mesh(devices)
+    optimizer, lr_schedule = make_optimizer(config.train, config.train.batch_size)
+    table = np.asarray(model.text_encoder_params["text_model"]["embeddings"]["token_embedding"]["embedding"], np.float32)
+    initial = tokens_lib.initial_embeddings(table, [init_id] * len(tokens), np.random.default_rng([config.seed, 2]))
+    embeddings = jnp.asarray(initial)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        embeddings=embeddings,
+        opt_state=optimizer.init(embeddings),
+        rng=jax.random.PRNGKey(config.seed),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+    )
+    replicated = NamedSharding(mesh, P())
+    metadata = run_metadata(config, layout, model)
+    manager = checkpoints.CheckpointManager(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
+    restored = manager.restore_latest(state, metadata)
+    if restored is not None:
+        state = restored
+        log.info("resumed from step %d in %s", int(state.step), workdir)
+    state = jax.device_put(state, replicated)
+
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    objective = build_objective(dict(config.loss))
+    step_fn = make_train_step(model, schedule, layout, optimizer, objective, lr_schedule, config.train.min_snr_gamma, mesh)
+    sampler = data_lib.BatchSampler(
+        dataset.num_images, len(dataset.input_ids), config.train.batch_size, config.seed, config.data.flip_probability
+    )
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    return _loop(config, workdir, state, step_fn, sampler, dataset, mesh, manager, metadata)
+
+
+def _loop(config, workdir, state, step_fn, sampler, dataset, mesh, manager, metadata) -> TrainState:
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    is_main = jax.process_index() == 0
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
+    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
+    first = int(state.step)
+    total = config.train.num_steps
+    progress = tqdm(total=total, initial=first, disable=not is_main, desc="train", dynamic_ncols=True)
+    pending, last_time, last_step = [], time.perf_counter(), first
+    compile_start = time.perf_counter()
+    compile_seconds = None
+    base_rng = jax.device_put(np.asarray(state.rng), NamedSharding(mesh, P()))  # not donated with the state
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(first, total):
+                batch = global_batch(dataset, sampler, step, mesh)
+                state, metrics = step_fn(state, batch, base_rng)
+                if compile_seconds is None:
+                    jax.block_until_ready(state.step)
+                    compile_seconds = time.perf_counter() - compile_start
+                    last_time, last_step = time.perf_counter(), step + 1
+                pending.append((step + 1, metrics))
+                done = step + 1
+                stopping = stop["signal"] is not None  # read once: the signal may land at any moment
+                must_save = done % max(1, config.train.checkpoint_every) == 0 or done == total or stopping
+                if done % config.train.log_every == 0 or must_save:
+                    fetched = jax.device_get(pending)
+                    pending = []
+                    now = time.perf_counter()
+                    rate = (done - last_step) / max(now - last_time, 1e-9) if done > last_step else float("nan")
+                    last_time, last_step = now, done
+                    if int(state.nonfinite_steps) > 0:
+                        kept = manager.latest_step()
+                        raise TrainError(
+                            f"loss or gradients became NaN/inf by step {done}: lower --config.train.learning_rate "
+                            f"(the last good checkpoint{'' if kept is None else f', step {kept},'} is kept)"
+                        )
+                    for s, m in fetched:
+                        record = {"step": s, **{k: float(v) for k, v in m.items()}}
+                        if s == done and np.isfinite(rate):
+                            record["steps_per_second"] = rate
+                            if compile_seconds is not None:
+                                record["compile_seconds"] = round(compile_seconds, 2)
+                        if metrics_file:
+                            metrics_file.write(json.dumps(record) + "\n")
+                        if writer:
+                            for k, v in record.items():
+                                if k != "step":
+                                    writer.add_scalar(k, v, s)
+                    if metrics_file:
+                        metrics_file.flush()
+                    progress.set_postfix(loss=f"{float(fetched[-1][1]['loss']):.4f}", steps_per_s=f"{rate:.2f}")
+                progress.update(1)
+                if must_save:
+                    manager.save(done, state, metadata, force=done == total or stopping)
+                if stopping:
+                    log.warning("SIGTERM: saved step %d, stopping", done)
+                    break
+            if total == first and manager.latest_step() != total:
+                manager.save(total, state, metadata, force=True)
+    finally:
+        manager.wait()
+        progress.close()
+        signal.signal(signal.SIGTERM, previous)
+        if writer:
+            writer.close()
+        if metrics_file:
+            metrics_file.close()
+    return state

@@ -1,0 +1,227 @@
+"""Textual-inversion training on a tiny diffusers-format model built with PyTorch."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jax_inversion.checkpoints import CheckpointManager
+from jax_inversion.configs.ti import get_config
+from jax_inversion.default_job import write_concept_images
+from jax_inversion.loading import load_pretrained
+from jax_inversion.train import train
+
+
+@pytest.fixture(scope="module")
+def concept_dir(tmp_path_factory):
+    return write_concept_images(str(tmp_path_factory.mktemp("concept")), count=4)
+
+
+def make_config(model, concept_dir, **train):
+    config = get_config()
+    config.model = model
+    config.data.concept_dir = concept_dir
+    config.data.placeholder_token = "<ball>"
+    config.data.initializer_token = "ball"
+    config.data.num_vectors = 2
+    config.train.batch_size = 8
+    config.train.num_steps = 6
+    config.train.log_every = 3
+    config.train.checkpoint_every = 3
+    config.train.learning_rate = 5e-3
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
+def final_rows(workdir):
+    manager = CheckpointManager(workdir, 1, 1, read_only=True)
+    step = manager.latest_step()
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return step, records
+
+
+def test_loss_decreases_and_frozen_rows_identical(tiny_sd1, concept_dir, tmp_path):
+    """Fixed concept, fixed noise: the denoising loss on a fixed evaluation batch falls over 50 steps."""
+    import jax.numpy as jnp
+
+    from jax_inversion.train import encode_prompts
+
+    config = make_config(tiny_sd1, concept_dir, num_steps=50, learning_rate=2e-2, checkpoint_every=50, log_every=10)
+    config.data.flip_probability = 0.0
+    model = load_pretrained(tiny_sd1)
+    table_before = np.array(model.text_encoder_params["text_model"]["embeddings"]["token_embedding"]["embedding"])
+    params_before = jax.tree_util.tree_map(np.array, model.text_encoder_params)
+    state = train(config, str(tmp_path))
+    assert int(state.step) == 50
+
+    # The frozen model on disk and the table the job used are untouched, bit for bit.
+    after = load_pretrained(tiny_sd1)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params_before, jax.tree_util.tree_map(np.array, after.text_encoder_params))
+    assert np.array_equal(table_before, np.asarray(after.text_encoder_params["text_model"]["embeddings"]["token_embedding"]["embedding"]))
+
+    # Evaluate the learned rows vs the initial ones on the same noise/timesteps.
+    from jax_inversion import tokens as tokens_lib
+    from jax_inversion.schedule import NoiseSchedule, add_noise, training_target
+    from jax_inversion.train import build_dataset
+
+    layout = tokens_lib.add_placeholder_tokens(model.tokenizer, ["<ball>", "<ball>_1"])
+    dataset = build_dataset(config, model, "<ball> <ball>_1", str(tmp_path))
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    rng = np.random.default_rng(0)
+    n = 32
+    rows = rng.integers(0, dataset.num_images, n)
+    latents = dataset.latent_mean[rows] * model.vae.config.scaling_factor
+    noise = rng.standard_normal(latents.shape).astype(np.float32)
+    t = jnp.asarray(rng.integers(100, 900, n))
+    ids = jnp.asarray(dataset.input_ids[rng.integers(0, len(dataset.input_ids), n)])
+
+    def eval_loss(learned):
+        states = encode_prompts(model.text_encoder, model.text_encoder_params, ids, learned, layout.first_id)
+        noisy = add_noise(schedule, jnp.asarray(latents), jnp.asarray(noise), t)
+        pred = model.unet.apply({"params": model.unet_params}, noisy, t, states)
+        return float(jnp.mean((pred - training_target(schedule, jnp.asarray(latents), jnp.asarray(noise), t)) ** 2))
+
+    init_id = model.tokenizer.encode("ball", add_special_tokens=False)[0]
+    initial = jnp.stack([table_before[init_id]] * 2)
+    assert eval_loss(state.embeddings) < eval_loss(initial) - 1e-3
+    assert not np.allclose(np.asarray(state.embeddings), np.asarray(initial))
+    _, records = final_rows(str(tmp_path))
+    assert [r["step"] for r in records] == list(range(1, 51))
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_one_device_equals_eight(tiny_sd1, concept_dir, tmp_path):
+    assert jax.device_count() == 8
+    config = make_config(tiny_sd1, concept_dir)
+    one = train(config, str(tmp_path / "one"), devices=jax.devices()[:1])
+    eight = train(config, str(tmp_path / "eight"))
+    assert int(one.step) == int(eight.step) == 6
+    np.testing.assert_allclose(np.asarray(one.embeddings), np.asarray(eight.embeddings), atol=1e-5, rtol=0)
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_sd1, concept_dir, tmp_path):
+    import shutil
+
+    config = make_config(tiny_sd1, concept_dir, num_steps=9)
+    straight = train(config, str(tmp_path / "straight"))
+    # A run killed after step 7: its last checkpoint is step 6 (step 9's never happened).
+    partial = make_config(tiny_sd1, concept_dir, num_steps=9)
+    partial.train.num_steps = 7
+    train(partial, str(tmp_path / "killed"))
+    ckpt = tmp_path / "killed" / "checkpoints"
+    assert sorted(int(p) for p in os.listdir(ckpt) if p.isdigit()) == [3, 6, 7]
+    shutil.rmtree(ckpt / "7")
+    resumed = train(config, str(tmp_path / "killed"))
+    assert int(resumed.step) == 9
+    np.testing.assert_array_equal(np.asarray(resumed.embeddings), np.asarray(straight.embeddings))
+    np.testing.assert_array_equal(np.asarray(resumed.opt_state[1][0].mu), np.asarray(straight.opt_state[1][0].mu))
+
+
+def _cli(*args, env=None, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "jax_inversion.cli", "train", *args], capture_output=True, text=True, env=env, **kwargs
+    )
+
+
+def test_sigterm_saves_and_resumes(tiny_sd1, concept_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    args = [f"--workdir={workdir}", f"--config.model={tiny_sd1}", f"--config.data.concept_dir={concept_dir}",
+            "--config.data.placeholder_token=<ball>", "--config.data.initializer_token=ball",
+            "--config.train.batch_size=2", "--config.train.checkpoint_every=100000", "--config.train.log_every=1"]
+    process = subprocess.Popen([sys.executable, "-m", "jax_inversion.cli", "train", *args, "--config.train.num_steps=100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    steps = CheckpointManager(workdir, 1, 1, read_only=True).all_steps()
+    assert len(steps) == 1 and 0 < steps[0] < 100000
+    done = _cli(*args, f"--config.train.num_steps={steps[0] + 2}", env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert CheckpointManager(workdir, 1, 1, read_only=True).latest_step() == steps[0] + 2
+
+
+def _one_line_error(result, *needles):
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train: "), result.stderr[-3000:]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+@pytest.fixture(scope="module")
+def existing_run(tiny_sd1, concept_dir, tmp_path_factory):
+    """A finished run whose files must survive every bad invocation below."""
+    workdir = str(tmp_path_factory.mktemp("existing"))
+    train(make_config(tiny_sd1, concept_dir, num_steps=3), workdir)
+    snapshot = {os.path.join(d, f): os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(workdir) for f in fs}
+    return workdir, snapshot
+
+
+BAD_INPUTS = [
+    ("missing concept dir", ["--config.data.concept_dir={tmp}/nope"], ["does not exist"]),
+    ("empty concept dir", ["--config.data.concept_dir={empty}"], ["no images"]),
+    ("corrupt image", ["--config.data.concept_dir={corrupt}"], ["cannot read image", "broken.png"]),
+    ("unknown model", ["--config.model={tmp}/no-model"], ["does not exist"]),
+    ("placeholder in vocab", ["--config.data.placeholder_token=cat"], ["already exists"]),
+    ("multi-token initializer", ["--config.data.initializer_token=xyzzy"], ["not one"]),
+    ("batch not divisible", ["--config.train.batch_size=3"], ["multiple of the 2 devices"]),
+]
+
+
+@pytest.mark.parametrize("name,extra,needles", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_one_line_and_keeps_workdir(name, extra, needles, existing_run, tiny_sd1, concept_dir, tmp_path):
+    workdir, snapshot = existing_run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    write_concept_images(str(corrupt), count=2)
+    (corrupt / "broken.png").write_bytes(os.urandom(300))
+    base = [f"--workdir={workdir}", f"--config.model={tiny_sd1}", f"--config.data.concept_dir={concept_dir}",
+            "--config.data.placeholder_token=<ball>", "--config.data.initializer_token=ball", "--config.data.num_vectors=2",
+            "--config.train.batch_size=8", "--config.train.num_steps=6"]
+    args = base + [a.format(tmp=tmp_path, empty=empty, corrupt=corrupt) for a in extra]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    if name != "batch not divisible":
+        args.append("--config.train.batch_size=2")
+    _one_line_error(_cli(*args, env=env), *needles)
+    after = {os.path.join(d, f): os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(workdir) for f in fs}
+    assert after == snapshot
+
+
+def test_unknown_config_key_and_unwritable_workdir(tiny_sd1, tmp_path):
+    unknown = _cli(f"--workdir={tmp_path}/w", "--config.train.not_a_key=1")
+    assert unknown.returncode != 0 and "not_a_key" in unknown.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line_error(_cli(f"--workdir={blocker}/sub"), "not writable")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd1, concept_dir, tmp_path):
+    from jax_inversion.train import TrainError
+
+    workdir = str(tmp_path)
+    train(make_config(tiny_sd1, concept_dir, num_steps=3), workdir)
+    good = CheckpointManager(workdir, 1, 1, read_only=True)
+    good_state = good.latest_step()
+    config = make_config(tiny_sd1, concept_dir, num_steps=9, learning_rate=float("inf"))
+    with pytest.raises(TrainError, match="NaN/inf"):
+        train(config, workdir)
+    assert CheckpointManager(workdir, 1, 1, read_only=True).all_steps() == [good_state]
+    # Resuming with another optimizer layout is a clear error, not an Orbax traceback.
+    from jax_inversion.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not fit"):
+        train(make_config(tiny_sd1, concept_dir, num_steps=9, max_grad_norm=0.0), workdir)
