@@ -188,11 +188,13 @@ def placeholder_string(token: str, num_vectors: int) -> str:
     if not token or any(c.isspace() for c in token):
         raise DataError(
             f"placeholder token {token!r} must be a non-empty word without spaces: "
-            "set --config.placeholder_token, e.g. '<my-concept>'"
+            "set --config.data.placeholder_token, e.g. '<my-concept>'"
         )
     if num_vectors < 1:
-        raise DataError(f"num_vectors {num_vectors} must be at least 1: set --config.num_vectors")
-    return " ".join([token] + [f"{token}_{i}" for i in range(1, num_vectors)])
+        raise DataError(f"num_vectors {num_vectors} must be at least 1: set --config.data.num_vectors")
+    from jax_inversion.tokens import vector_tokens
+
+    return " ".join(vector_tokens(token, num_vectors))
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> np.ndarray:

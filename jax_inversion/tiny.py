@@ -83,6 +83,25 @@ def write_component(directory: str, config: dict, params, weights_name: str) -> 
     save_file(state, os.path.join(directory, weights_name), metadata={"format": "pt"})
 
 
+SD_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+}
+
+
+def write_model_index(directory: str) -> None:
+    """``model_index.json`` of a StableDiffusionPipeline without safety checker."""
+    with open(os.path.join(directory, "model_index.json"), "w") as f:
+        json.dump(SD_MODEL_INDEX, f, indent=2)
+
+
 def make_tiny_model(directory: str, seed: int = 0) -> str:
     """Writes a random SD1-style model (tokenizer, text encoder, UNet, VAE, scheduler)."""
     from transformers import CLIPTokenizer
@@ -113,17 +132,5 @@ def make_tiny_model(directory: str, seed: int = 0) -> str:
     os.makedirs(os.path.join(directory, "scheduler"), exist_ok=True)
     with open(os.path.join(directory, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(TINY_SCHEDULER, f, indent=2)
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    with open(os.path.join(directory, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    write_model_index(directory)
     return directory

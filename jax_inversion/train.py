@@ -280,7 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
     config = default_job.fill_defaults(config, workdir)
     dtype = jnp.dtype(config.dtype)
     model = load_pretrained(config.model, dtype=dtype)
-    tokens = tokens_lib.vector_tokens(config.data.placeholder_token, config.data.num_vectors)
+    tokens = data_lib.placeholder_string(config.data.placeholder_token, config.data.num_vectors).split(" ")
     init_id = tokens_lib.initializer_id(model.tokenizer, config.data.initializer_token) if config.data.initializer_token else None
     layout = tokens_lib.add_placeholder_tokens(model.tokenizer, tokens)
     dataset = build_dataset(config, model, " ".join(tokens), workdir)

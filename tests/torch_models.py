@@ -5,11 +5,11 @@ PyTorch modules that wrote them.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
+from jax_inversion.tiny import write_model_index
 from jax_inversion.tokenizer_files import write_clip_tokenizer
 
 VARIANTS = {
@@ -104,17 +104,5 @@ def build_pipeline(directory: str, variant: str = "sd1", seed: int = 0) -> str:
         prediction_type=spec["prediction_type"],
         clip_sample=False,
     ).save_pretrained(os.path.join(directory, "scheduler"))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    with open(os.path.join(directory, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    write_model_index(directory)
     return directory
