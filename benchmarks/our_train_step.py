@@ -60,9 +60,9 @@ def main() -> None:
     config = get_config()
     optimizer, lr = make_optimizer(config.train, args.batch)
     mesh = make_mesh()
-    step = make_train_step(model, NoiseSchedule.from_config(model.scheduler_config), layout, optimizer,
-                           build_objective({"diffusion": 1.0}), lr, 0.0, mesh)
-    embeddings = jnp.zeros((1, 768), jnp.float32)
+    step = make_train_step(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout}, optimizer,
+                           build_objective({"diffusion": 1.0}), lr, 0.0, mesh, args.resolution)
+    embeddings = {"text_encoder": jnp.zeros((1, 768), jnp.float32)}
     state = TrainState(jnp.zeros((), jnp.int32), embeddings, optimizer.init(embeddings), jax.random.PRNGKey(0),
                        jnp.zeros((), jnp.int32))
     rng = np.random.default_rng(0)
@@ -70,7 +70,7 @@ def main() -> None:
     ids[:, :5] = [tokenizer.bos_token_id, 320, 526, 515, 49408]
     batch = {"latent_mean": jnp.asarray(rng.standard_normal((args.batch, latent, latent, 4)), jnp.float32),
              "latent_std": jnp.full((args.batch, latent, latent, 4), 0.01, jnp.float32),
-             "input_ids": jnp.asarray(ids)}
+             "input_ids": {"text_encoder": jnp.asarray(ids)}}
     base = jax.random.PRNGKey(0)
     with jax.set_mesh(mesh):
         start = time.perf_counter()

@@ -75,3 +75,22 @@ class CheckpointManager:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def read_run(workdir: str, step: Optional[int] = None) -> tuple[int, Any, dict]:
+    """``(step, state tree, metadata)`` of a run's checkpoint (latest or ``step``), no train code needed."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"workdir {workdir} has no checkpoints: train first, or pass the --workdir of a run")
+    manager = CheckpointManager(workdir, 1, 1, read_only=True)
+    steps = manager.all_steps()
+    if not steps:
+        raise CheckpointError(f"workdir {workdir} has no checkpoints: train first, or pass the --workdir of a run")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise CheckpointError(f"step {step} has no checkpoint in {workdir}: available steps are {sorted(steps)}")
+    restored = manager._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
+    return step, restored["state"], restored["meta"]

@@ -10,6 +10,7 @@ import sys
 
 COMMANDS = {
     "train": ("train", "learn placeholder token embeddings from a folder of images"),
+    "export": ("export", "write a run's embeddings for diffusers, A1111/ComfyUI, SDXL, or the extended format"),
     "check-parity": ("check_parity", "compare our Flax models with PyTorch diffusers/transformers on a model"),
 }
 

@@ -29,11 +29,12 @@ def user_errors(command: str):
     """Our error types (bad input) become one line on stderr and exit status 1."""
     from jax_inversion.checkpoints import CheckpointError
     from jax_inversion.data import DataError
+    from jax_inversion.export import ExportError
     from jax_inversion.loading import ModelLoadError
     from jax_inversion.tokens import TokenError
     from jax_inversion.train import TrainError
 
     try:
         yield
-    except (CheckpointError, DataError, ModelLoadError, TokenError, TrainError) as e:
+    except (CheckpointError, DataError, ExportError, ModelLoadError, TokenError, TrainError) as e:
         sys.exit(f"{command}: {e}")

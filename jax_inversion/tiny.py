@@ -96,10 +96,23 @@ SD_MODEL_INDEX = {
 }
 
 
-def write_model_index(directory: str) -> None:
-    """``model_index.json`` of a StableDiffusionPipeline without safety checker."""
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+    "force_zeros_for_empty_prompt": True,
+}
+
+
+def write_model_index(directory: str, sdxl: bool = False) -> None:
+    """``model_index.json`` of a StableDiffusion(XL)Pipeline without safety checker."""
     with open(os.path.join(directory, "model_index.json"), "w") as f:
-        json.dump(SD_MODEL_INDEX, f, indent=2)
+        json.dump(SDXL_MODEL_INDEX if sdxl else SD_MODEL_INDEX, f, indent=2)
 
 
 def make_tiny_model(directory: str, seed: int = 0) -> str:

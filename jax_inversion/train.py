@@ -45,7 +45,7 @@ class TrainState:
     """Everything that changes during training (and nothing frozen)."""
 
     step: jax.Array
-    embeddings: jax.Array  # [n_tokens, d] float32, the learned rows
+    embeddings: Any  # {encoder name: [n_tokens, d]} float32, the learned rows
     opt_state: Any
     rng: jax.Array  # the run's base key; step k uses fold_in(rng, k)
     nonfinite_steps: jax.Array  # steps skipped because loss or grads were NaN/inf
@@ -96,12 +96,25 @@ def encode_latents(model: Pretrained, images: np.ndarray, chunk: int = 8) -> tup
 
 @dataclasses.dataclass
 class Dataset:
-    """Cached latents (index ``image + num_images * flipped``) and tokenized prompts."""
+    """Cached latents (index ``image + num_images * flipped``) and prompts tokenized per encoder."""
 
     latent_mean: np.ndarray
     latent_std: np.ndarray
-    input_ids: np.ndarray
+    input_ids: dict  # {encoder name: [num_prompts, L]}
     num_images: int
+    resolution: int
+
+    @property
+    def num_prompts(self) -> int:
+        return len(next(iter(self.input_ids.values())))
+
+
+def encoders_of(model: Pretrained) -> dict:
+    """``{encoder name: (module, tokenizer)}``: one for SD 1/2, two for SDXL."""
+    encoders = {"text_encoder": (model.text_encoder, model.tokenizer)}
+    if model.text_encoder_2 is not None:
+        encoders["text_encoder_2"] = (model.text_encoder_2, model.tokenizer_2 or model.tokenizer)
+    return encoders
 
 
 def build_dataset(config, model: Pretrained, prompts_text: str, workdir: str) -> Dataset:
@@ -134,38 +147,67 @@ def build_dataset(config, model: Pretrained, prompts_text: str, workdir: str) ->
         os.replace(cache + ".tmp.npz", cache)
     templates = data_lib.templates_for(config.data.learnable_property, config.data.templates)
     prompts = [t.format(prompts_text) for t in templates]
-    input_ids = data_lib.tokenize_prompts(model.tokenizer, prompts)
-    return Dataset(mean, std, input_ids, num_images=len(paths) * crops)
+    input_ids = {name: data_lib.tokenize_prompts(tok, prompts) for name, (_, tok) in encoders_of(model).items()}
+    return Dataset(mean, std, input_ids, num_images=len(paths) * crops, resolution=resolution)
 
 
 # ----------------------------------------------------------------------------- the step
 
 
-def encode_prompts(text_encoder: CLIPTextTransformer, params, ids: jax.Array, learned: jax.Array, first_id: int):
-    """Text encoder states with the learned rows substituted at the placeholder ids."""
+def encode_prompts(
+    text_encoder: CLIPTextTransformer, params, ids: jax.Array, learned: jax.Array, first_id: int, eos_token_id=None
+):
+    """Text encoder outputs with the learned rows substituted at the placeholder ids.
+
+    The pooled output is taken at the first ``eos_token_id`` (placeholder ids are larger than
+    EOS, so transformers' legacy argmax rule would pick them).
+    """
     embeds = text_encoder.apply({"params": params}, tokens_lib.safe_ids(ids, first_id), method="embed_tokens")
     embeds = tokens_lib.substitute(embeds, ids, learned, first_id)
-    return text_encoder.apply({"params": params}, inputs_embeds=embeds).last_hidden_state
+    eos = None if eos_token_id is None else jnp.argmax(ids == eos_token_id, axis=-1)
+    return text_encoder.apply({"params": params}, inputs_embeds=embeds, eos_positions=eos)
+
+
+def text_conditioning(model: Pretrained, frozen: dict, input_ids: dict, learned: dict, layouts: dict, resolution: int):
+    """UNet encoder states (and SDXL's added text/time embedding) for tokenized prompts.
+
+    SD 1/2: the last hidden state. SDXL: both encoders' penultimate states concatenated, the
+    second encoder's projected pooled output and (size, crop, size) time ids, as diffusers does.
+    """
+    encoders = encoders_of(model)
+    outputs = {
+        name: encode_prompts(module, frozen[name], input_ids[name], learned[name], layouts[name].first_id, tok.eos_token_id)
+        for name, (module, tok) in encoders.items()
+    }
+    if len(encoders) == 1:
+        return outputs["text_encoder"].last_hidden_state, None
+    states = jnp.concatenate([outputs[name].hidden_states[-2] for name in encoders], axis=-1)
+    batch = states.shape[0]
+    time_ids = jnp.tile(jnp.asarray([[resolution, resolution, 0, 0, resolution, resolution]], jnp.float32), (batch, 1))
+    return states, {"text_embeds": outputs["text_encoder_2"].text_embeds, "time_ids": time_ids}
 
 
 def make_train_step(
     model: Pretrained,
     schedule: NoiseSchedule,
-    layout: tokens_lib.TokenLayout,
+    layouts: dict,
     optimizer: optax.GradientTransformation,
     objective: Callable,
     lr_schedule: Callable,
     min_snr_gamma: float,
     mesh: jax.sharding.Mesh,
+    resolution: int,
 ):
     """Returns ``step(state, batch, rng) -> (state, metrics)``, jit-compiled over ``mesh``.
 
     ``batch`` holds ``latent_mean``/``latent_std`` ``[B, h, w, c]`` and ``input_ids``
-    ``[B, L]``, sharded on ``data``; ``rng`` is the run's base key. Noise, timesteps and
+    ``{encoder: [B, L]}``, sharded on ``data``; ``rng`` is the run's base key. Noise, timesteps and
     the latent sample are drawn on device from ``fold_in(rng, state.step)``, which makes the
     result independent of the device count and of interruptions.
     """
-    frozen = {"text_encoder": model.text_encoder_params, "unet": model.unet_params}
+    frozen = {"unet": model.unet_params, "text_encoder": model.text_encoder_params}
+    if model.text_encoder_2 is not None:
+        frozen["text_encoder_2"] = model.text_encoder_2_params
     vae_config = model.vae.config
 
     def loss_fn(learned, frozen, batch, rng):
@@ -175,8 +217,8 @@ def make_train_step(
         noise = jax.random.normal(rng_noise, latents.shape)
         timesteps = sample_timesteps(rng_time, latents.shape[0], schedule)
         noisy = add_noise(schedule, latents, noise, timesteps)
-        states = encode_prompts(model.text_encoder, frozen["text_encoder"], batch["input_ids"], learned, layout.first_id)
-        prediction = model.unet.apply({"params": frozen["unet"]}, noisy.astype(model.unet.dtype), timesteps, states)
+        states, added = text_conditioning(model, frozen, batch["input_ids"], learned, layouts, resolution)
+        prediction = model.unet.apply({"params": frozen["unet"]}, noisy.astype(model.unet.dtype), timesteps, states, added)
         outputs = {
             "prediction": prediction.astype(jnp.float32),
             "target": training_target(schedule, latents, noise, timesteps),
@@ -189,13 +231,13 @@ def make_train_step(
     def step(frozen, state: TrainState, batch, rng):
         step_rng = jax.random.fold_in(rng, state.step)
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.embeddings, frozen, batch, step_rng)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grads))
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.embeddings)
         embeddings = optax.apply_updates(state.embeddings, updates)
         keep = lambda new, old: jnp.where(finite, new, old)
         new_state = state.replace(
             step=state.step + 1,
-            embeddings=keep(embeddings, state.embeddings),
+            embeddings=jax.tree_util.tree_map(keep, embeddings, state.embeddings),
             opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
         )
@@ -204,7 +246,7 @@ def make_train_step(
             **{f"loss/{k}": v for k, v in terms.items()},
             "grad_norm": optax.global_norm(grads),
             "learning_rate": lr_schedule(state.step),
-            "embedding_norm": jnp.linalg.norm(embeddings, axis=-1).mean(),
+            "embedding_norm": jnp.linalg.norm(embeddings["text_encoder"], axis=-1).mean(),
         }
         return new_state, metrics
 
@@ -243,22 +285,24 @@ def global_batch(dataset: Dataset, sampler: data_lib.BatchSampler, step: int, me
     host = {
         "latent_mean": dataset.latent_mean[rows],
         "latent_std": dataset.latent_std[rows],
-        "input_ids": dataset.input_ids[local["prompt"]].astype(np.int32),
+        "input_ids": {name: ids[local["prompt"]].astype(np.int32) for name, ids in dataset.input_ids.items()},
     }
     size = len(indices["image"])
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v, (size,) + v.shape[1:]) for k, v in host.items()
-    }
+    return jax.tree_util.tree_map(
+        lambda v: jax.make_array_from_process_local_data(sharding, v, (size,) + v.shape[1:]), host
+    )
 
 
-def run_metadata(config, layout: tokens_lib.TokenLayout, model: Pretrained) -> dict:
+def run_metadata(config, layouts: dict, model: Pretrained) -> dict:
     """What export and resume need to read back, stored with every checkpoint."""
     return {
         "model": model.path,
-        "layout": layout.to_dict(),
+        "layout": layouts["text_encoder"].to_dict(),
+        "layouts": {name: layout.to_dict() for name, layout in layouts.items()},
         "placeholder_token": config.data.placeholder_token,
         "num_vectors": config.data.num_vectors,
         "embedding_dim": int(model.text_encoder.config.hidden_size),
+        "embedding_dims": {name: int(module.config.hidden_size) for name, (module, _) in encoders_of(model).items()},
         "config": json.loads(config.to_json_best_effort()),
     }
 
@@ -281,15 +325,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
     dtype = jnp.dtype(config.dtype)
     model = load_pretrained(config.model, dtype=dtype)
     tokens = data_lib.placeholder_string(config.data.placeholder_token, config.data.num_vectors).split(" ")
-    init_id = tokens_lib.initializer_id(model.tokenizer, config.data.initializer_token) if config.data.initializer_token else None
-    layout = tokens_lib.add_placeholder_tokens(model.tokenizer, tokens)
+    encoders = encoders_of(model)
+    init_ids = {
+        name: tokens_lib.initializer_id(tok, config.data.initializer_token) if config.data.initializer_token else None
+        for name, (_, tok) in encoders.items()
+    }
+    layouts = {name: tokens_lib.add_placeholder_tokens(tok, tokens) for name, (_, tok) in encoders.items()}
     dataset = build_dataset(config, model, " ".join(tokens), workdir)
 
     mesh = make_mesh(devices)
     optimizer, lr_schedule = make_optimizer(config.train, config.train.batch_size)
-    table = np.asarray(model.text_encoder_params["text_model"]["embeddings"]["token_embedding"]["embedding"], np.float32)
-    initial = tokens_lib.initial_embeddings(table, [init_id] * len(tokens), np.random.default_rng([config.seed, 2]))
-    embeddings = jnp.asarray(initial)
+    frozen_params = {"text_encoder": model.text_encoder_params, "text_encoder_2": model.text_encoder_2_params}
+    initial = {}
+    for i, name in enumerate(encoders):
+        table = np.asarray(frozen_params[name]["text_model"]["embeddings"]["token_embedding"]["embedding"], np.float32)
+        rng = np.random.default_rng([config.seed, 2, i])
+        initial[name] = tokens_lib.initial_embeddings(table, [init_ids[name]] * len(tokens), rng)
+    if config.init_from:
+        from jax_inversion.export import initial_rows_from_file
+
+        widths = {name: rows.shape[-1] for name, rows in initial.items()}
+        initial = initial_rows_from_file(config.init_from, widths, len(tokens))
+    embeddings = {name: jnp.asarray(rows) for name, rows in initial.items()}
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         embeddings=embeddings,
@@ -298,7 +355,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
         nonfinite_steps=jnp.zeros((), jnp.int32),
     )
     replicated = NamedSharding(mesh, P())
-    metadata = run_metadata(config, layout, model)
+    metadata = run_metadata(config, layouts, model)
     manager = checkpoints.CheckpointManager(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
     restored = manager.restore_latest(state, metadata)
     if restored is not None:
@@ -308,9 +365,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
 
     schedule = NoiseSchedule.from_config(model.scheduler_config)
     objective = build_objective(dict(config.loss))
-    step_fn = make_train_step(model, schedule, layout, optimizer, objective, lr_schedule, config.train.min_snr_gamma, mesh)
+    step_fn = make_train_step(
+        model, schedule, layouts, optimizer, objective, lr_schedule, config.train.min_snr_gamma, mesh, dataset.resolution
+    )
     sampler = data_lib.BatchSampler(
-        dataset.num_images, len(dataset.input_ids), config.train.batch_size, config.seed, config.data.flip_probability
+        dataset.num_images, dataset.num_prompts, config.train.batch_size, config.seed, config.data.flip_probability
     )
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))

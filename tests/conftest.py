@@ -18,3 +18,10 @@ def tiny_sd2(tmp_path_factory):
     from tests.torch_models import build_pipeline
 
     return build_pipeline(str(tmp_path_factory.mktemp("tiny_sd2")), "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from tests.torch_models import build_pipeline
+
+    return build_pipeline(str(tmp_path_factory.mktemp("tiny_sdxl")), "sdxl")

@@ -80,18 +80,19 @@ def test_loss_decreases_and_frozen_rows_identical(tiny_sd1, concept_dir, tmp_pat
     latents = dataset.latent_mean[rows] * model.vae.config.scaling_factor
     noise = rng.standard_normal(latents.shape).astype(np.float32)
     t = jnp.asarray(rng.integers(100, 900, n))
-    ids = jnp.asarray(dataset.input_ids[rng.integers(0, len(dataset.input_ids), n)])
+    ids = jnp.asarray(dataset.input_ids["text_encoder"][rng.integers(0, dataset.num_prompts, n)])
 
     def eval_loss(learned):
-        states = encode_prompts(model.text_encoder, model.text_encoder_params, ids, learned, layout.first_id)
+        states = encode_prompts(model.text_encoder, model.text_encoder_params, ids, learned, layout.first_id).last_hidden_state
         noisy = add_noise(schedule, jnp.asarray(latents), jnp.asarray(noise), t)
         pred = model.unet.apply({"params": model.unet_params}, noisy, t, states)
         return float(jnp.mean((pred - training_target(schedule, jnp.asarray(latents), jnp.asarray(noise), t)) ** 2))
 
     init_id = model.tokenizer.encode("ball", add_special_tokens=False)[0]
     initial = jnp.stack([table_before[init_id]] * 2)
-    assert eval_loss(state.embeddings) < eval_loss(initial) - 1e-3
-    assert not np.allclose(np.asarray(state.embeddings), np.asarray(initial))
+    learned = state.embeddings["text_encoder"]
+    assert eval_loss(learned) < eval_loss(initial) - 1e-3
+    assert not np.allclose(np.asarray(learned), np.asarray(initial))
     _, records = final_rows(str(tmp_path))
     assert [r["step"] for r in records] == list(range(1, 51))
     assert all(np.isfinite(r["loss"]) for r in records)
@@ -103,7 +104,7 @@ def test_one_device_equals_eight(tiny_sd1, concept_dir, tmp_path):
     one = train(config, str(tmp_path / "one"), devices=jax.devices()[:1])
     eight = train(config, str(tmp_path / "eight"))
     assert int(one.step) == int(eight.step) == 6
-    np.testing.assert_allclose(np.asarray(one.embeddings), np.asarray(eight.embeddings), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(one.embeddings["text_encoder"]), np.asarray(eight.embeddings["text_encoder"]), atol=1e-5, rtol=0)
 
 
 def test_resume_after_kill_equals_uninterrupted(tiny_sd1, concept_dir, tmp_path):
@@ -120,8 +121,8 @@ def test_resume_after_kill_equals_uninterrupted(tiny_sd1, concept_dir, tmp_path)
     shutil.rmtree(ckpt / "7")
     resumed = train(config, str(tmp_path / "killed"))
     assert int(resumed.step) == 9
-    np.testing.assert_array_equal(np.asarray(resumed.embeddings), np.asarray(straight.embeddings))
-    np.testing.assert_array_equal(np.asarray(resumed.opt_state[1][0].mu), np.asarray(straight.opt_state[1][0].mu))
+    np.testing.assert_array_equal(np.asarray(resumed.embeddings["text_encoder"]), np.asarray(straight.embeddings["text_encoder"]))
+    np.testing.assert_array_equal(np.asarray(resumed.opt_state[1][0].mu["text_encoder"]), np.asarray(straight.opt_state[1][0].mu["text_encoder"]))
 
 
 def _cli(*args, env=None, **kwargs):

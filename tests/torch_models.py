@@ -49,6 +49,29 @@ VARIANTS = {
         prediction_type="v_prediction",
         beta_schedule="scaled_linear",
     ),
+    # SDXL style: two text encoders (the second with a projection, another width), concatenated
+    # penultimate states, added text/time embedding in the UNet.
+    "sdxl": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            cross_attention_dim=80,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=16,
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=24 + 6 * 8,
+        ),
+        text=dict(hidden_act="quick_gelu", num_hidden_layers=2),
+        text_2=dict(hidden_act="gelu", num_hidden_layers=2, hidden_size=48, intermediate_size=96, projection_dim=24),
+        prediction_type="epsilon",
+        beta_schedule="scaled_linear",
+    ),
 }
 
 
@@ -62,7 +85,7 @@ def _perturb(module: torch.nn.Module, scale: float = 0.02) -> None:
 def build_pipeline(directory: str, variant: str = "sd1", seed: int = 0) -> str:
     """Writes a diffusers-format model directory and returns its path."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     spec = VARIANTS[variant]
     torch.manual_seed(seed)
@@ -80,20 +103,30 @@ def build_pipeline(directory: str, variant: str = "sd1", seed: int = 0) -> str:
         sample_size=32,
         layers_per_block=1,
     )
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **spec["text"],
-    )
-    text_encoder = CLIPTextModel(text_config)
-    for module in (unet, vae, text_encoder):
+    def text_config(**overrides):
+        fields = dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        fields.update(overrides)
+        return CLIPTextConfig(**fields)
+
+    text_encoder = CLIPTextModel(text_config(**spec["text"]))
+    modules = [unet, vae, text_encoder]
+    if "text_2" in spec:
+        write_clip_tokenizer(os.path.join(directory, "tokenizer_2"))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(**spec["text_2"]))
+        modules.append(text_encoder_2)
+    for module in modules:
         _perturb(module)
+    if "text_2" in spec:
+        text_encoder_2.save_pretrained(os.path.join(directory, "text_encoder_2"))
     unet.save_pretrained(os.path.join(directory, "unet"))
     vae.save_pretrained(os.path.join(directory, "vae"))
     text_encoder.save_pretrained(os.path.join(directory, "text_encoder"))
@@ -104,5 +137,5 @@ def build_pipeline(directory: str, variant: str = "sd1", seed: int = 0) -> str:
         prediction_type=spec["prediction_type"],
         clip_sample=False,
     ).save_pretrained(os.path.join(directory, "scheduler"))
-    write_model_index(directory)
+    write_model_index(directory, sdxl="text_2" in spec)
     return directory

@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ""  # diffusers-format directory or hub id; "" = the embedded tiny default
     config.seed = 0
     config.dtype = "float32"  # compute dtype of the frozen models ("bfloat16" on accelerators)
+    config.init_from = ""  # an exported embedding file (diffusers / A1111 / extended) to start from
 
     config.data = ml_collections.ConfigDict()
     config.data.concept_dir = ""  # "" with model "" = the embedded default images

@@ -1,0 +1,238 @@
+"""Learned embeddings <-> the files PyTorch pipelines load.
+
+Formats (``--format``):
+- ``diffusers``: ``{token: [n_vectors, d]}`` (``.safetensors``, or ``.bin`` via torch.save), what
+  ``StableDiffusionPipeline.load_textual_inversion`` expects, multi-vector included.
+- ``a1111``: ``.pt`` with ``string_to_param``/``string_to_token``/``name`` (A1111, ComfyUI, and
+  diffusers' loader), or ``.safetensors`` with ``emb_params``.
+- ``sdxl``: ``{clip_l: [n, 768], clip_g: [n, 1280]}`` for two-encoder models.
+- ``extended``: see :mod:`jax_inversion.extended`.
+
+Export reads Orbax checkpoints and their metadata only (never train-loop objects). Reading
+is safe by default: safetensors, and ``.bin``/``.pt`` only through ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from jax_inversion.checkpoints import read_run
+
+FORMATS = ("diffusers", "a1111", "sdxl", "extended")
+_EXTENSIONS = {
+    "diffusers": (".safetensors", ".bin"),
+    "a1111": (".pt", ".safetensors"),
+    "sdxl": (".safetensors",),
+    "extended": (".safetensors",),
+}
+
+
+class ExportError(ValueError):
+    """An export or import request that cannot be served; the message says what to do."""
+
+
+def run_embeddings(state: dict) -> dict[str, np.ndarray]:
+    """``{encoder name: rows [n_tokens, d]}`` from a restored train state."""
+    embeddings = state["embeddings"]
+    if isinstance(embeddings, dict):
+        return {k: np.asarray(v, np.float32) for k, v in embeddings.items()}
+    return {"text_encoder": np.asarray(embeddings, np.float32)}
+
+
+def run_concepts(meta: dict) -> list[dict]:
+    """``[{"name": token, "rows": [start, stop]}]``: each concept's tokens within the learned rows."""
+    if meta.get("concepts"):
+        return meta["concepts"]
+    return [{"name": meta["placeholder_token"], "rows": [0, len(meta["layout"]["tokens"])]}]
+
+
+def _atomic_write(path: str, overwrite: bool, write: Callable[[str], None]) -> None:
+    """Writes through a temp file in the same folder, so a failure never leaves a half file."""
+    if os.path.exists(path) and not overwrite:
+        raise ExportError(f"{path} already exists: pass --overwrite to replace it, or choose another --out")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ExportError("this file type needs torch: install torch or use a .safetensors output") from None
+    return torch
+
+
+def write_embedding_file(
+    path: str,
+    fmt: str,
+    token: str,
+    rows: dict[str, np.ndarray],
+    *,
+    step: int = 0,
+    overwrite: bool = False,
+) -> str:
+    """Writes one concept's rows (``{encoder: [n, d]}``) in ``fmt``; the extension picks the container."""
+    ext = os.path.splitext(path)[1].lower()
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if ext not in _EXTENSIONS[fmt]:
+        raise ExportError(f"--format {fmt} writes {' or '.join(_EXTENSIONS[fmt])} files, not {path!r}: change --out")
+    two_encoders = "text_encoder_2" in rows
+    if fmt == "sdxl" and not two_encoders:
+        raise ExportError("--format sdxl needs a model with two text encoders (SDXL); this run has one: use --format diffusers")
+    if fmt in ("diffusers", "a1111") and two_encoders:
+        raise ExportError(f"--format {fmt} holds one text encoder's rows; this run has two (SDXL): use --format sdxl")
+    if fmt == "extended":
+        from jax_inversion.extended import write_extended
+
+        _atomic_write(path, overwrite, lambda tmp: write_extended(tmp, {token: rows}))
+        return path
+    from safetensors.numpy import save_file
+
+    if fmt == "sdxl":
+        tensors = {"clip_l": rows["text_encoder"], "clip_g": rows["text_encoder_2"]}
+        write = lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+    elif fmt == "diffusers" and ext == ".safetensors":
+        write = lambda tmp: save_file({token: np.ascontiguousarray(rows["text_encoder"])}, tmp)
+    elif fmt == "diffusers":
+        torch = _torch()
+        write = lambda tmp: torch.save({token: torch.from_numpy(rows["text_encoder"].copy())}, tmp)
+    elif ext == ".safetensors":  # a1111 safetensors
+        write = lambda tmp: save_file({"emb_params": np.ascontiguousarray(rows["text_encoder"])}, tmp)
+    else:  # a1111 .pt
+        torch = _torch()
+        payload = {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": torch.from_numpy(rows["text_encoder"].copy())},
+            "name": token,
+            "step": int(step),
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+        }
+        write = lambda tmp: torch.save(payload, tmp)
+    _atomic_write(path, overwrite, write)
+    return path
+
+
+def file_name_for(token: str) -> str:
+    """``<my cat>`` -> ``my_cat``: a safe file stem for a token."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", token).strip("_.")
+    return stem or "concept"
+
+
+def export_run(
+    workdir: str,
+    out: str,
+    fmt: str,
+    *,
+    step: Optional[int] = None,
+    all_concepts: bool = False,
+    overwrite: bool = False,
+) -> list[str]:
+    """Exports a run's concept (or, with ``all_concepts``, each concept into the folder ``out``)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    step, state, meta = read_run(workdir, step)
+    rows = run_embeddings(state)
+    concepts = run_concepts(meta)
+    if not all_concepts and len(concepts) > 1:
+        names = ", ".join(c["name"] for c in concepts)
+        raise ExportError(f"the run has {len(concepts)} concepts ({names}): pass --all with --out DIR")
+    written = []
+    for concept in concepts:
+        start, stop = concept["rows"]
+        concept_rows = {encoder: r[start:stop] for encoder, r in rows.items()}
+        if all_concepts:
+            path = os.path.join(out, file_name_for(concept["name"]) + _EXTENSIONS[fmt][0])
+        else:
+            path = out
+        written.append(write_embedding_file(path, fmt, concept["name"], concept_rows, step=step, overwrite=overwrite))
+    return written
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _read_any(path: str) -> tuple[dict, dict]:
+    """Tensors (numpy) and safetensors metadata of an embedding file."""
+    if not os.path.isfile(path):
+        raise ExportError(f"embedding file {path} does not exist: pass an exported .safetensors/.bin/.pt file")
+    if path.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="np") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as e:
+            raise ExportError(f"cannot read {path} as safetensors ({type(e).__name__}): re-export it") from None
+    torch = _torch()
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ExportError(f"cannot read {path} safely ({type(e).__name__}): only plain tensor files are accepted") from None
+
+    def to_numpy(value: Any):
+        if isinstance(value, torch.Tensor):
+            return value.detach().float().numpy()
+        if isinstance(value, dict):
+            return {k: to_numpy(v) for k, v in value.items()}
+        return value
+
+    return to_numpy(loaded if isinstance(loaded, dict) else {"": loaded}), {}
+
+
+def read_embedding_file(path: str) -> dict[str, Any]:
+    """Parses any format above into ``{"token": str | None, "rows": {encoder: [n, d]}}``."""
+    tensors, metadata = _read_any(path)
+    if metadata.get("format") == "jax_inversion.extended":
+        from jax_inversion.extended import read_extended
+
+        tokens = read_extended(path)
+        if len(tokens) != 1:
+            raise ExportError(f"{path} holds {len(tokens)} tokens; import takes one concept per file")
+        (token, spec), = tokens.items()
+        return {"token": token, "rows": {"text_encoder": spec["base"]}}
+    if "string_to_param" in tensors:
+        return {"token": tensors.get("name"), "rows": {"text_encoder": np.asarray(tensors["string_to_param"]["*"])}}
+    if set(tensors) == {"clip_l", "clip_g"}:
+        return {"token": None, "rows": {"text_encoder": tensors["clip_l"], "text_encoder_2": tensors["clip_g"]}}
+    if set(tensors) == {"emb_params"}:
+        return {"token": None, "rows": {"text_encoder": tensors["emb_params"]}}
+    if len(tensors) == 1:
+        (token, rows), = tensors.items()
+        return {"token": token or None, "rows": {"text_encoder": np.asarray(rows)}}
+    raise ExportError(f"{path} is not a diffusers, A1111, SDXL or extended embedding file (keys: {sorted(tensors)[:5]})")
+
+
+def initial_rows_from_file(path: str, widths: dict[str, int], num_vectors: int) -> dict[str, np.ndarray]:
+    """Rows to start training from, shape-checked against the model's embedding widths."""
+    parsed = read_embedding_file(path)
+    rows = {}
+    for encoder, width in widths.items():
+        if encoder not in parsed["rows"]:
+            raise ExportError(f"{path} has no rows for {encoder}: it was made for another model type")
+        r = np.asarray(parsed["rows"][encoder], np.float32)
+        if r.ndim == 1:
+            r = r[None]
+        if r.shape[-1] != width:
+            raise ExportError(f"{path} has {r.shape[-1]}-wide embeddings but the model's {encoder} is {width} wide: it was trained for another model")
+        if r.shape[0] != num_vectors:
+            raise ExportError(f"{path} has {r.shape[0]} vectors but --config.data.num_vectors={num_vectors}: set it to {r.shape[0]}")
+        rows[encoder] = r
+    extra = sorted(set(parsed["rows"]) - set(widths))
+    if extra:
+        raise ExportError(f"{path} has rows for {extra} which this model lacks: it was made for another model type")
+    return rows

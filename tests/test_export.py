@@ -1,0 +1,173 @@
+"""Export to the files PyTorch pipelines load, proven in diffusers; import back; extended tokens."""
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_inversion.checkpoints import read_run
+from jax_inversion.configs.ti import get_config
+from jax_inversion.default_job import write_concept_images
+from jax_inversion.export import ExportError, export_run, read_embedding_file
+from jax_inversion.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tiny_sd1, tmp_path_factory):
+    concept = write_concept_images(str(tmp_path_factory.mktemp("concept")), count=2)
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = get_config()
+    config.model = tiny_sd1
+    config.data.concept_dir = concept
+    config.data.placeholder_token = "<ball>"
+    config.data.initializer_token = "ball"
+    config.data.num_vectors = 2
+    config.train.batch_size = 8
+    config.train.num_steps = 4
+    config.train.checkpoint_every = 2
+    train(config, workdir)
+    _, state, _ = read_run(workdir)
+    return workdir, np.asarray(state["embeddings"]["text_encoder"]), config
+
+
+@pytest.fixture(scope="module")
+def pipeline_factory(tiny_sd1):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    def make():
+        return StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None, torch_dtype=torch.float32)
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "fmt,name,token",
+    [("diffusers", "e.safetensors", None), ("diffusers", "e.bin", None), ("a1111", "e.pt", None), ("a1111", "e.safetensors", "<ball>")],
+)
+def test_export_loads_in_diffusers_bit_exact(run, pipeline_factory, tmp_path, fmt, name, token):
+    workdir, rows, _ = run
+    path = str(tmp_path / name)
+    assert export_run(workdir, path, fmt) == [path]
+    pipe = pipeline_factory()
+    pipe.load_textual_inversion(path, token=token)
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<ball>", "<ball>_1"])
+    loaded = pipe.text_encoder.get_input_embeddings().weight[ids].detach().numpy()
+    assert np.array_equal(loaded, rows)
+    assert pipe.maybe_convert_prompt("a <ball>", pipe.tokenizer) == "a <ball> <ball>_1"
+
+
+def test_export_earlier_step_and_all(run, tmp_path):
+    workdir, rows, _ = run
+    _, early, _ = read_run(workdir, 2)
+    export_run(workdir, str(tmp_path / "s2.safetensors"), "diffusers", step=2)
+    assert np.array_equal(read_embedding_file(str(tmp_path / "s2.safetensors"))["rows"]["text_encoder"], np.asarray(early["embeddings"]["text_encoder"]))
+    assert not np.array_equal(np.asarray(early["embeddings"]["text_encoder"]), rows)
+    written = export_run(workdir, str(tmp_path / "all"), "diffusers", all_concepts=True)
+    assert written == [str(tmp_path / "all" / "ball.safetensors")]
+
+
+def test_round_trip_export_import(run, tmp_path):
+    workdir, rows, config = run
+    for fmt, name in [("diffusers", "rt.safetensors"), ("a1111", "rt.pt"), ("extended", "rt_ext.safetensors")]:
+        path = str(tmp_path / name)
+        export_run(workdir, path, fmt)
+        again = get_config()
+        again.update_from_flattened_dict({"model": config.model, "data.concept_dir": config.data.concept_dir,
+                                         "data.placeholder_token": "<ball>", "data.num_vectors": 2,
+                                         "train.batch_size": 8, "train.num_steps": 0, "init_from": path})
+        state = train(again, str(tmp_path / f"import_{fmt}"))
+        assert np.array_equal(np.asarray(state.embeddings["text_encoder"]), rows), fmt
+
+
+def test_import_shape_checked(run, tmp_path):
+    workdir, _, config = run
+    from safetensors.numpy import save_file
+
+    from jax_inversion.export import initial_rows_from_file
+
+    wide = str(tmp_path / "wide.safetensors")
+    save_file({"<x>": np.zeros((2, 768), np.float32)}, wide)
+    with pytest.raises(ExportError, match="768-wide"):
+        initial_rows_from_file(wide, {"text_encoder": 32}, 2)
+    with pytest.raises(ExportError, match="num_vectors=3"):
+        initial_rows_from_file(wide, {"text_encoder": 768}, 3)
+
+
+def test_extended_tokens_torch_processor_equals_flax(tiny_sd1, tmp_path):
+    """Per-stage K/V rows and per-layer rows: diffusers UNet + our processor == our Flax UNet."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from jax_inversion import tokens as tokens_lib
+    from jax_inversion.extended import flax_conditioning, read_extended, write_extended
+    from jax_inversion.loading import load_pretrained
+    from jax_inversion.models.unet import cross_attention_layers
+    from jax_inversion.torch import ExtendedTokens
+
+    rng = np.random.default_rng(0)
+    n, d, stages = 2, 32, 5
+    layer = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"
+    path_kv, path_layer = str(tmp_path / "kv.safetensors"), str(tmp_path / "layer.safetensors")
+    rows = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    write_extended(path_kv, {"<subj>": {"base": rows(n, d), "key": rows(stages, n, d), "value": rows(stages, n, d)}})
+    write_extended(path_layer, {"<subj>": {"base": rows(n, d), "layers": {layer: rows(n, d)}}})
+
+    model = load_pretrained(tiny_sd1)
+    torch_unet = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet").eval()
+    assert layer in cross_attention_layers(model.unet.config, 16)
+    sample = rng.standard_normal((3, 16, 16, 4)).astype(np.float32)
+    timesteps = np.array([10, 450, 990])  # stages 0, 2, 4
+    for path in (path_kv, path_layer):
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(tiny_sd1, "tokenizer"))
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(tiny_sd1, "text_encoder")).eval()
+        tokens = ExtendedTokens.load(path)
+        tokens.add_to(tokenizer, text_encoder)
+        states = tokens.encode(tokenizer, text_encoder, ["a photo of <subj>", "<subj> on the beach", "a <subj> cube"])
+        tokens.install(torch_unet, states)
+        with torch.no_grad():
+            ref = torch_unet(torch.from_numpy(sample.transpose(0, 3, 1, 2)), torch.from_numpy(timesteps), states.base).sample.numpy()
+        tokens.uninstall(torch_unet)
+
+        flax_tokenizer = load_pretrained(tiny_sd1, components=()).tokenizer
+        layout = tokens_lib.add_placeholder_tokens(flax_tokenizer, tokens.strings)
+        ids = flax_tokenizer([tokens.prompt(p) for p in ["a photo of <subj>", "<subj> on the beach", "a <subj> cube"]],
+                             padding="max_length", max_length=77, return_tensors="np").input_ids
+        parts = read_extended(path)["<subj>"]
+        conditioning = flax_conditioning(model.text_encoder, model.text_encoder_params, jnp.asarray(ids),
+                                         layout.first_id, parts, jnp.asarray(timesteps))
+        ours = model.unet.apply({"params": model.unet_params}, jnp.asarray(sample), jnp.asarray(timesteps), conditioning)
+        np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), ref, atol=1e-4, rtol=0)
+        # And the tokens do something: plain base conditioning gives another output.
+        plain = model.unet.apply({"params": model.unet_params}, jnp.asarray(sample), jnp.asarray(timesteps),
+                                 flax_conditioning(model.text_encoder, model.text_encoder_params, jnp.asarray(ids),
+                                                   layout.first_id, {"base": parts["base"]}))
+        assert float(np.abs(np.asarray(plain).transpose(0, 3, 1, 2) - ref).max()) > 1e-3
+
+
+def _export_cli(*args):
+    return subprocess.run([sys.executable, "-m", "jax_inversion.cli", "export", *args], capture_output=True, text=True)
+
+
+def _last_line(result):
+    assert result.returncode != 0
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_bad_export_requests(run, tmp_path):
+    workdir, _, _ = run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "has no checkpoints" in _last_line(_export_cli(f"--workdir={empty}", f"--out={tmp_path}/x.safetensors"))
+    assert "available steps are [2, 4]" in _last_line(_export_cli(f"--workdir={workdir}", "--step=3", f"--out={tmp_path}/x.safetensors"))
+    assert "two text encoders" in _last_line(_export_cli(f"--workdir={workdir}", "--format=sdxl", f"--out={tmp_path}/x.safetensors"))
+    existing = tmp_path / "keep.safetensors"
+    existing.write_bytes(b"precious")
+    assert "--overwrite" in _last_line(_export_cli(f"--workdir={workdir}", f"--out={existing}"))
+    assert existing.read_bytes() == b"precious"
+    ok = _export_cli(f"--workdir={workdir}", f"--out={existing}", "--overwrite")
+    assert ok.returncode == 0 and read_embedding_file(str(existing))["token"] == "<ball>"
+    assert ".pt or .safetensors" in _last_line(_export_cli(f"--workdir={workdir}", "--format=a1111", f"--out={tmp_path}/x.bin"))
