@@ -148,9 +148,19 @@ def export_run(
     step, state, meta = read_run(workdir, step)
     rows = run_embeddings(state)
     concepts = run_concepts(meta)
+    if fmt == "extended" and not all_concepts:  # one file holds every token of the run (e.g. Lego's <subj> <cpt>)
+        from jax_inversion.extended import write_extended
+
+        tokens = {c["name"]: {enc: r[c["rows"][0] : c["rows"][1]] for enc, r in rows.items()} for c in concepts}
+        if any(len(parts) > 1 for parts in tokens.values()):
+            raise ExportError("--format extended holds one text encoder's rows; this run has two (SDXL): use --format sdxl")
+        _atomic_write(out, overwrite, lambda tmp: write_extended(tmp, tokens))
+        return [out]
     if not all_concepts and len(concepts) > 1:
         names = ", ".join(c["name"] for c in concepts)
-        raise ExportError(f"the run has {len(concepts)} concepts ({names}): pass --all with --out DIR")
+        raise ExportError(
+            f"the run has {len(concepts)} concepts ({names}): pass --all with --out DIR, or --format extended for one file"
+        )
     written = []
     for concept in concepts:
         start, stop = concept["rows"]

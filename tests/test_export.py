@@ -171,3 +171,28 @@ def test_bad_export_requests(run, tmp_path):
     ok = _export_cli(f"--workdir={workdir}", f"--out={existing}", "--overwrite")
     assert ok.returncode == 0 and read_embedding_file(str(existing))["token"] == "<ball>"
     assert ".pt or .safetensors" in _last_line(_export_cli(f"--workdir={workdir}", "--format=a1111", f"--out={tmp_path}/x.bin"))
+
+
+def test_multi_concept_run_exports_all_or_one_extended_file(tmp_path):
+    """A run holding two concepts (e.g. Lego's <subj> and <cpt>): --all writes one file per
+    concept, extended writes both tokens in one file, a single diffusers file is refused."""
+    import jax.numpy as jnp
+
+    from jax_inversion.checkpoints import CheckpointManager
+    from jax_inversion.extended import read_extended
+
+    rows = np.arange(3 * 8, dtype=np.float32).reshape(3, 8)
+    meta = {"model": "m", "placeholder_token": "<subj>", "layout": {"tokens": ["<subj>", "<cpt>", "<cpt>_1"], "first_id": 10},
+            "embedding_dim": 8, "concepts": [{"name": "<subj>", "rows": [0, 1]}, {"name": "<cpt>", "rows": [1, 3]}]}
+    manager = CheckpointManager(str(tmp_path / "run"), 1, 1)
+    manager.save(5, {"embeddings": {"text_encoder": jnp.asarray(rows)}, "step": jnp.asarray(5)}, meta, force=True)
+    manager.wait()
+    with pytest.raises(ExportError, match="pass --all"):
+        export_run(str(tmp_path / "run"), str(tmp_path / "x.safetensors"), "diffusers")
+    written = export_run(str(tmp_path / "run"), str(tmp_path / "out"), "diffusers", all_concepts=True)
+    assert [os.path.basename(p) for p in written] == ["subj.safetensors", "cpt.safetensors"]
+    assert np.array_equal(read_embedding_file(written[1])["rows"]["text_encoder"], rows[1:3])
+    assert read_embedding_file(written[1])["token"] == "<cpt>"
+    one = export_run(str(tmp_path / "run"), str(tmp_path / "both.safetensors"), "extended")[0]
+    both = read_extended(one)
+    assert set(both) == {"<subj>", "<cpt>"} and np.array_equal(both["<cpt>"]["base"], rows[1:3])
