@@ -30,10 +30,25 @@ def run(argv=None) -> None:
     if name not in COMMANDS:
         print(f"jax-inversion: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(f"jax_inversion.commands.{COMMANDS[name][0]}")
-    from absl import app
+    from absl import app, flags
 
-    app.run(module.main, argv=[f"jax-inversion {name}"] + argv[2:])
+    program_argv = [f"jax-inversion {name}"] + argv[2:]
+    saved_argv, sys.argv = sys.argv, program_argv  # config flags read overrides while being defined
+    try:
+        module = importlib.import_module(f"jax_inversion.commands.{COMMANDS[name][0]}")
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config lacks
+        key = str(e).strip("\"'")
+        sys.exit(f"{name}: unknown config key {key!r} in the --config.* flags: see jax_inversion/configs/ for the keys")
+    finally:
+        sys.argv = saved_argv
+
+    def parse_flags(args):
+        try:
+            return flags.FLAGS(args)
+        except flags.Error as e:
+            sys.exit(f"{name}: {e} (jax-inversion {name} --helpfull lists the flags)")
+
+    app.run(module.main, argv=program_argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -204,7 +204,11 @@ def test_bad_input_is_one_line_and_keeps_workdir(name, extra, needles, existing_
 
 def test_unknown_config_key_and_unwritable_workdir(tiny_sd1, tmp_path):
     unknown = _cli(f"--workdir={tmp_path}/w", "--config.train.not_a_key=1")
-    assert unknown.returncode != 0 and "not_a_key" in unknown.stderr
+    assert unknown.stderr.strip().splitlines() == [
+        "train: unknown config key 'not_a_key' in the --config.* flags: see jax_inversion/configs/ for the keys"
+    ]
+    assert unknown.returncode != 0 and not (tmp_path / "w").exists()
+    _one_line_error(_cli(f"--workdir={tmp_path}/w", "--config.train.num_steps=abc"), "num_steps", "invalid literal")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _one_line_error(_cli(f"--workdir={blocker}/sub"), "not writable")
