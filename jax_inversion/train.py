@@ -231,9 +231,11 @@ def make_train_step(
     def step(frozen, state: TrainState, batch, rng):
         step_rng = jax.random.fold_in(rng, state.step)
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.embeddings, frozen, batch, step_rng)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+        all_finite = lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+        finite = jnp.isfinite(loss) & all_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.embeddings)
         embeddings = optax.apply_updates(state.embeddings, updates)
+        finite &= all_finite(embeddings)  # an update can overflow even from finite gradients
         keep = lambda new, old: jnp.where(finite, new, old)
         new_state = state.replace(
             step=state.step + 1,
@@ -244,7 +246,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             **{f"loss/{k}": v for k, v in terms.items()},
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": lr_schedule(state.step),
             "embedding_norm": jnp.linalg.norm(embeddings["text_encoder"], axis=-1).mean(),
         }

@@ -221,7 +221,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd1, concept_dir, tm
     train(make_config(tiny_sd1, concept_dir, num_steps=3), workdir)
     good = CheckpointManager(workdir, 1, 1, read_only=True)
     good_state = good.latest_step()
-    config = make_config(tiny_sd1, concept_dir, num_steps=9, learning_rate=float("inf"))
+    # checkpoint_every=1: the overflowing update must be caught before anything is saved.
+    config = make_config(tiny_sd1, concept_dir, num_steps=9, learning_rate=float("inf"), checkpoint_every=1)
     with pytest.raises(TrainError, match="NaN/inf"):
         train(config, workdir)
     assert CheckpointManager(workdir, 1, 1, read_only=True).all_steps() == [good_state]
