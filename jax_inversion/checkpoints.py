@@ -42,8 +42,9 @@ class CheckpointManager:
     def read_metadata(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    def restore(self, step: int, target: Any = None) -> tuple[Any, dict]:
+        """State shaped like ``target`` (or as saved, plain arrays and dicts, when None) and metadata."""
+        abstract = None if target is None else jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )
@@ -73,9 +74,6 @@ class CheckpointManager:
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
-    def close(self) -> None:
-        self._manager.close()
-
 
 def read_run(workdir: str, step: Optional[int] = None) -> tuple[int, Any, dict]:
     """``(step, state tree, metadata)`` of a run's checkpoint (latest or ``step``), no train code needed."""
@@ -90,7 +88,5 @@ def read_run(workdir: str, step: Optional[int] = None) -> tuple[int, Any, dict]:
         step = max(steps)
     elif step not in steps:
         raise CheckpointError(f"step {step} has no checkpoint in {workdir}: available steps are {sorted(steps)}")
-    restored = manager._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-    )
-    return step, restored["state"], restored["meta"]
+    state, meta = manager.restore(step)
+    return step, state, meta

@@ -165,7 +165,7 @@ def templates_for(kind: str, custom: Sequence[str] | None = None) -> list[str]:
     else:
         if kind not in _TEMPLATES:
             raise DataError(
-                f"unknown concept kind {kind!r}: set --config.data.kind to 'object' or 'style'"
+                f"unknown concept kind {kind!r}: set --config.data.learnable_property to 'object' or 'style'"
             )
         templates = list(_TEMPLATES[kind])
     for template in templates:
@@ -235,7 +235,7 @@ class BatchSampler:
         if num_prompts < 1:
             raise DataError("no training prompts: give at least one prompt template")
         if global_batch_size < 1:
-            raise DataError(f"batch size {global_batch_size} must be at least 1: set --config.batch_size")
+            raise DataError(f"batch size {global_batch_size} must be at least 1: set --config.train.batch_size")
         if seed < 0:
             raise DataError(f"seed {seed} must be non-negative: set --config.seed")
         if not 0.0 <= flip_probability <= 1.0:
@@ -277,7 +277,7 @@ class BatchSampler:
         if process_count < 1 or b % process_count:
             raise DataError(
                 f"global batch size {b} is not divisible by {process_count} hosts: "
-                "set --config.batch_size to a multiple of the host count"
+                "set --config.train.batch_size to a multiple of the host count"
             )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")

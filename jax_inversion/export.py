@@ -13,7 +13,6 @@ is safe by default: safetensors, and ``.bin``/``.pt`` only through ``torch.load(
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -38,10 +37,7 @@ class ExportError(ValueError):
 
 def run_embeddings(state: dict) -> dict[str, np.ndarray]:
     """``{encoder name: rows [n_tokens, d]}`` from a restored train state."""
-    embeddings = state["embeddings"]
-    if isinstance(embeddings, dict):
-        return {k: np.asarray(v, np.float32) for k, v in embeddings.items()}
-    return {"text_encoder": np.asarray(embeddings, np.float32)}
+    return {k: np.asarray(v, np.float32) for k, v in state["embeddings"].items()}
 
 
 def run_concepts(meta: dict) -> list[dict]:
@@ -147,29 +143,23 @@ def export_run(
         raise ExportError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
     step, state, meta = read_run(workdir, step)
     rows = run_embeddings(state)
-    concepts = run_concepts(meta)
+    concepts = {c["name"]: {enc: r[c["rows"][0] : c["rows"][1]] for enc, r in rows.items()} for c in run_concepts(meta)}
     if fmt == "extended" and not all_concepts:  # one file holds every token of the run (e.g. Lego's <subj> <cpt>)
         from jax_inversion.extended import write_extended
 
-        tokens = {c["name"]: {enc: r[c["rows"][0] : c["rows"][1]] for enc, r in rows.items()} for c in concepts}
-        if any(len(parts) > 1 for parts in tokens.values()):
+        if "text_encoder_2" in rows:
             raise ExportError("--format extended holds one text encoder's rows; this run has two (SDXL): use --format sdxl")
-        _atomic_write(out, overwrite, lambda tmp: write_extended(tmp, tokens))
+        _atomic_write(out, overwrite, lambda tmp: write_extended(tmp, concepts))
         return [out]
     if not all_concepts and len(concepts) > 1:
-        names = ", ".join(c["name"] for c in concepts)
         raise ExportError(
-            f"the run has {len(concepts)} concepts ({names}): pass --all with --out DIR, or --format extended for one file"
+            f"the run has {len(concepts)} concepts ({', '.join(concepts)}): pass --all with --out DIR, "
+            "or --format extended for one file"
         )
     written = []
-    for concept in concepts:
-        start, stop = concept["rows"]
-        concept_rows = {encoder: r[start:stop] for encoder, r in rows.items()}
-        if all_concepts:
-            path = os.path.join(out, file_name_for(concept["name"]) + _EXTENSIONS[fmt][0])
-        else:
-            path = out
-        written.append(write_embedding_file(path, fmt, concept["name"], concept_rows, step=step, overwrite=overwrite))
+    for name, concept_rows in concepts.items():
+        path = os.path.join(out, file_name_for(name) + _EXTENSIONS[fmt][0]) if all_concepts else out
+        written.append(write_embedding_file(path, fmt, name, concept_rows, step=step, overwrite=overwrite))
     return written
 
 
@@ -185,7 +175,10 @@ def _read_any(path: str) -> tuple[dict, dict]:
 
         try:
             with safe_open(path, framework="np") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+                metadata = dict(f.metadata() or {})
+                if metadata.get("format") == "jax_inversion.extended":  # parsed by read_extended
+                    return {}, metadata
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata
         except Exception as e:
             raise ExportError(f"cannot read {path} as safetensors ({type(e).__name__}): re-export it") from None
     torch = _torch()

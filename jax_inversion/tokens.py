@@ -24,16 +24,8 @@ class TokenLayout:
     tokens: tuple[str, ...]
     first_id: int
 
-    @property
-    def ids(self) -> tuple[int, ...]:
-        return tuple(range(self.first_id, self.first_id + len(self.tokens)))
-
     def to_dict(self) -> dict:
         return {"tokens": list(self.tokens), "first_id": self.first_id}
-
-    @classmethod
-    def from_dict(cls, d) -> "TokenLayout":
-        return cls(tuple(d["tokens"]), int(d["first_id"]))
 
 
 def vector_tokens(placeholder: str, num_vectors: int) -> list[str]:

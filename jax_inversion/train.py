@@ -9,7 +9,6 @@ objective is built from ``config.loss`` weights.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging

@@ -12,21 +12,14 @@ from jax_inversion.configs.ti import get_config
 from jax_inversion.default_job import write_concept_images
 from jax_inversion.export import ExportError, export_run, read_embedding_file
 from jax_inversion.train import train
+from tests.helpers import make_config
 
 
 @pytest.fixture(scope="module")
 def run(tiny_sd1, tmp_path_factory):
     concept = write_concept_images(str(tmp_path_factory.mktemp("concept")), count=2)
     workdir = str(tmp_path_factory.mktemp("run"))
-    config = get_config()
-    config.model = tiny_sd1
-    config.data.concept_dir = concept
-    config.data.placeholder_token = "<ball>"
-    config.data.initializer_token = "ball"
-    config.data.num_vectors = 2
-    config.train.batch_size = 8
-    config.train.num_steps = 4
-    config.train.checkpoint_every = 2
+    config = make_config(tiny_sd1, concept, num_steps=4, checkpoint_every=2)
     train(config, workdir)
     _, state, _ = read_run(workdir)
     return workdir, np.asarray(state["embeddings"]["text_encoder"]), config

@@ -11,32 +11,15 @@ import numpy as np
 import pytest
 
 from jax_inversion.checkpoints import CheckpointManager
-from jax_inversion.configs.ti import get_config
 from jax_inversion.default_job import write_concept_images
 from jax_inversion.loading import load_pretrained
 from jax_inversion.train import train
+from tests.helpers import make_config
 
 
 @pytest.fixture(scope="module")
 def concept_dir(tmp_path_factory):
     return write_concept_images(str(tmp_path_factory.mktemp("concept")), count=4)
-
-
-def make_config(model, concept_dir, **train):
-    config = get_config()
-    config.model = model
-    config.data.concept_dir = concept_dir
-    config.data.placeholder_token = "<ball>"
-    config.data.initializer_token = "ball"
-    config.data.num_vectors = 2
-    config.train.batch_size = 8
-    config.train.num_steps = 6
-    config.train.log_every = 3
-    config.train.checkpoint_every = 3
-    config.train.learning_rate = 5e-3
-    for key, value in train.items():
-        config.train[key] = value
-    return config
 
 
 def final_rows(workdir):
