@@ -20,12 +20,13 @@ class CheckpointManager:
     """Saves every ``every`` steps (async), keeps the last ``keep``, restores the latest."""
 
     def __init__(self, workdir: str, every: int, keep: int, *, read_only: bool = False):
+        # Readers open the folder without Orbax's read_only flag (it only adds a warning);
+        # they never save, so with create=False and no max_to_keep nothing is written or deleted.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max(1, keep) if not read_only else None,
+            max_to_keep=None if read_only else max(1, keep),
             save_interval_steps=max(1, every),
             enable_async_checkpointing=not read_only,
             create=not read_only,
-            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 

@@ -48,7 +48,13 @@ def run(argv=None) -> None:
         except flags.Error as e:
             sys.exit(f"{name}: {e} (jax-inversion {name} --helpfull lists the flags)")
 
-    app.run(module.main, argv=program_argv, flags_parser=parse_flags)
+    def main(args):
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)  # library INFO chatter (Orbax, XLA) hides our output
+        module.main(args)
+
+    app.run(main, argv=program_argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "ti.py")
@@ -25,7 +25,6 @@ def main(argv) -> None:
     config = _CONFIG.value
     from jax_inversion.train import train
 
-    logging.set_verbosity(logging.WARNING)
     with user_errors("train"):
         state = train(config, _WORKDIR.value)
     print(f"trained to step {int(state.step)}; checkpoints in {os.path.join(_WORKDIR.value, 'checkpoints')}")
