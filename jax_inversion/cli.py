@@ -11,6 +11,9 @@ import sys
 COMMANDS = {
     "train": ("train", "learn placeholder token embeddings from a folder of images"),
     "export": ("export", "write a run's embeddings for diffusers, A1111/ComfyUI, SDXL, or the extended format"),
+    "sample": ("sample", "draw images of prompts with learned tokens (layout guidance optional)"),
+    "attention": ("attention", "draw each prompt token's cross-attention map over a generated image"),
+    "train-layout": ("train_layout", "learn where two words' objects go (boxes) for Compositional Inversion sampling"),
     "check-parity": ("check_parity", "compare our Flax models with PyTorch diffusers/transformers on a model"),
 }
 
@@ -46,6 +49,9 @@ def run(argv=None) -> None:
         try:
             return flags.FLAGS(args)
         except flags.Error as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            if "Traceback (most recent call last):" in lines:  # an error raised inside a config file
+                sys.exit(f"{name}: {lines[0].rstrip(':')}: {lines[-1]}")
             sys.exit(f"{name}: {e} (jax-inversion {name} --helpfull lists the flags)")
 
     def main(args):

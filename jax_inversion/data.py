@@ -158,6 +158,40 @@ def load_image(
     return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
 
 
+def find_mask(mask_dir: str, image_path: str) -> str:
+    """The mask for ``image_path`` in ``mask_dir``: the image file with the same stem."""
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    if not os.path.isdir(mask_dir):
+        raise DataError(f"mask folder {mask_dir} does not exist: set --config.data.mask_dir to a folder of masks named like the images")
+    for name in sorted(os.listdir(mask_dir)):
+        if os.path.splitext(name)[0] == stem and name.lower().endswith(IMAGE_EXTENSIONS):
+            return os.path.join(mask_dir, name)
+    raise DataError(
+        f"no mask for {os.path.basename(image_path)} in {mask_dir}: add {stem}.png (white = concept) or remove the image"
+    )
+
+
+def load_mask(path: str, resolution: int, *, center_crop: bool = True, rng: np.random.Generator | None = None) -> np.ndarray:
+    """A mask image as float32 ``[resolution, resolution]`` in [0, 1], cropped exactly as :func:`load_image` crops."""
+    return (load_image(path, resolution, center_crop=center_crop, rng=rng).mean(axis=-1) + 1.0) / 2.0
+
+
+def box_mask(box: Sequence[float], resolution: int) -> np.ndarray:
+    """``[x0, y0, x1, y1]`` (fractions of the image) as a float32 ``[resolution, resolution]`` 0/1 mask."""
+    if len(box) != 4 or not 0 <= box[0] < box[2] <= 1 or not 0 <= box[1] < box[3] <= 1:
+        raise DataError(f"box {list(box)} is not [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1: fix --config.data.box")
+    centers = (np.arange(resolution) + 0.5) / resolution
+    inside_x = (centers >= box[0]) & (centers < box[2])
+    inside_y = (centers >= box[1]) & (centers < box[3])
+    return (inside_y[:, None] & inside_x[None, :]).astype(np.float32)
+
+
+def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """Block-average ``[..., H, W]`` by ``factor`` (image resolution -> latent resolution)."""
+    *lead, h, w = mask.shape
+    return mask.reshape(*lead, h // factor, factor, w // factor, factor).mean(axis=(-3, -1))
+
+
 def templates_for(kind: str, custom: Sequence[str] | None = None) -> list[str]:
     """Prompt templates for ``kind`` ("object" or "style"); a non-empty ``custom`` list replaces them."""
     if custom:

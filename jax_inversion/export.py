@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from jax_inversion.checkpoints import read_run
+from jax_inversion.files import atomic_write
 
 FORMATS = ("diffusers", "a1111", "sdxl", "extended")
 _EXTENSIONS = {
@@ -48,19 +48,7 @@ def run_concepts(meta: dict) -> list[dict]:
 
 
 def _atomic_write(path: str, overwrite: bool, write: Callable[[str], None]) -> None:
-    """Writes through a temp file in the same folder, so a failure never leaves a half file."""
-    if os.path.exists(path) and not overwrite:
-        raise ExportError(f"{path} already exists: pass --overwrite to replace it, or choose another --out")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write, overwrite=overwrite, exists_error=ExportError)
 
 
 def _torch():
@@ -123,6 +111,16 @@ def write_embedding_file(
     return path
 
 
+def extended_parts(rows: dict) -> dict:
+    """A concept's rows as extended-format parts: plain ``[n, d]`` is base only; staged ``[S, K, n, d]``
+    gives per-stage key (part 0) and value (part K-1) rows, with their mean as the base."""
+    rows = dict(rows)
+    r = rows["text_encoder"]
+    if r.ndim == 2:
+        return rows
+    return {"base": r.mean(axis=(0, 1)), "key": r[:, 0], "value": r[:, -1]}
+
+
 def file_name_for(token: str) -> str:
     """``<my cat>`` -> ``my_cat``: a safe file stem for a token."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", token).strip("_.")
@@ -143,13 +141,22 @@ def export_run(
         raise ExportError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
     step, state, meta = read_run(workdir, step)
     rows = run_embeddings(state)
-    concepts = {c["name"]: {enc: r[c["rows"][0] : c["rows"][1]] for enc, r in rows.items()} for c in run_concepts(meta)}
+    concepts = {c["name"]: {enc: r[..., c["rows"][0] : c["rows"][1], :] for enc, r in rows.items()} for c in run_concepts(meta)}
+    staged = rows["text_encoder"].ndim == 4
+    if staged and fmt != "extended":
+        raise ExportError(
+            f"this run learned per-stage key/value rows, which --format {fmt} cannot express: use --format extended "
+            "(jax_inversion.torch.ExtendedTokens loads it into diffusers)"
+        )
+    if fmt == "extended":
+        concepts = {name: extended_parts(r) for name, r in concepts.items()}
     if fmt == "extended" and not all_concepts:  # one file holds every token of the run (e.g. Lego's <subj> <cpt>)
         from jax_inversion.extended import write_extended
 
         if "text_encoder_2" in rows:
             raise ExportError("--format extended holds one text encoder's rows; this run has two (SDXL): use --format sdxl")
-        _atomic_write(out, overwrite, lambda tmp: write_extended(tmp, concepts))
+        steps = int(meta.get("num_train_timesteps", 1000))
+        _atomic_write(out, overwrite, lambda tmp: write_extended(tmp, concepts, steps))
         return [out]
     if not all_concepts and len(concepts) > 1:
         raise ExportError(

@@ -30,11 +30,14 @@ def user_errors(command: str):
     from jax_inversion.checkpoints import CheckpointError
     from jax_inversion.data import DataError
     from jax_inversion.export import ExportError
+    from jax_inversion.layout import LayoutError
     from jax_inversion.loading import ModelLoadError
+    from jax_inversion.objectives import ObjectiveError
+    from jax_inversion.sampling import SamplingError
     from jax_inversion.tokens import TokenError
     from jax_inversion.train import TrainError
 
     try:
         yield
-    except (CheckpointError, DataError, ExportError, ModelLoadError, TokenError, TrainError) as e:
+    except (CheckpointError, DataError, ExportError, LayoutError, ModelLoadError, ObjectiveError, SamplingError, TokenError, TrainError) as e:
         sys.exit(f"{command}: {e}")

@@ -80,12 +80,42 @@ def initial_embeddings(
     return np.stack(rows).astype(np.float32)
 
 
+def word_embedding(tokenizer, table, word: str) -> np.ndarray:
+    """Input embedding of ``word``: the mean of its token rows of ``table`` ``[V, d]`` -> ``[d]`` float32.
+
+    A word of several tokens is averaged, so every word gives one vector in the space of a
+    single learned token.
+    """
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if not ids:
+        raise TokenError(f"word {word!r} has no tokens under this tokenizer: use a non-empty word")
+    if max(ids) >= len(table):
+        raise TokenError(f"word {word!r} has token id {max(ids)} beyond the {len(table)}-row embedding table: it is a placeholder, not a word")
+    return np.asarray(table, np.float32)[np.asarray(ids)].mean(axis=0)
+
+
 def substitute(token_embeds: jax.Array, ids: jax.Array, learned: jax.Array, first_id: int) -> jax.Array:
-    """Replaces the embeddings at placeholder ids with their learned rows."""
+    """Replaces the embeddings at placeholder ids with their learned rows.
+
+    ``learned`` is ``[n, d]`` (shared by the batch) or ``[B, n, d]`` (per example, e.g. the
+    rows of each example's timestep stage).
+    """
+    n = learned.shape[-2]
     offset = ids - first_id
-    is_learned = (offset >= 0) & (offset < learned.shape[0])
-    rows = jnp.take(learned, jnp.clip(offset, 0, learned.shape[0] - 1), axis=0)
+    is_learned = (offset >= 0) & (offset < n)
+    index = jnp.clip(offset, 0, n - 1)
+    if learned.ndim == 3:
+        rows = jnp.take_along_axis(learned, index[..., None], axis=1)
+    else:
+        rows = jnp.take(learned, index, axis=0)
     return jnp.where(is_learned[..., None], rows.astype(token_embeds.dtype), token_embeds)
+
+
+def stage_rows(learned: jax.Array, stages: jax.Array | None, part: int) -> jax.Array:
+    """Rows an example uses: ``[n, d]`` as is, or ``[S, K, n, d]`` at its stage and part (0 key, K-1 value)."""
+    if learned.ndim == 2:
+        return learned
+    return learned[stages, min(part, learned.shape[1] - 1)]
 
 
 def safe_ids(ids: jax.Array, first_id: int) -> jax.Array:

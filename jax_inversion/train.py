@@ -8,6 +8,7 @@ objective is built from ``config.loss`` weights.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -26,10 +27,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_inversion import checkpoints, data as data_lib, tokens as tokens_lib
+from jax_inversion.extended import stage_of
 from jax_inversion.loading import Pretrained, load_pretrained
+from jax_inversion.models.unet import Conditioning, collect_attention_maps, cross_attention_layers
+from jax_inversion.phases import Phase, RunPlan, plan_run
 from jax_inversion.models.clip import CLIPTextTransformer
 from jax_inversion.models.vae import scale_latents
-from jax_inversion.objectives import build_objective
+from jax_inversion.objectives import TermSetup, build_objective
 from jax_inversion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps, training_target
 
 log = logging.getLogger("jax_inversion")
@@ -95,13 +99,14 @@ def encode_latents(model: Pretrained, images: np.ndarray, chunk: int = 8) -> tup
 
 @dataclasses.dataclass
 class Dataset:
-    """Cached latents (index ``image + num_images * flipped``) and prompts tokenized per encoder."""
+    """Cached latents (index ``image + num_images * flipped``), masks likewise, prompts per encoder."""
 
     latent_mean: np.ndarray
     latent_std: np.ndarray
     input_ids: dict  # {encoder name: [num_prompts, L]}
     num_images: int
     resolution: int
+    masks: Optional[np.ndarray] = None  # [2 * num_images or num_images, h, w] at latent resolution
 
     @property
     def num_prompts(self) -> int:
@@ -116,22 +121,34 @@ def encoders_of(model: Pretrained) -> dict:
     return encoders
 
 
-def build_dataset(config, model: Pretrained, prompts_text: str, workdir: str) -> Dataset:
-    """Loads the concept images and caches their (and their flips') VAE latents on disk."""
-    paths = data_lib.list_concept_images(config.data.concept_dir)
-    vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    resolution = config.data.resolution or model.unet.config.sample_size * vae_factor
+def vae_factor(model: Pretrained) -> int:
+    return 2 ** (len(model.vae.config.block_out_channels) - 1)
+
+
+def build_dataset(config, model: Pretrained, phase: Phase, workdir: str, with_masks: bool = False) -> Dataset:
+    """Loads a phase's images (and masks) and caches their (and their flips') VAE latents on disk."""
+    paths = data_lib.list_concept_images(phase.image_dir)
+    factor = vae_factor(model)
+    resolution = config.data.resolution or model.unet.config.sample_size * factor
     rng = np.random.default_rng([config.seed, 1])
     crops = 1 if config.data.center_crop else max(1, config.data.random_crops_per_image)
-    images = np.stack(
-        [
-            data_lib.load_image(p, resolution, center_crop=config.data.center_crop, rng=rng)
-            for p in paths
-            for _ in range(crops)
-        ]
-    )
+    images, masks = [], []
+    for path in paths:
+        mask_path = data_lib.find_mask(phase.mask_dir, path) if with_masks and phase.mask_dir else None
+        for _ in range(crops):
+            crop_rng = copy.deepcopy(rng)  # the mask is cropped where the image is
+            images.append(data_lib.load_image(path, resolution, center_crop=config.data.center_crop, rng=rng))
+            if mask_path:
+                masks.append(data_lib.load_mask(mask_path, resolution, center_crop=config.data.center_crop, rng=crop_rng))
+            elif with_masks:
+                check_phase_data(config, phase, with_masks)
+                masks.append(data_lib.box_mask(config.data.box, resolution))
+    images = np.stack(images)
+    mask_array = data_lib.downsample_mask(np.stack(masks), factor) if masks else None
     if config.data.flip_probability > 0:
         images = np.concatenate([images, images[:, :, ::-1]])
+        if mask_array is not None:
+            mask_array = np.concatenate([mask_array, mask_array[:, :, ::-1]])
     key = hashlib.sha256()
     key.update(json.dumps([model.path, resolution, config.data.center_crop, crops, config.seed, str(model.vae.dtype)]).encode())
     key.update(images.tobytes())
@@ -145,26 +162,49 @@ def build_dataset(config, model: Pretrained, prompts_text: str, workdir: str) ->
         np.savez(cache + ".tmp.npz", mean=mean, std=std)
         os.replace(cache + ".tmp.npz", cache)
     templates = data_lib.templates_for(config.data.learnable_property, config.data.templates)
-    prompts = [t.format(prompts_text) for t in templates]
+    prompts = [t.format(phase.prompt_text) for t in templates]
     input_ids = {name: data_lib.tokenize_prompts(tok, prompts) for name, (_, tok) in encoders_of(model).items()}
-    return Dataset(mean, std, input_ids, num_images=len(paths) * crops, resolution=resolution)
+    return Dataset(mean, std, input_ids, num_images=len(paths) * crops, resolution=resolution, masks=mask_array)
 
 
 # ----------------------------------------------------------------------------- the step
 
 
+def prompt_embeddings(text_encoder: CLIPTextTransformer, params, ids: jax.Array, learned: jax.Array, first_id: int):
+    """Input embeddings of tokenized prompts: frozen lookups, and the same with learned rows substituted."""
+    token_embeds = text_encoder.apply({"params": params}, tokens_lib.safe_ids(ids, first_id), method="embed_tokens")
+    return token_embeds, tokens_lib.substitute(token_embeds, ids, learned, first_id)
+
+
 def encode_prompts(
     text_encoder: CLIPTextTransformer, params, ids: jax.Array, learned: jax.Array, first_id: int, eos_token_id=None
 ):
-    """Text encoder outputs with the learned rows substituted at the placeholder ids.
+    """Text encoder outputs with the learned rows (``[n, d]`` or per example ``[B, n, d]``) at the placeholder ids.
 
     The pooled output is taken at the first ``eos_token_id`` (placeholder ids are larger than
     EOS, so transformers' legacy argmax rule would pick them).
     """
-    embeds = text_encoder.apply({"params": params}, tokens_lib.safe_ids(ids, first_id), method="embed_tokens")
-    embeds = tokens_lib.substitute(embeds, ids, learned, first_id)
+    _, embeds = prompt_embeddings(text_encoder, params, ids, learned, first_id)
     eos = None if eos_token_id is None else jnp.argmax(ids == eos_token_id, axis=-1)
     return text_encoder.apply({"params": params}, inputs_embeds=embeds, eos_positions=eos)
+
+
+def _encode(model: Pretrained, frozen: dict, input_ids: dict, learned: dict, layouts: dict, resolution: int):
+    """UNet encoder states, SDXL's added embedding, and each encoder's input embeddings."""
+    encoders = encoders_of(model)
+    outputs, token_embeds, prompt_embeds = {}, {}, {}
+    for name, (module, tok) in encoders.items():
+        first_id = layouts[name].first_id
+        token_embeds[name], prompt_embeds[name] = prompt_embeddings(module, frozen[name], input_ids[name], learned[name], first_id)
+        eos = jnp.argmax(input_ids[name] == tok.eos_token_id, axis=-1)
+        outputs[name] = module.apply({"params": frozen[name]}, inputs_embeds=prompt_embeds[name], eos_positions=eos)
+    if len(encoders) == 1:
+        return outputs["text_encoder"].last_hidden_state, None, token_embeds, prompt_embeds
+    states = jnp.concatenate([outputs[name].hidden_states[-2] for name in encoders], axis=-1)
+    batch = states.shape[0]
+    time_ids = jnp.tile(jnp.asarray([[resolution, resolution, 0, 0, resolution, resolution]], jnp.float32), (batch, 1))
+    added = {"text_embeds": outputs["text_encoder_2"].text_embeds, "time_ids": time_ids}
+    return states, added, token_embeds, prompt_embeds
 
 
 def text_conditioning(model: Pretrained, frozen: dict, input_ids: dict, learned: dict, layouts: dict, resolution: int):
@@ -173,17 +213,100 @@ def text_conditioning(model: Pretrained, frozen: dict, input_ids: dict, learned:
     SD 1/2: the last hidden state. SDXL: both encoders' penultimate states concatenated, the
     second encoder's projected pooled output and (size, crop, size) time ids, as diffusers does.
     """
-    encoders = encoders_of(model)
-    outputs = {
-        name: encode_prompts(module, frozen[name], input_ids[name], learned[name], layouts[name].first_id, tok.eos_token_id)
-        for name, (module, tok) in encoders.items()
-    }
-    if len(encoders) == 1:
-        return outputs["text_encoder"].last_hidden_state, None
-    states = jnp.concatenate([outputs[name].hidden_states[-2] for name in encoders], axis=-1)
-    batch = states.shape[0]
-    time_ids = jnp.tile(jnp.asarray([[resolution, resolution, 0, 0, resolution, resolution]], jnp.float32), (batch, 1))
-    return states, {"text_embeds": outputs["text_encoder_2"].text_embeds, "time_ids": time_ids}
+    states, added, _, _ = _encode(model, frozen, input_ids, learned, layouts, resolution)
+    return states, added
+
+
+def run_unet(model: Pretrained, params, noisy, timesteps, conditioning: Conditioning, added):
+    """The UNet's prediction and the attention maps of ``conditioning.capture_maps`` (``{}`` if none)."""
+    x = noisy.astype(model.unet.dtype)
+    if not conditioning.capture_maps:
+        return model.unet.apply({"params": params}, x, timesteps, conditioning, added), {}
+    prediction, variables = model.unet.apply({"params": params}, x, timesteps, conditioning, added, mutable=["attention_maps"])
+    return prediction, collect_attention_maps(variables["attention_maps"])
+
+
+def frozen_params(model: Pretrained) -> dict:
+    """The frozen arrays a step reads: UNet and text encoder(s)."""
+    frozen = {"unet": model.unet_params, "text_encoder": model.text_encoder_params}
+    if model.text_encoder_2 is not None:
+        frozen["text_encoder_2"] = model.text_encoder_2_params
+    return frozen
+
+
+def make_forward(
+    model: Pretrained,
+    schedule: NoiseSchedule,
+    layouts: dict,
+    objective,
+    min_snr_gamma: float,
+    resolution: int,
+    trainable: Optional[tuple[int, int]] = None,
+    num_stages: int = 1,
+    separate_kv: bool = False,
+    reference_ids: Optional[dict] = None,
+):
+    """``forward(learned, frozen, batch, rng) -> outputs``: everything the objective's terms read.
+
+    ``trainable`` (rows ``[a, b)``) marks the positions of the tokens this phase learns. With
+    ``num_stages > 1`` the learned rows are ``[S, K, n, d]`` and each example uses its
+    timestep's stage; ``separate_kv`` (K = 2) feeds part 0 to keys and part 1 to values.
+    ``reference_ids`` (``{encoder: class word id}``) is used when the objective needs the
+    class-word prompt's attention maps.
+    """
+    vae_config = model.vae.config
+    needs = getattr(objective, "needs", frozenset())
+    capture = tuple(getattr(objective, "capture_layers", ()))
+    first_id, n_tokens = layouts["text_encoder"].first_id, len(layouts["text_encoder"].tokens)
+    a, b = trainable if trainable is not None else (0, n_tokens)
+    eos_id = model.tokenizer.eos_token_id
+    if "reference_maps" in needs and not reference_ids:
+        raise TrainError("the objective compares with the class-word prompt: set --config.data.class_word")
+
+    def forward(learned, frozen, batch, rng):
+        rng_latent, rng_noise, rng_time = jax.random.split(rng, 3)
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        latents = scale_latents(vae_config, mean + std * jax.random.normal(rng_latent, mean.shape))
+        noise = jax.random.normal(rng_noise, latents.shape)
+        timesteps = sample_timesteps(rng_time, latents.shape[0], schedule)
+        noisy = add_noise(schedule, latents, noise, timesteps)
+        ids = batch["input_ids"]
+        stages = stage_of(timesteps, num_stages, schedule.num_train_timesteps) if num_stages > 1 else None
+        key_rows = {e: tokens_lib.stage_rows(rows, stages, 0) for e, rows in learned.items()}
+        states, added, token_embeds, prompt_embeds = _encode(model, frozen, ids, key_rows, layouts, resolution)
+        value_states = None
+        if separate_kv:
+            value_rows = {e: tokens_lib.stage_rows(rows, stages, 1) for e, rows in learned.items()}
+            value_states = _encode(model, frozen, ids, value_rows, layouts, resolution)[0]
+        conditioning = Conditioning(states, value_states=value_states, capture_maps=capture)
+        prediction, maps = run_unet(model, frozen["unet"], noisy, timesteps, conditioning, added)
+        offset = ids["text_encoder"] - first_id
+        positions = jnp.arange(offset.shape[-1])[None, :]
+        outputs = {
+            "prediction": prediction.astype(jnp.float32),
+            "target": training_target(schedule, latents, noise, timesteps),
+            "snr_weights": min_snr_weights(schedule, timesteps, min_snr_gamma),
+            "timesteps": timesteps,
+            "learned": learned,
+            "token_embeds": token_embeds,
+            "prompt_embeds": prompt_embeds,
+            "placeholder_positions": (offset >= 0) & (offset < n_tokens),
+            "trainable_positions": (offset >= a) & (offset < b),
+            "prompt_positions": positions <= jnp.argmax(ids["text_encoder"] == eos_id, axis=-1)[:, None],
+            "attention_maps": maps,
+        }
+        if "masks" in needs:
+            outputs["masks"] = batch["masks"]
+        if "reference_maps" in needs:
+            reference = {
+                e: jnp.where(v >= layouts[e].first_id, reference_ids[e], v).astype(v.dtype) for e, v in ids.items()
+            }
+            ref_states, ref_added, _, _ = _encode(model, frozen, reference, key_rows, layouts, resolution)
+            _, ref_maps = run_unet(model, frozen["unet"], noisy, timesteps, Conditioning(ref_states, capture_maps=capture), ref_added)
+            outputs["reference_maps"] = jax.lax.stop_gradient(ref_maps)
+        return outputs
+
+    return forward
 
 
 def make_train_step(
@@ -196,44 +319,39 @@ def make_train_step(
     min_snr_gamma: float,
     mesh: jax.sharding.Mesh,
     resolution: int,
+    trainable: Optional[tuple[int, int]] = None,
+    num_stages: int = 1,
+    separate_kv: bool = False,
+    reference_ids: Optional[dict] = None,
 ):
     """Returns ``step(state, batch, rng) -> (state, metrics)``, jit-compiled over ``mesh``.
 
-    ``batch`` holds ``latent_mean``/``latent_std`` ``[B, h, w, c]`` and ``input_ids``
-    ``{encoder: [B, L]}``, sharded on ``data``; ``rng`` is the run's base key. Noise, timesteps and
-    the latent sample are drawn on device from ``fold_in(rng, state.step)``, which makes the
-    result independent of the device count and of interruptions.
+    ``batch`` holds ``latent_mean``/``latent_std`` ``[B, h, w, c]``, ``input_ids``
+    ``{encoder: [B, L]}`` and, when the objective needs them, ``masks`` ``[B, h, w]``, all
+    sharded on ``data``; ``rng`` is the run's base key. Noise, timesteps and the latent sample
+    are drawn on device from ``fold_in(rng, state.step)``, which makes the result independent
+    of the device count and of interruptions. Only rows ``trainable`` change; the others stay
+    bit-identical (no gradient, no weight decay). See :func:`make_forward` for the rest.
     """
-    frozen = {"unet": model.unet_params, "text_encoder": model.text_encoder_params}
-    if model.text_encoder_2 is not None:
-        frozen["text_encoder_2"] = model.text_encoder_2_params
-    vae_config = model.vae.config
+    forward = make_forward(
+        model, schedule, layouts, objective, min_snr_gamma, resolution, trainable, num_stages, separate_kv, reference_ids
+    )
+    n_tokens = len(layouts["text_encoder"].tokens)
+    a, b = trainable if trainable is not None else (0, n_tokens)
+    row_mask = jnp.asarray((np.arange(n_tokens) >= a) & (np.arange(n_tokens) < b))[:, None]
 
     def loss_fn(learned, frozen, batch, rng):
-        rng_latent, rng_noise, rng_time = jax.random.split(rng, 3)
-        mean, std = batch["latent_mean"], batch["latent_std"]
-        latents = scale_latents(vae_config, mean + std * jax.random.normal(rng_latent, mean.shape))
-        noise = jax.random.normal(rng_noise, latents.shape)
-        timesteps = sample_timesteps(rng_time, latents.shape[0], schedule)
-        noisy = add_noise(schedule, latents, noise, timesteps)
-        states, added = text_conditioning(model, frozen, batch["input_ids"], learned, layouts, resolution)
-        prediction = model.unet.apply({"params": frozen["unet"]}, noisy.astype(model.unet.dtype), timesteps, states, added)
-        outputs = {
-            "prediction": prediction.astype(jnp.float32),
-            "target": training_target(schedule, latents, noise, timesteps),
-            "snr_weights": min_snr_weights(schedule, timesteps, min_snr_gamma),
-            "timesteps": timesteps,
-            "learned": learned,
-        }
-        return objective(outputs)
+        return objective(forward(learned, frozen, batch, rng))
 
     def step(frozen, state: TrainState, batch, rng):
         step_rng = jax.random.fold_in(rng, state.step)
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.embeddings, frozen, batch, step_rng)
+        grads = jax.tree_util.tree_map(lambda g: jnp.where(row_mask, g, 0.0), grads)
         all_finite = lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
         finite = jnp.isfinite(loss) & all_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.embeddings)
         embeddings = optax.apply_updates(state.embeddings, updates)
+        embeddings = jax.tree_util.tree_map(lambda new, old: jnp.where(row_mask, new, old), embeddings, state.embeddings)
         finite &= all_finite(embeddings)  # an update can overflow even from finite gradients
         keep = lambda new, old: jnp.where(finite, new, old)
         new_state = state.replace(
@@ -259,7 +377,7 @@ def make_train_step(
         out_shardings=(replicated, replicated),
         donate_argnums=(1,),
     )
-    frozen = jax.device_put(frozen, replicated)
+    frozen = jax.device_put(frozen_params(model), replicated)
     return lambda state, batch, rng: jitted(frozen, state, batch, rng)
 
 
@@ -277,8 +395,8 @@ def _check_writable(workdir: str) -> None:
         raise TrainError(f"workdir {workdir} is not writable ({e.strerror}): pass a --workdir you can write to") from None
 
 
-def global_batch(dataset: Dataset, sampler: data_lib.BatchSampler, step: int, mesh) -> dict:
-    """This host's slice of the global batch, assembled into globally sharded arrays."""
+def global_batch(dataset: Dataset, sampler: data_lib.BatchSampler, step: int, mesh, with_masks: bool = False) -> dict:
+    """This host's slice of the global batch (``step`` counts within the phase), as globally sharded arrays."""
     sharding = NamedSharding(mesh, P("data"))
     indices = sampler.indices(step)
     local = sampler.host_slice(indices, jax.process_index(), jax.process_count())
@@ -288,24 +406,83 @@ def global_batch(dataset: Dataset, sampler: data_lib.BatchSampler, step: int, me
         "latent_std": dataset.latent_std[rows],
         "input_ids": {name: ids[local["prompt"]].astype(np.int32) for name, ids in dataset.input_ids.items()},
     }
+    if with_masks:
+        host["masks"] = dataset.masks[rows]
     size = len(indices["image"])
     return jax.tree_util.tree_map(
         lambda v: jax.make_array_from_process_local_data(sharding, v, (size,) + v.shape[1:]), host
     )
 
 
-def run_metadata(config, layouts: dict, model: Pretrained) -> dict:
-    """What export and resume need to read back, stored with every checkpoint."""
+def run_metadata(config, layouts: dict, model: Pretrained, plan: RunPlan) -> dict:
+    """What export, sampling and resume need to read back, stored with every checkpoint."""
     return {
         "model": model.path,
         "layout": layouts["text_encoder"].to_dict(),
         "layouts": {name: layout.to_dict() for name, layout in layouts.items()},
         "placeholder_token": config.data.placeholder_token,
         "num_vectors": config.data.num_vectors,
+        "concepts": plan.concepts_metadata(),
+        "plan": plan.to_dict(),
+        "num_train_timesteps": int(model.scheduler_config.get("num_train_timesteps", 1000)),
         "embedding_dim": int(model.text_encoder.config.hidden_size),
         "embedding_dims": {name: int(module.config.hidden_size) for name, (module, _) in encoders_of(model).items()},
         "config": json.loads(config.to_json_best_effort()),
     }
+
+
+def input_embedding_table(model: Pretrained, encoder: str) -> np.ndarray:
+    """The frozen token-embedding table ``[V, d]`` of ``encoder`` (float32, host)."""
+    params = model.text_encoder_params if encoder == "text_encoder" else model.text_encoder_2_params
+    return np.asarray(params["text_model"]["embeddings"]["token_embedding"]["embedding"], np.float32)
+
+
+def initial_rows(config, model: Pretrained, plan: RunPlan) -> dict:
+    """``{encoder: rows}`` to start from: ``[n, d]``, or ``[S, K, n, d]`` with timestep stages / K-V parts."""
+    initial = {}
+    for i, (name, (_, tok)) in enumerate(encoders_of(model).items()):
+        table = input_embedding_table(model, name)
+        rng = np.random.default_rng([config.seed, 2, i])
+        init_ids = []
+        for group in plan.groups:
+            word_id = tokens_lib.initializer_id(tok, group.initializer) if group.initializer else None
+            init_ids += [word_id] * group.num_vectors
+        initial[name] = tokens_lib.initial_embeddings(table, init_ids, rng)
+    if config.init_from:
+        from jax_inversion.export import initial_rows_from_file
+
+        concept = plan.concept
+        widths = {name: rows.shape[-1] for name, rows in initial.items()}
+        loaded = initial_rows_from_file(config.init_from, widths, concept.num_vectors)
+        for name in initial:
+            initial[name][concept.start : concept.stop] = loaded[name]
+    if plan.num_stages > 1 or plan.separate_kv:
+        parts = 2 if plan.separate_kv else 1
+        initial = {name: np.tile(rows, (plan.num_stages, parts, 1, 1)) for name, rows in initial.items()}
+    return initial
+
+
+def check_phase_data(config, phase: Phase, with_masks: bool) -> None:
+    """Fails early (one line), before the workdir is touched, when a phase's images or masks are missing or unreadable."""
+    paths = data_lib.list_concept_images(phase.image_dir)
+    for path in paths:
+        data_lib.open_image(path)
+    if with_masks and phase.mask_dir:
+        for path in paths:
+            data_lib.open_image(data_lib.find_mask(phase.mask_dir, path))
+    elif with_masks and not config.data.box:
+        raise data_lib.DataError(
+            f"the loss needs concept masks for the {phase.name} images: set --config.data.{'subject_' if phase.name == 'subject' else ''}mask_dir "
+            "(masks named like the images) or --config.data.box='[x0, y0, x1, y1]'"
+        )
+
+
+def class_word_ids(config, model: Pretrained) -> Optional[dict]:
+    """``{encoder: id}`` of the concept's class word (``data.class_word``, else its initializer), or None."""
+    word = config.data.class_word or config.data.initializer_token
+    if not word:
+        return None
+    return {name: tokens_lib.initializer_id(tok, word) for name, (_, tok) in encoders_of(model).items()}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[list] = None) -> TrainState:
@@ -323,31 +500,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
     from jax_inversion import default_job
 
     config = default_job.fill_defaults(config, workdir)
+    plan = plan_run(config)
     dtype = jnp.dtype(config.dtype)
     model = load_pretrained(config.model, dtype=dtype)
-    tokens = data_lib.placeholder_string(config.data.placeholder_token, config.data.num_vectors).split(" ")
     encoders = encoders_of(model)
-    init_ids = {
-        name: tokens_lib.initializer_id(tok, config.data.initializer_token) if config.data.initializer_token else None
-        for name, (_, tok) in encoders.items()
-    }
-    layouts = {name: tokens_lib.add_placeholder_tokens(tok, tokens) for name, (_, tok) in encoders.items()}
-    dataset = build_dataset(config, model, " ".join(tokens), workdir)
+    layouts = {name: tokens_lib.add_placeholder_tokens(tok, plan.tokens) for name, (_, tok) in encoders.items()}
 
     mesh = make_mesh(devices)
     optimizer, lr_schedule = make_optimizer(config.train, config.train.batch_size)
-    frozen_params = {"text_encoder": model.text_encoder_params, "text_encoder_2": model.text_encoder_2_params}
-    initial = {}
-    for i, name in enumerate(encoders):
-        table = np.asarray(frozen_params[name]["text_model"]["embeddings"]["token_embedding"]["embedding"], np.float32)
-        rng = np.random.default_rng([config.seed, 2, i])
-        initial[name] = tokens_lib.initial_embeddings(table, [init_ids[name]] * len(tokens), rng)
-    if config.init_from:
-        from jax_inversion.export import initial_rows_from_file
-
-        widths = {name: rows.shape[-1] for name, rows in initial.items()}
-        initial = initial_rows_from_file(config.init_from, widths, len(tokens))
-    embeddings = {name: jnp.asarray(rows) for name, rows in initial.items()}
+    embeddings = {name: jnp.asarray(rows) for name, rows in initial_rows(config, model, plan).items()}
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         embeddings=embeddings,
@@ -355,8 +516,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
         rng=jax.random.PRNGKey(config.seed),
         nonfinite_steps=jnp.zeros((), jnp.int32),
     )
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    resolution = config.data.resolution or model.unet.config.sample_size * vae_factor(model)
+    tables = {name: input_embedding_table(model, name) for name in encoders}
+    setup = TermSetup(
+        options=config.get("loss_options"),
+        tokenizers={name: tok for name, (_, tok) in encoders.items()},
+        tables=tables,
+        concept_rows=(plan.concept.start, plan.concept.stop),
+        initializer=config.data.initializer_token,
+        class_word=config.data.class_word or config.data.initializer_token,
+        attention_layers=cross_attention_layers(model.unet.config, resolution // vae_factor(model)),
+    )
+    objective = build_objective(dict(config.loss), setup)
+    reference_ids = class_word_ids(config, model) if "reference_maps" in objective.needs else None
+    with_masks = "masks" in objective.needs
+    for phase in plan.phases:  # bad data fails here, before the workdir is touched
+        if phase.num_steps > 0:
+            check_phase_data(config, phase, with_masks)
     replicated = NamedSharding(mesh, P())
-    metadata = run_metadata(config, layouts, model)
+    metadata = run_metadata(config, layouts, model, plan)
     manager = checkpoints.CheckpointManager(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
     restored = manager.restore_latest(state, metadata)
     if restored is not None:
@@ -364,20 +543,42 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
         log.info("resumed from step %d in %s", int(state.step), workdir)
     state = jax.device_put(state, replicated)
 
-    schedule = NoiseSchedule.from_config(model.scheduler_config)
-    objective = build_objective(dict(config.loss))
-    step_fn = make_train_step(
-        model, schedule, layouts, optimizer, objective, lr_schedule, config.train.min_snr_gamma, mesh, dataset.resolution
-    )
-    sampler = data_lib.BatchSampler(
-        dataset.num_images, dataset.num_prompts, config.train.batch_size, config.seed, config.data.flip_probability
-    )
+    def prepare_phase(phase: Phase):
+        dataset = build_dataset(config, model, phase, workdir, with_masks)
+        step_fn = make_train_step(
+            model, schedule, layouts, optimizer, objective, lr_schedule, config.train.min_snr_gamma, mesh,
+            dataset.resolution, trainable=phase.trainable, num_stages=plan.num_stages, separate_kv=plan.separate_kv,
+            reference_ids=reference_ids,
+        )
+        index = plan.phases.index(phase)
+        sampler = data_lib.BatchSampler(
+            dataset.num_images, dataset.num_prompts, config.train.batch_size, config.seed + 1_000_003 * index,
+            config.data.flip_probability,
+        )
+        batch_at = lambda step: global_batch(dataset, sampler, step - phase.start, mesh, with_masks)
+        return step_fn, batch_at
+
+    def reset_optimizer(state: TrainState) -> TrainState:
+        return jax.device_put(state.replace(opt_state=optimizer.init(state.embeddings)), replicated)
+
+    validate = None
+    if config.train.validation_every > 0 and config.train.validation_prompts:
+        from jax_inversion.sampling import Validator
+
+        validate = Validator(
+            model, workdir, config.train.validation_prompts, config.train.validation_images,
+            config.train.validation_steps, config.train.validation_scheduler, seed=config.seed,
+        )
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
-    return _loop(config, workdir, state, step_fn, sampler, dataset, mesh, manager, metadata)
+    return _loop(config, workdir, state, plan, prepare_phase, reset_optimizer, mesh, manager, metadata, validate)
 
 
-def _loop(config, workdir, state, step_fn, sampler, dataset, mesh, manager, metadata) -> TrainState:
+def _loop(config, workdir, state, plan, prepare_phase, reset_optimizer, mesh, manager, metadata, validate=None) -> TrainState:
+    """Runs the plan's phases from ``state.step``; a phase after the first starts with a fresh optimizer.
+
+    ``validate(step, embeddings, metadata, writer)``, if given, runs every ``train.validation_every`` steps.
+    """
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
@@ -387,58 +588,20 @@ def _loop(config, workdir, state, step_fn, sampler, dataset, mesh, manager, meta
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
     metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
     first = int(state.step)
-    total = config.train.num_steps
+    total = plan.num_steps
     progress = tqdm(total=total, initial=first, disable=not is_main, desc="train", dynamic_ncols=True)
-    pending, last_time, last_step = [], time.perf_counter(), first
-    compile_start = time.perf_counter()
-    compile_seconds = None
     base_rng = jax.device_put(np.asarray(state.rng), NamedSharding(mesh, P()))  # not donated with the state
     try:
         with jax.set_mesh(mesh):
-            for step in range(first, total):
-                batch = global_batch(dataset, sampler, step, mesh)
-                state, metrics = step_fn(state, batch, base_rng)
-                if compile_seconds is None:
-                    jax.block_until_ready(state.step)
-                    compile_seconds = time.perf_counter() - compile_start
-                    last_time, last_step = time.perf_counter(), step + 1
-                pending.append((step + 1, metrics))
-                done = step + 1
-                stopping = stop["signal"] is not None  # read once: the signal may land at any moment
-                must_save = done % max(1, config.train.checkpoint_every) == 0 or done == total or stopping
-                if done % config.train.log_every == 0 or must_save:
-                    fetched = jax.device_get(pending)
-                    pending = []
-                    now = time.perf_counter()
-                    rate = (done - last_step) / max(now - last_time, 1e-9) if done > last_step else float("nan")
-                    last_time, last_step = now, done
-                    if int(state.nonfinite_steps) > 0:
-                        kept = manager.latest_step()
-                        raise TrainError(
-                            f"loss or gradients became NaN/inf by step {done}: lower --config.train.learning_rate "
-                            f"(the last good checkpoint{'' if kept is None else f', step {kept},'} is kept)"
-                        )
-                    for s, m in fetched:
-                        record = {"step": s, **{k: float(v) for k, v in m.items()}}
-                        if s == done and np.isfinite(rate):
-                            record["steps_per_second"] = rate
-                            if compile_seconds is not None:
-                                record["compile_seconds"] = round(compile_seconds, 2)
-                        if metrics_file:
-                            metrics_file.write(json.dumps(record) + "\n")
-                        if writer:
-                            for k, v in record.items():
-                                if k != "step":
-                                    writer.add_scalar(k, v, s)
-                    if metrics_file:
-                        metrics_file.flush()
-                    progress.set_postfix(loss=f"{float(fetched[-1][1]['loss']):.4f}", steps_per_s=f"{rate:.2f}")
-                progress.update(1)
-                if must_save:
-                    manager.save(done, state, metadata, force=done == total or stopping)
-                if stopping:
-                    log.warning("SIGTERM: saved step %d, stopping", done)
-                    break
+            for index, phase in enumerate(plan.phases):
+                if int(state.step) >= phase.stop or stop["signal"] is not None:
+                    continue
+                if index > 0 and int(state.step) == phase.start:
+                    state = reset_optimizer(state)
+                step_fn, batch_at = prepare_phase(phase)
+                progress.set_description(f"train ({phase.name})" if len(plan.phases) > 1 else "train")
+                state = _run_phase(config, state, phase, step_fn, batch_at, base_rng, manager, metadata, progress,
+                                   writer, metrics_file, stop, validate)
             if total == first and manager.latest_step() != total:
                 manager.save(total, state, metadata, force=True)
     finally:
@@ -449,4 +612,55 @@ def _loop(config, workdir, state, step_fn, sampler, dataset, mesh, manager, meta
             writer.close()
         if metrics_file:
             metrics_file.close()
+    return state
+
+
+def _run_phase(config, state, phase, step_fn, batch_at, base_rng, manager, metadata, progress, writer, metrics_file, stop, validate):
+    pending, compile_seconds = [], None
+    compile_start = last_time = time.perf_counter()
+    last_step = int(state.step)
+    for step in range(int(state.step), phase.stop):
+        state, metrics = step_fn(state, batch_at(step), base_rng)
+        if compile_seconds is None:
+            jax.block_until_ready(state.step)
+            compile_seconds = time.perf_counter() - compile_start
+            last_time, last_step = time.perf_counter(), step + 1
+        pending.append((step + 1, metrics))
+        done = step + 1
+        stopping = stop["signal"] is not None  # read once: the signal may land at any moment
+        must_save = done % max(1, config.train.checkpoint_every) == 0 or done == phase.stop or stopping
+        if done % config.train.log_every == 0 or must_save:
+            fetched = jax.device_get(pending)
+            pending = []
+            now = time.perf_counter()
+            rate = (done - last_step) / max(now - last_time, 1e-9) if done > last_step else float("nan")
+            last_time, last_step = now, done
+            if int(state.nonfinite_steps) > 0:
+                kept = manager.latest_step()
+                raise TrainError(
+                    f"loss or gradients became NaN/inf by step {done}: lower --config.train.learning_rate "
+                    f"(the last good checkpoint{'' if kept is None else f', step {kept},'} is kept)"
+                )
+            for s, m in fetched:
+                record = {"step": s, "phase": phase.name, **{k: float(v) for k, v in m.items()}}
+                if s == done and np.isfinite(rate):
+                    record["steps_per_second"] = rate
+                    record["compile_seconds"] = round(compile_seconds, 2)
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                if writer:
+                    for k, v in record.items():
+                        if k not in ("step", "phase"):
+                            writer.add_scalar(k, v, s)
+            if metrics_file:
+                metrics_file.flush()
+            progress.set_postfix(loss=f"{float(fetched[-1][1]['loss']):.4f}", steps_per_s=f"{rate:.2f}")
+        progress.update(1)
+        if must_save:
+            manager.save(done, state, metadata, force=done == phase.stop or stopping)
+        if validate is not None and done % config.train.validation_every == 0 and jax.process_index() == 0:
+            validate(done, jax.device_get(state.embeddings), metadata, writer)
+        if stopping:
+            log.warning("SIGTERM: saved step %d, stopping", done)
+            break
     return state

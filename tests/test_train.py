@@ -52,10 +52,11 @@ def test_loss_decreases_and_frozen_rows_identical(tiny_sd1, concept_dir, tmp_pat
     # Evaluate the learned rows vs the initial ones on the same noise/timesteps.
     from jax_inversion import tokens as tokens_lib
     from jax_inversion.schedule import NoiseSchedule, add_noise, training_target
+    from jax_inversion.phases import plan_run
     from jax_inversion.train import build_dataset
 
     layout = tokens_lib.add_placeholder_tokens(model.tokenizer, ["<ball>", "<ball>_1"])
-    dataset = build_dataset(config, model, "<ball> <ball>_1", str(tmp_path))
+    dataset = build_dataset(config, model, plan_run(config).phases[0], str(tmp_path))
     schedule = NoiseSchedule.from_config(model.scheduler_config)
     rng = np.random.default_rng(0)
     n = 32

@@ -1,0 +1,117 @@
+"""What a run learns and in which order: token groups and training phases, read from the config.
+
+A run has one or two token groups (rows stacked in that order in the learned array) and one
+phase per group. Plain inversion: one group, one phase. Subject separation (Lego): the
+subject group is learned first on ``data.subject_dir``, then the concept group on
+``data.concept_dir`` with prompts holding both, the subject's rows frozen. The train loop
+runs whatever phases this returns; it never asks which method produced them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from jax_inversion.data import DataError, placeholder_string
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenGroup:
+    """A placeholder and its vectors: rows ``[start, start + num_vectors)`` of the learned array."""
+
+    placeholder: str
+    num_vectors: int
+    initializer: str
+    start: int
+
+    @property
+    def tokens(self) -> list[str]:
+        return placeholder_string(self.placeholder, self.num_vectors).split(" ")
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.num_vectors
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Steps ``[start, stop)`` of the run: which images, what the prompts say, which rows move."""
+
+    name: str
+    start: int
+    stop: int
+    image_dir: str
+    mask_dir: str
+    prompt_text: str  # fills the templates' "{}"
+    trainable: tuple[int, int]  # learned rows [a, b) updated in this phase; the others stay bit-identical
+
+    @property
+    def num_steps(self) -> int:
+        return self.stop - self.start
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    groups: tuple[TokenGroup, ...]
+    phases: tuple[Phase, ...]
+    num_stages: int  # timestep stages with their own rows (SeFi-IDE); 1 = shared
+    separate_kv: bool  # separate rows feeding cross-attention keys and values
+
+    @property
+    def tokens(self) -> list[str]:
+        return [t for g in self.groups for t in g.tokens]
+
+    @property
+    def concept(self) -> TokenGroup:
+        """The group the concept-level terms (context, anchor) act on: the last one."""
+        return self.groups[-1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.phases[-1].stop
+
+    def phase_at(self, step: int) -> Phase:
+        for phase in self.phases:
+            if step < phase.stop:
+                return phase
+        return self.phases[-1]
+
+    def concepts_metadata(self) -> list[dict]:
+        return [{"name": g.placeholder, "rows": [g.start, g.stop]} for g in self.groups]
+
+    def to_dict(self) -> dict:
+        return {
+            "phases": [{"name": p.name, "start": p.start, "stop": p.stop, "trainable": list(p.trainable)} for p in self.phases],
+            "num_stages": self.num_stages,
+            "separate_kv": self.separate_kv,
+        }
+
+
+def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
+    """Token groups and phases of ``config`` (checked: one-line errors name the key to set)."""
+    data, train = config.data, config.train
+    if data.num_stages < 1:
+        raise DataError(f"data.num_stages={data.num_stages} must be at least 1: set --config.data.num_stages")
+    concept_prompt = placeholder_string(data.placeholder_token, data.num_vectors)
+    if not data.subject_token:
+        concept = TokenGroup(data.placeholder_token, data.num_vectors, data.initializer_token, 0)
+        phase = Phase("concept", 0, train.num_steps, data.concept_dir, data.mask_dir, concept_prompt, (0, concept.stop))
+        return RunPlan((concept,), (phase,), data.num_stages, bool(data.separate_kv))
+    if data.subject_token == data.placeholder_token:
+        raise DataError("data.subject_token equals data.placeholder_token: give the subject its own token, e.g. '<subj>'")
+    if not data.subject_dir:
+        raise DataError("data.subject_token is set but data.subject_dir is empty: pass --config.data.subject_dir=DIR of subject-only images")
+    if train.subject_steps < 0:
+        raise DataError("train.subject_steps is negative: pass --config.train.subject_steps=N with N >= 0")
+    subject = TokenGroup(data.subject_token, data.subject_num_vectors, data.subject_initializer_token, 0)
+    concept = TokenGroup(data.placeholder_token, data.num_vectors, data.initializer_token, subject.stop)
+    subject_prompt = placeholder_string(data.subject_token, data.subject_num_vectors)
+    first = train.subject_steps
+    phases = (
+        Phase("subject", 0, first, data.subject_dir, data.subject_mask_dir, subject_prompt, (subject.start, subject.stop)),
+        Phase(
+            "concept", first, first + train.num_steps, data.concept_dir, data.mask_dir,
+            f"{subject_prompt} {concept_prompt}", (concept.start, concept.stop),
+        ),
+    )
+    return RunPlan((subject, concept), phases, data.num_stages, bool(data.separate_kv))

@@ -1,0 +1,506 @@
+"""Sampling with learned tokens: one jit-compiled loop, classifier-free guidance, layout guidance.
+
+Learned tokens come from a run's checkpoint (:func:`tokens_from_run`) or an exported file
+(:func:`tokens_from_file`), never from train-loop objects. Every token layout the project
+trains works: multi-vector tokens, several concepts (Lego's ``<subj> <cpt>``), and
+per-timestep-stage key/value rows (SeFi-IDE), whose stage follows the current timestep.
+
+Layout guidance (Compositional Inversion's spatial inversion, after Chen et al.'s
+layout guidance): during the first ``guidance_steps`` steps, up to ``max_iterations``
+gradient steps on the latent lower the location loss of the guided tokens' cross-attention
+maps (16x16 layers and the mid block) against their boxes, stopping below ``threshold``;
+the step is ``grad(loss * loss_scale)``, times sigma^2 for sigma-space samplers (Euler).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_inversion import data as data_lib, losses, tokens as tokens_lib
+from jax_inversion.extended import stage_of
+from jax_inversion.loading import Pretrained
+from jax_inversion.models.unet import Conditioning, cross_attention_layers
+from jax_inversion.models.vae import unscale_latents
+from jax_inversion.samplers import Sampler
+
+
+class SamplingError(ValueError):
+    """A sampling request that cannot be served; the message says what to do."""
+
+
+@dataclasses.dataclass
+class LearnedTokens:
+    """Learned rows and the strings they belong to, however they were stored."""
+
+    placeholders: dict  # {placeholder: [vector token strings]} in row order
+    rows: dict  # {encoder: [n, d]} or {encoder: [S, K, n, d]} (per-stage key/value rows)
+    num_train_timesteps: int = 1000
+
+    @property
+    def tokens(self) -> list[str]:
+        return [t for vectors in self.placeholders.values() for t in vectors]
+
+    @property
+    def num_stages(self) -> int:
+        r = self.rows["text_encoder"]
+        return int(r.shape[0]) if r.ndim == 4 else 1
+
+
+def tokens_from_run(workdir: str, step: Optional[int] = None) -> tuple[str, LearnedTokens]:
+    """``(model path, tokens)`` of a run's checkpoint (latest or ``step``)."""
+    from jax_inversion.checkpoints import read_run
+    from jax_inversion.export import run_concepts
+
+    _, state, meta = read_run(workdir, step)
+    tokens = meta["layout"]["tokens"]
+    placeholders = {c["name"]: tokens[c["rows"][0] : c["rows"][1]] for c in run_concepts(meta)}
+    rows = {k: np.asarray(v, np.float32) for k, v in state["embeddings"].items()}
+    return meta["model"], LearnedTokens(placeholders, rows, int(meta.get("num_train_timesteps", 1000)))
+
+
+def tokens_from_file(path: str, token: Optional[str] = None) -> LearnedTokens:
+    """Tokens of an exported file (diffusers, A1111, SDXL or extended); ``token`` names a file without one."""
+    from jax_inversion.export import ExportError, _read_any, read_embedding_file
+
+    _, metadata = _read_any(path)
+    if metadata.get("format") == "jax_inversion.extended":
+        from jax_inversion.extended import read_extended
+
+        parts = read_extended(path)
+        placeholders, staged, plain = {}, [], []
+        for name, p in parts.items():
+            placeholders[name] = tokens_lib.vector_tokens(name, p["base"].shape[0])
+            if p["stages"]:
+                staged.append(np.stack([p["key"], p["value"]], axis=1))  # [S, 2, n, d]
+            plain.append(p["base"])
+            if p["layers"]:
+                raise SamplingError(f"{path}: per-layer tokens are not supported by the sampler yet; export without them")
+        if staged and len(staged) != len(parts):
+            raise SamplingError(f"{path} mixes per-stage and plain tokens: sample them from separate files")
+        rows = np.concatenate(staged, axis=2) if staged else np.concatenate(plain)
+        steps = next(iter(parts.values()))["num_train_timesteps"]
+        return LearnedTokens(placeholders, {"text_encoder": rows}, steps)
+    parsed = read_embedding_file(path)
+    name = token or parsed["token"]
+    if not name:
+        raise ExportError(f"{path} does not name its token: pass --token '<name>'")
+    rows = {k: np.asarray(v, np.float32).reshape(-1, np.asarray(v).shape[-1]) for k, v in parsed["rows"].items()}
+    n = rows["text_encoder"].shape[0]
+    return LearnedTokens({name: tokens_lib.vector_tokens(name, n)}, rows)
+
+
+def expand_prompt(prompt: str, learned: LearnedTokens) -> str:
+    """``<cat>`` -> ``<cat> <cat>_1 ...`` for multi-vector tokens, as diffusers' loader does."""
+    for placeholder, vectors in learned.placeholders.items():
+        if len(vectors) > 1:
+            prompt = re.sub(rf"(?<!\S){re.escape(placeholder)}(?!\S)", " ".join(vectors), prompt)
+    return prompt
+
+
+def add_tokens(model: Pretrained, learned: LearnedTokens) -> dict:
+    """Adds the learned strings to the model's tokenizer(s); ``{encoder: TokenLayout}``."""
+    from jax_inversion.train import encoders_of
+
+    encoders = encoders_of(model)
+    missing = sorted(set(encoders) - set(learned.rows))
+    if missing:
+        raise SamplingError(f"the learned rows have no {missing} rows: they were made for a model with fewer text encoders")
+    for name, (module, _) in encoders.items():
+        width = learned.rows[name].shape[-1]
+        if width != module.config.hidden_size:
+            raise SamplingError(
+                f"the learned {name} rows are {width} wide but the model's are {module.config.hidden_size}: use the model they were trained on"
+            )
+    layouts = {}
+    for name, (_, tok) in encoders.items():
+        vocab = tok.get_vocab()
+        if all(t in vocab for t in learned.tokens):  # already added (e.g. validation inside a training run)
+            first = vocab[learned.tokens[0]]
+            if [vocab[t] for t in learned.tokens] != list(range(first, first + len(learned.tokens))):
+                raise SamplingError(f"the tokenizer already holds {learned.tokens} at other ids: load a fresh model")
+            layouts[name] = tokens_lib.TokenLayout(tuple(learned.tokens), first)
+        else:
+            layouts[name] = tokens_lib.add_placeholder_tokens(tok, learned.tokens)
+    return layouts
+
+
+@dataclasses.dataclass
+class PromptStates:
+    """Per-stage key and value states ``[S, B, L, D]`` and SDXL's added embedding, for one batch of prompts."""
+
+    keys: jax.Array
+    values: jax.Array
+    added: Optional[dict]
+    input_ids: jax.Array  # [B, L] of the first encoder
+
+
+def encode_prompts(model: Pretrained, layouts: dict, learned: LearnedTokens, prompts: Sequence[str], resolution: int) -> PromptStates:
+    """Text states of ``prompts`` (placeholders expanded) for every stage's key and value rows."""
+    from jax_inversion.train import encoders_of, frozen_params, text_conditioning
+
+    prompts = [expand_prompt(p, learned) for p in prompts]
+    ids = {name: jnp.asarray(data_lib.tokenize_prompts(tok, prompts)) for name, (_, tok) in encoders_of(model).items()}
+    frozen = frozen_params(model)
+    keys, values, added = [], [], None
+    for stage in range(learned.num_stages):
+        for part, out in ((0, keys), (1, values)):
+            rows = {e: jnp.asarray(r[stage, min(part, r.shape[1] - 1)] if r.ndim == 4 else r) for e, r in learned.rows.items()}
+            states, stage_added = text_conditioning(model, frozen, ids, rows, layouts, resolution)
+            out.append(states)
+            added = added or stage_added
+    return PromptStates(jnp.stack(keys), jnp.stack(values), added, ids["text_encoder"])
+
+
+def token_positions(tokenizer, input_ids: np.ndarray, text: str, learned: LearnedTokens) -> np.ndarray:
+    """``[B, L]`` bool: where ``text`` (a word or a placeholder, expanded) sits in each prompt."""
+    pieces = tokenizer.encode(expand_prompt(text, learned), add_special_tokens=False)
+    if not pieces:
+        raise SamplingError(f"{text!r} has no tokens: pass words that appear in the prompt")
+    ids = np.asarray(input_ids)
+    found = np.zeros(ids.shape, bool)
+    n = len(pieces)
+    for b in range(ids.shape[0]):
+        for start in range(ids.shape[1] - n + 1):
+            if list(ids[b, start : start + n]) == pieces:
+                found[b, start : start + n] = True
+    if not found.any(axis=1).all():
+        raise SamplingError(f"{text!r} is not in the prompt: --layout-words must name words of the prompt")
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutGuidance:
+    """Boxes ``[x0, y0, x1, y1]`` for prompt positions; the defaults are Compositional Inversion's."""
+
+    positions: tuple  # per guided word: [B, L] bool
+    boxes: tuple  # per guided word: [4] fractions
+    guidance_steps: int = 10
+    max_iterations: int = 5
+    loss_scale: float = 30.0
+    threshold: float = 0.2
+    resolution: int = 16
+
+
+def guidance_layers(model: Pretrained, latent_size: int, resolution: int) -> tuple[str, ...]:
+    """The cross-attention layers at ``resolution`` plus the mid block (what layout guidance reads)."""
+    layers = cross_attention_layers(model.unet.config, latent_size)
+    chosen = tuple(n for n, side in layers.items() if side == resolution or n.startswith("mid_block"))
+    if not any(side == resolution for side in layers.values()):
+        raise SamplingError(f"the UNet has no cross-attention layer at {resolution}x{resolution} (it has {sorted(set(layers.values()))})")
+    return chosen
+
+
+def make_sample_fn(
+    model: Pretrained,
+    sampler: Sampler,
+    guidance_scale: float,
+    num_train_timesteps: int,
+    num_stages: int,
+    layout: Optional[LayoutGuidance] = None,
+    capture: tuple = (),
+):
+    """``sample(noise, cond, uncond) -> (latents, maps)``: the whole denoising loop, jit-compiled.
+
+    ``cond``/``uncond`` are ``{"keys", "values", "added"}`` of :class:`PromptStates`. ``maps`` is
+    the conditional branch's cross-attention ``[B, HW, L]`` averaged over the ``capture`` layers
+    (one resolution), heads and steps; a scalar 0 when nothing is captured.
+    """
+    from jax_inversion.train import run_unet
+
+    params = model.unet_params
+    stages = np.asarray(stage_of(np.asarray(sampler.timesteps).astype(np.int64), num_stages, num_train_timesteps), np.int32)
+    sigma_space = sampler.name == "euler"  # latents carry sigma: guidance steps scale by sigma^2
+    sides = cross_attention_layers(model.unet.config, model.unet.config.sample_size)
+    guided_layers = guidance_layers(model, model.unet.config.sample_size, layout.resolution) if layout else ()
+    if capture and len({sides[name] for name in capture}) != 1:
+        raise SamplingError("captured attention layers must share one resolution")
+    map_side = sides[capture[0]] if capture else 0
+
+    def states_at(states, i):
+        stage = jnp.asarray(stages)[i]
+        return states["keys"][stage], states["values"][stage]
+
+    def denoise(x, i, cond, uncond):
+        batch = x.shape[0]
+        x_in = sampler.scale_model_input(x, i)
+        (ck, cv), (uk, uv) = states_at(cond, i), states_at(uncond, i)
+        conditioning = Conditioning(jnp.concatenate([uk, ck]), value_states=jnp.concatenate([uv, cv]), capture_maps=capture)
+        added = None
+        if cond["added"] is not None:
+            added = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c]), uncond["added"], cond["added"])
+        timesteps = jnp.full((2 * batch,), sampler.timestep(i))
+        out, maps = run_unet(model, params, jnp.concatenate([x_in, x_in]), timesteps, conditioning, added)
+        out = out.astype(jnp.float32)
+        guided = out[:batch] + guidance_scale * (out[batch:] - out[:batch])
+        mean_map = sum(m[batch:].astype(jnp.float32).mean(axis=1) for m in maps.values()) / len(maps) if capture else None
+        return guided, mean_map
+
+    def layout_loss(x, i, cond):
+        ck, cv = states_at(cond, i)
+        conditioning = Conditioning(ck, value_states=cv, capture_maps=guided_layers)
+        timesteps = jnp.full((x.shape[0],), sampler.timestep(i))
+        _, maps = run_unet(model, params, sampler.scale_model_input(x, i), timesteps, conditioning, cond["added"])
+        values = []
+        for positions, box in zip(layout.positions, layout.boxes):
+            mask = jnp.broadcast_to(jnp.asarray(data_lib.box_mask(box, x.shape[1])), x.shape[:3])
+            values.append(losses.location_loss(maps, jnp.asarray(positions), mask))
+        return sum(values) / len(values)
+
+    def guide(x, i, cond):
+        loss_and_grad = jax.value_and_grad(lambda z: layout.loss_scale * layout_loss(z, i, cond))
+        step_scale = sampler.sigma(i) ** 2 if sigma_space else 1.0
+
+        def body(_, carry):
+            z, active = carry
+            scaled_loss, grad = loss_and_grad(z)
+            active = active & (scaled_loss / layout.loss_scale >= layout.threshold)
+            return jnp.where(active, z - (step_scale * grad).astype(z.dtype), z), active
+
+        return jax.lax.fori_loop(0, layout.max_iterations, body, (x, jnp.asarray(True)))[0]
+
+    def sample(noise, cond, uncond):
+        x = sampler.initial_latents(noise)
+        maps = jnp.zeros((noise.shape[0], map_side * map_side, cond["keys"].shape[2])) if capture else jnp.zeros(())
+
+        def body(i, carry):
+            x, state, maps = carry
+            if layout is not None:
+                x = jax.lax.cond(i < layout.guidance_steps, lambda z: guide(z, i, cond), lambda z: z, x)
+            out, mean_map = denoise(x, i, cond, uncond)
+            x, state = sampler.step(state, out, i, x)
+            if capture:
+                maps = maps + mean_map / sampler.num_steps
+            return x, state, maps
+
+        x, _, maps = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x), maps))
+        return x, maps
+
+    return jax.jit(sample)
+
+
+def decode_images(model: Pretrained, latents: jax.Array) -> np.ndarray:
+    """VAE decode -> uint8 ``[B, H, W, 3]``."""
+    decode = jax.jit(lambda p, z: model.vae.apply({"params": p}, unscale_latents(model.vae.config, z), method="decode"))
+    images = np.asarray(decode(model.vae_params, latents.astype(model.vae.dtype)), np.float32)
+    return np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray:
+    """``[B, H, W, 3]`` -> one ``[rows*H, cols*W, 3]`` grid (near-square by default)."""
+    b, h, w, c = images.shape
+    columns = columns or int(np.ceil(np.sqrt(b)))
+    rows = int(np.ceil(b / columns))
+    grid = np.zeros((rows * h, columns * w, c), images.dtype)
+    for k in range(b):
+        r, col = divmod(k, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = images[k]
+    return grid
+
+
+def save_png(path: str, image: np.ndarray, info: Mapping[str, str]) -> str:
+    """Writes ``image`` with ``info`` as PNG text chunks (prompt, seed, ...), via a temp file."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from jax_inversion.files import atomic_write
+
+    meta = PngInfo()
+    for key, value in info.items():
+        meta.add_text(key, str(value))
+    return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=meta), overwrite=True)
+
+
+def prompt_file_name(prompt: str, seed: int) -> str:
+    """``a photo of <cat>`` -> ``a_photo_of_cat_seed0.png``."""
+    stem = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:80] or "sample"
+    return f"{stem}_seed{seed}.png"
+
+
+@dataclasses.dataclass
+class SampleRequest:
+    prompt: str
+    negative_prompt: str = ""
+    num_images: int = 4
+    steps: int = 50
+    guidance: float = 7.5
+    scheduler: str = "ddim"
+    seed: int = 0
+    layout_guidance: bool = False
+    layout_words: tuple = ()  # words/placeholders of the prompt to place; default: the learned placeholders
+    boxes: tuple = ()  # one [x0, y0, x1, y1] per layout word; default: layout model or fixed boxes
+    layout_model: str = ""
+    attention_resolution: int = 0  # > 0: also return the mean cross-attention maps at this side
+
+
+@dataclasses.dataclass
+class SampleResult:
+    images: np.ndarray  # uint8 [B, H, W, 3]
+    latents: np.ndarray
+    attention: Optional[np.ndarray]  # [B, side*side, L] mean maps of the conditional branch
+    input_ids: np.ndarray  # [B, L]
+    boxes: tuple
+
+
+def _layout(model: Pretrained, learned: LearnedTokens, request: SampleRequest, input_ids) -> LayoutGuidance:
+    from jax_inversion import layout as layout_lib
+    from jax_inversion.train import input_embedding_table
+
+    words = list(request.layout_words) or list(learned.placeholders)
+    if len(words) > 2 and not request.boxes:
+        raise SamplingError("layout guidance without --boxes places two words: pass --layout-words 'A,B' or --boxes")
+    boxes = [list(b) for b in request.boxes]
+    if not boxes:
+        table = input_embedding_table(model, "text_encoder")
+        embed = lambda word: _word_rows(model, learned, table, word)
+        if len(words) == 1:
+            boxes = [layout_lib.fixed_boxes()[0].tolist()]
+        else:
+            predictor = layout_lib.load_layout_model(request.layout_model) if request.layout_model else None
+            boxes = [b.tolist() for b in layout_lib.predict_boxes_from_embeddings(predictor, embed(words[0]), embed(words[1]))]
+    if len(boxes) != len(words):
+        raise SamplingError(f"{len(boxes)} boxes for {len(words)} layout words: give one box per word")
+    for box in boxes:
+        data_lib.box_mask(box, 4)  # validates
+    positions = tuple(token_positions(model.tokenizer, input_ids, w, learned) for w in words)
+    return LayoutGuidance(positions, tuple(tuple(float(v) for v in b) for b in boxes))
+
+
+def _word_rows(model, learned: LearnedTokens, table, word: str) -> np.ndarray:
+    """A word's input embedding, or a placeholder's learned rows (base / mean over stages)."""
+    if word in learned.placeholders:
+        rows = learned.rows["text_encoder"]
+        rows = rows.mean(axis=(0, 1)) if rows.ndim == 4 else rows
+        start = learned.tokens.index(learned.placeholders[word][0])
+        return rows[start : start + len(learned.placeholders[word])]
+    return tokens_lib.word_embedding(model.tokenizer, table, word)
+
+
+def generate(
+    model: Pretrained, learned: LearnedTokens, request: SampleRequest, devices=None, cache: Optional[dict] = None
+) -> SampleResult:
+    """Images for ``request`` (batch sharded over ``devices`` when it divides evenly).
+
+    ``cache`` (a dict kept by the caller) reuses the compiled loop across calls without layout
+    guidance, e.g. validation during training.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_inversion.samplers import make_sampler
+    from jax_inversion.train import make_mesh, vae_factor
+
+    if request.num_images < 1 or request.steps < 1:
+        raise SamplingError("--num-images and --steps must be at least 1")
+    try:
+        sampler = make_sampler(request.scheduler, model.scheduler_config, request.steps)
+    except ValueError as e:
+        raise SamplingError(f"cannot build the {request.scheduler} sampler for this model: {e}") from None
+    layouts = add_tokens(model, learned)
+    resolution = model.unet.config.sample_size * vae_factor(model)
+    cond = encode_prompts(model, layouts, learned, [request.prompt] * request.num_images, resolution)
+    uncond = encode_prompts(model, layouts, learned, [request.negative_prompt] * request.num_images, resolution)
+    layout = _layout(model, learned, request, np.asarray(cond.input_ids)) if request.layout_guidance else None
+    capture = ()
+    if request.attention_resolution:
+        layers = cross_attention_layers(model.unet.config, model.unet.config.sample_size)
+        capture = tuple(n for n, side in layers.items() if side == request.attention_resolution)
+        if not capture:
+            raise SamplingError(f"no cross-attention layer at {request.attention_resolution}x{request.attention_resolution} (the UNet has {sorted(set(layers.values()))})")
+    key = (request.scheduler, request.steps, request.guidance, learned.num_train_timesteps, learned.num_stages, capture)
+    if cache is not None and layout is None and key in cache:
+        sample = cache[key]
+    else:
+        sample = make_sample_fn(model, sampler, request.guidance, learned.num_train_timesteps, learned.num_stages, layout, capture)
+        if cache is not None and layout is None:
+            cache[key] = sample
+    side = model.unet.config.sample_size
+    noise = jax.random.normal(jax.random.PRNGKey(request.seed), (request.num_images, side, side, model.unet.config.in_channels))
+    as_dict = lambda s: {"keys": s.keys, "values": s.values, "added": s.added}
+    devices = devices or jax.devices()
+    if request.num_images % len(devices) == 0:
+        mesh = make_mesh(devices)
+        shard = lambda tree, axis: jax.tree_util.tree_map(
+            lambda v: jax.device_put(v, NamedSharding(mesh, P(*([None] * axis + ["data"])))), tree
+        )
+        noise = shard(noise, 0)
+        cond_d, uncond_d = as_dict(cond), as_dict(uncond)
+        for d in (cond_d, uncond_d):
+            d["keys"], d["values"] = shard(d["keys"], 1), shard(d["values"], 1)
+            d["added"] = shard(d["added"], 0) if d["added"] is not None else None
+        with jax.set_mesh(mesh):
+            latents, maps = sample(noise, cond_d, uncond_d)
+    else:
+        latents, maps = sample(noise, as_dict(cond), as_dict(uncond))
+    images = decode_images(model, jax.device_get(latents))
+    return SampleResult(
+        images, np.asarray(latents), np.asarray(maps) if capture else None, np.asarray(cond.input_ids),
+        layout.boxes if layout is not None else (),
+    )
+
+
+def _heat_colors(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB float32 (black-red-yellow-white), a colormap without matplotlib."""
+    v = np.clip(values, 0, 1)[..., None]
+    return np.concatenate([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+
+
+def attention_figure(tokenizer, result: SampleResult, image_index: int = 0, columns: int = 8) -> np.ndarray:
+    """The image, then each prompt token's mean cross-attention map over it, labelled with the token."""
+    from PIL import Image, ImageDraw
+
+    image = result.images[image_index]
+    if image.shape[0] < 128:  # small models: enlarge so labels fit
+        factor = -(-128 // image.shape[0])
+        image = image.repeat(factor, axis=0).repeat(factor, axis=1)
+    size = image.shape[0]
+    maps = result.attention[image_index]  # [HW, L]
+    side = int(round(np.sqrt(maps.shape[0])))
+    ids = result.input_ids[image_index]
+    eos = int(np.argmax(ids == tokenizer.eos_token_id)) if (ids == tokenizer.eos_token_id).any() else len(ids)
+    label_height = 14
+    panels = [("image", image)]
+    for position in range(1, eos):
+        heat = maps[:, position].reshape(side, side)
+        heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-8)
+        up = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255
+        blended = 0.4 * image.astype(np.float32) / 255 + 0.6 * _heat_colors(up)
+        token = tokenizer.convert_ids_to_tokens(int(ids[position])).replace("</w>", "")
+        panels.append((token, (blended * 255).astype(np.uint8)))
+    labelled = []
+    for text, panel in panels:
+        canvas = Image.new("RGB", (size, size + label_height), (255, 255, 255))
+        canvas.paste(Image.fromarray(panel), (0, label_height))
+        ImageDraw.Draw(canvas).text((2, 1), text[:24], fill=(0, 0, 0))
+        labelled.append(np.asarray(canvas))
+    return image_grid(np.stack(labelled), columns=min(columns, len(labelled)))
+
+
+class Validator:
+    """Grids of ``prompts`` from in-training rows, written to ``workdir/validation`` and TensorBoard."""
+
+    def __init__(self, model: Pretrained, workdir: str, prompts: Sequence[str], num_images: int = 2, steps: int = 25,
+                 scheduler: str = "ddim", guidance: float = 7.5, seed: int = 0):
+        self.model, self.directory = model, os.path.join(workdir, "validation")
+        self.requests = [SampleRequest(p, num_images=num_images, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed)
+                         for p in prompts]
+        self.cache: dict = {}
+
+    def __call__(self, step: int, embeddings: Mapping, meta: Mapping, writer=None) -> str:
+        from jax_inversion.export import run_concepts
+
+        tokens = meta["layout"]["tokens"]
+        placeholders = {c["name"]: tokens[c["rows"][0] : c["rows"][1]] for c in run_concepts(meta)}
+        rows = {k: np.asarray(v, np.float32) for k, v in embeddings.items()}
+        learned = LearnedTokens(placeholders, rows, int(meta.get("num_train_timesteps", 1000)))
+        grids = [image_grid(generate(self.model, learned, r, devices=jax.local_devices(), cache=self.cache).images, columns=r.num_images) for r in self.requests]
+        grid = np.concatenate(grids, axis=0)
+        path = save_png(os.path.join(self.directory, f"step_{step:06d}.png"), grid,
+                        {"step": step, "prompts": " | ".join(r.prompt for r in self.requests)})
+        if writer is not None:
+            writer.add_image("validation", grid, step, dataformats="HWC")
+        return path

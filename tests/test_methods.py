@@ -1,0 +1,418 @@
+"""The methods end to end on a small diffusers-format model made at test time.
+
+Each method config trains a few steps; each of its terms shows up in the metrics and moves
+the learned rows the way the term says (measured on a fixed batch with fixed noise, before
+vs after). Where a method's default weight is too small for a 4-6 step run to show the
+term's direction through the denoising loss, the test raises that weight and says so.
+"""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from jax_inversion import losses
+from jax_inversion.checkpoints import CheckpointManager, read_run
+
+
+def _ball_images(directory, mask_directory=None, count=4, size=64, striped=True, seed=0):
+    """Balls in the left half of the image (masks: the ball's disc)."""
+    os.makedirs(directory, exist_ok=True)
+    if mask_directory:
+        os.makedirs(mask_directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(40, 200, 3)))
+        draw = ImageDraw.Draw(image)
+        r = size // 5
+        cx, cy = int(rng.integers(r, size // 2 - r // 2)), int(rng.integers(r, size - r))
+        box = (cx - r, cy - r, cx + r, cy + r)
+        draw.ellipse(box, fill=(220, 40, 40))
+        if striped:
+            for y in range(cy - r, cy + r, 5):
+                draw.line((cx - r, y, cx + r, y), fill=(250, 230, 60), width=2)
+        image.save(os.path.join(directory, f"ball_{i}.png"))
+        if mask_directory:
+            mask = Image.new("L", (size, size), 0)
+            ImageDraw.Draw(mask).ellipse(box, fill=255)
+            mask.save(os.path.join(mask_directory, f"ball_{i}.png"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("method_images")
+    dirs = {name: str(root / name) for name in ("concept", "masks", "subject")}
+    _ball_images(dirs["concept"], dirs["masks"])
+    _ball_images(dirs["subject"], striped=False, seed=1)
+    return dirs
+
+
+def _small(config, model, concept_dir, steps, lr=1e-2):
+    config.model = model
+    config.data.concept_dir = concept_dir
+    config.train.num_steps = steps
+    config.train.batch_size = 8
+    config.train.learning_rate = lr
+    config.train.log_every = 1
+    config.train.checkpoint_every = steps
+    config.train.max_grad_norm = 0.0
+    config.data.flip_probability = 0.0
+    return config
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _rows(workdir, step=None):
+    return np.asarray(read_run(workdir, step)[1]["embeddings"]["text_encoder"], np.float32)
+
+
+def _evaluate(config, workdir, rows_by_name):
+    """Each active term's value for the given learned rows on one fixed batch with fixed noise."""
+    from jax_inversion import tokens as tokens_lib
+    from jax_inversion.loading import load_pretrained
+    from jax_inversion.models.unet import cross_attention_layers
+    from jax_inversion.objectives import TermSetup, build_objective
+    from jax_inversion.phases import plan_run
+    from jax_inversion.schedule import NoiseSchedule
+    from jax_inversion.train import (
+        build_dataset, class_word_ids, frozen_params, input_embedding_table, make_forward, vae_factor,
+    )
+
+    model = load_pretrained(config.model)
+    plan = plan_run(config)
+    layouts = {"text_encoder": tokens_lib.add_placeholder_tokens(model.tokenizer, plan.tokens)}
+    resolution = model.unet.config.sample_size * vae_factor(model)
+    setup = TermSetup(
+        options=config.loss_options, tokenizers={"text_encoder": model.tokenizer},
+        tables={"text_encoder": input_embedding_table(model, "text_encoder")},
+        concept_rows=(plan.concept.start, plan.concept.stop), initializer=config.data.initializer_token,
+        class_word=config.data.class_word, attention_layers=cross_attention_layers(model.unet.config, resolution // vae_factor(model)),
+    )
+    objective = build_objective(dict(config.loss), setup)
+    phase = plan.phases[-1]
+    dataset = build_dataset(config, model, phase, workdir, "masks" in objective.needs)
+    forward = make_forward(
+        model, NoiseSchedule.from_config(model.scheduler_config), layouts, objective, 0.0, resolution,
+        trainable=phase.trainable, num_stages=plan.num_stages, separate_kv=plan.separate_kv,
+        reference_ids=class_word_ids(config, model) if "reference_maps" in objective.needs else None,
+    )
+    n = 16
+    pick = np.arange(n) % dataset.num_images
+    batch = {
+        "latent_mean": jnp.asarray(dataset.latent_mean[pick]),
+        "latent_std": jnp.asarray(dataset.latent_std[pick]),
+        "input_ids": {"text_encoder": jnp.asarray(dataset.input_ids["text_encoder"][np.arange(n) % dataset.num_prompts])},
+    }
+    if dataset.masks is not None:
+        batch["masks"] = jnp.asarray(dataset.masks[pick])
+    evaluate = jax.jit(lambda rows: objective(forward({"text_encoder": rows}, frozen_params(model), batch, jax.random.PRNGKey(7)))[1])
+    return {name: {k: float(v) for k, v in evaluate(jnp.asarray(rows)).items()} for name, rows in rows_by_name.items()}
+
+
+def _table(model_dir):
+    from jax_inversion.loading import load_pretrained
+
+    model = load_pretrained(model_dir, components=("text_encoder",))
+    return model.tokenizer, np.asarray(model.text_encoder_params["text_model"]["embeddings"]["token_embedding"]["embedding"])
+
+
+def _cosine(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_lego_subject_frozen_context_moves_and_resume_across_phases(tiny_sd1, images, tmp_path):
+    """Phase 2 leaves <subj> bit-identical; the context term raises cosine to the positive word
+    (weight raised from 0.01 to 1 so 4 steps show it); resuming at the phase boundary equals an
+    uninterrupted run."""
+    from jax_inversion.configs import lego
+    from jax_inversion.train import train
+
+    config = _small(lego.get_config(), tiny_sd1, images["concept"], steps=4)
+    config.data.subject_dir = images["subject"]
+    config.data.subject_initializer_token = "ball"
+    config.train.subject_steps = 4
+    config.train.checkpoint_every = 4
+    config.loss.context = 1.0
+    config.loss_options.context.positives = [["striped"]]
+    config.loss_options.context.negatives = [["dotted"]]
+    full = str(tmp_path / "full")
+    train(config, full)
+
+    records = _records(full)
+    assert [r["phase"] for r in records] == ["subject"] * 4 + ["concept"] * 4
+    assert all("loss/context" in r and "loss/diffusion" in r for r in records)
+    at_boundary, final = _rows(full, 4), _rows(full, 8)
+    assert not np.array_equal(at_boundary[0], _rows(full, 4)[1])
+    np.testing.assert_array_equal(final[0], at_boundary[0])  # <subj> bit-identical through phase 2
+    assert not np.array_equal(final[1], at_boundary[1])
+
+    tokenizer, table = _table(tiny_sd1)
+    striped = losses.word_embedding(tokenizer, table, "striped")
+    assert _cosine(final[1], striped) > _cosine(at_boundary[1], striped) + 0.05
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(full, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
+    assert CheckpointManager(resumed, 1, 3, read_only=True).latest_step() == 4
+    train(config, resumed)
+    np.testing.assert_array_equal(_rows(resumed, 8), final)
+
+
+def test_compositional_anchor_and_location_move_their_way(tiny_sd1, images, tmp_path):
+    """paper + location: both terms in the metrics; after training the sparse-anchor loss and the
+    attention mass outside the mask are lower on a fixed batch (location weight raised to 1)."""
+    from jax_inversion.configs import compositional
+    from jax_inversion.train import train
+
+    config = _small(compositional.get_config("paper,location"), tiny_sd1, images["concept"], steps=6, lr=2e-2)
+    config.data.placeholder_token = "<ball>"
+    config.data.mask_dir = images["masks"]
+    config.location_weight = 1.0
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+
+    records = _records(workdir)
+    assert all({"loss/anchor", "loss/location", "loss/diffusion"} <= set(r) for r in records)
+    assert records[0]["loss"] == pytest.approx(
+        0.05 * records[0]["loss/diffusion"] + 0.95 * records[0]["loss/anchor"] + 1.0 * records[0]["loss/location"], rel=1e-5
+    )
+    initial, final = _rows(workdir, 6), None
+    from jax_inversion.loading import load_pretrained
+    from jax_inversion.phases import plan_run
+    from jax_inversion.train import initial_rows
+
+    initial = initial_rows(config, load_pretrained(tiny_sd1), plan_run(config))["text_encoder"]
+    final = _rows(workdir, 6)
+    values = _evaluate(config, workdir, {"initial": initial, "final": final})
+    assert values["final"]["location"] < values["initial"]["location"]
+    assert values["final"]["anchor"] < values["initial"]["anchor"]
+
+
+def test_compositional_code_variant_with_masked_reconstruction(tiny_sd1, images, tmp_path):
+    """The released code's anchor term (prompt embeddings vs the anchor-word prompt) combined with
+    the masked reconstruction loss: both in the metrics; the rows move toward the anchor word.
+    The term is a mean over all 77 x d prompt entries, so it is ~1e-5 here: its weight is raised to
+    100 for 4 steps to dominate the reconstruction's direction."""
+    from jax_inversion.configs import compositional
+    from jax_inversion.train import train
+
+    config = _small(compositional.get_config("code"), tiny_sd1, images["concept"], steps=4)
+    config.data.placeholder_token = "<ball>"
+    config.data.initializer_token = ""
+    config.loss_options.anchor_prompt.word = "ball"
+    config.data.mask_dir = images["masks"]
+    config.loss.diffusion = 0.0
+    config.loss.masked_diffusion = 0.05
+    config.loss.anchor_prompt = 100.0
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+    records = _records(workdir)
+    assert all({"loss/anchor_prompt", "loss/masked_diffusion"} <= set(r) for r in records)
+    assert "loss/diffusion" not in records[0]
+
+    from jax_inversion.loading import load_pretrained
+    from jax_inversion.phases import plan_run
+    from jax_inversion.train import initial_rows
+
+    tokenizer, table = _table(tiny_sd1)
+    anchor = losses.word_embedding(tokenizer, table, "ball")
+    initial = initial_rows(config, load_pretrained(tiny_sd1), plan_run(config))["text_encoder"][0]
+    assert np.linalg.norm(_rows(workdir)[0] - anchor) < np.linalg.norm(initial - anchor)
+
+
+def test_sefi_stage_kv_rows_attention_loss_and_export(tiny_sd1, images, tmp_path):
+    """Per-stage K/V rows [5, 2, n, d] train, the attention term lowers the difference to the
+    class-word prompt's maps on a fixed batch (denoising weight 0 to isolate it), and the run
+    exports as an extended file with per-stage key and value rows."""
+    from jax_inversion.configs import sefi
+    from jax_inversion.export import export_run
+    from jax_inversion.extended import read_extended
+    from jax_inversion.train import train
+
+    config = _small(sefi.get_config(), tiny_sd1, images["concept"], steps=4, lr=2e-2)
+    config.data.placeholder_token = "<ball>"
+    config.data.class_word = "ball"
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+    records = _records(workdir)
+    assert all({"loss/attention", "loss/diffusion"} <= set(r) for r in records)
+    rows = _rows(workdir)
+    assert rows.shape == (5, 2, 1, 32)
+    assert not np.array_equal(rows[:, 0], rows[:, 1])  # keys and values learned separately
+
+    out = str(tmp_path / "sefi.safetensors")
+    export_run(workdir, out, "extended")
+    parts = read_extended(out)["<ball>"]
+    assert parts["stages"] == 5
+    np.testing.assert_array_equal(parts["key"], rows[:, 0])
+    np.testing.assert_array_equal(parts["value"], rows[:, 1])
+    with pytest.raises(ValueError, match="--format extended"):
+        export_run(workdir, str(tmp_path / "plain.safetensors"), "diffusers")
+
+    isolated = sefi.get_config()
+    isolated = _small(isolated, tiny_sd1, images["concept"], steps=4, lr=2e-2)
+    isolated.data.placeholder_token = "<ball>"
+    isolated.data.class_word = "ball"
+    isolated.loss.diffusion = 0.0
+    isolated.loss.attention = 1.0
+    second = str(tmp_path / "isolated")
+    train(isolated, second)
+    from jax_inversion.loading import load_pretrained
+    from jax_inversion.phases import plan_run
+    from jax_inversion.train import initial_rows
+
+    initial = initial_rows(isolated, load_pretrained(tiny_sd1), plan_run(isolated))["text_encoder"]
+    values = _evaluate(isolated, second, {"initial": initial, "final": _rows(second)})
+    assert values["final"]["attention"] < values["initial"]["attention"]
+
+
+# ----------------------------------------------------------------------------- declarations and errors
+
+
+def test_method_configs_declare_their_terms():
+    from jax_inversion.configs import compositional, lego, sefi, ti
+    from jax_inversion.objectives import COCO_CLASSES
+
+    assert len(COCO_CLASSES) == 80 and "traffic light" in COCO_CLASSES and "toothbrush" in COCO_CLASSES
+    plain = ti.get_config()
+    assert {k: v for k, v in plain.loss.items() if v} == {"diffusion": 1.0}
+
+    config = lego.get_config()
+    assert config.data.subject_token == "<subj>" and config.train.subject_steps > 0
+    assert config.loss.context == 0.01 and config.loss_options.context.temperature == 0.07
+
+    config = compositional.get_config()
+    assert (config.loss.diffusion, config.loss.anchor, config.loss.anchor_prompt, config.loss.location) == pytest.approx((0.05, 0.95, 0, 0))
+    assert config.loss_options.anchor.max_atoms == 5
+    config.anchor_lambda = 0.5  # lambda is one knob: both weights follow it
+    assert (config.loss.diffusion, config.loss.anchor) == (0.5, 0.5)
+    config = compositional.get_config("code,location")
+    assert config.loss.anchor == 0 and config.loss.anchor_prompt == pytest.approx(0.95) and config.loss.location == 0.1
+    with pytest.raises(ValueError, match="unknown compositional variant"):
+        compositional.get_config("paper,bogus")
+
+    config = sefi.get_config()
+    assert (config.data.num_stages, config.data.separate_kv, config.loss.attention) == (5, True, 0.003)
+    assert config.loss_options.attention.resolution == 16
+
+
+def test_lego_plan_phases():
+    from jax_inversion.configs import lego
+    from jax_inversion.data import DataError
+    from jax_inversion.phases import plan_run
+
+    config = lego.get_config()
+    config.data.subject_dir = "/subject"
+    config.data.concept_dir = "/concept"
+    config.data.num_vectors = 2
+    config.train.subject_steps, config.train.num_steps = 10, 20
+    plan = plan_run(config)
+    assert plan.tokens == ["<subj>", "<cpt>", "<cpt>_1"]
+    subject, concept = plan.phases
+    assert (subject.start, subject.stop, subject.trainable, subject.image_dir) == (0, 10, (0, 1), "/subject")
+    assert (concept.start, concept.stop, concept.trainable, concept.image_dir) == (10, 30, (1, 3), "/concept")
+    assert concept.prompt_text == "<subj> <cpt> <cpt>_1" and subject.prompt_text == "<subj>"
+    assert plan.phase_at(9) is subject and plan.phase_at(10) is concept
+
+    config.data.subject_dir = ""
+    with pytest.raises(DataError, match="subject_dir"):
+        plan_run(config)
+    config.data.subject_dir, config.data.subject_token = "/subject", "<cpt>"
+    with pytest.raises(DataError, match="its own token"):
+        plan_run(config)
+
+
+def _setup(tokenizer, table, **options):
+    from jax_inversion.configs.ti import get_config
+    from jax_inversion.objectives import TermSetup
+
+    config = get_config()
+    for key, value in options.items():
+        term, field = key.split("__")
+        config.loss_options[term][field] = value
+    return TermSetup(
+        options=config.loss_options, tokenizers={"text_encoder": tokenizer}, tables={"text_encoder": table},
+        concept_rows=(0, 2), initializer="ball", class_word="ball",
+        attention_layers={"down_blocks.0.attentions.0.transformer_blocks.0.attn2": 16, "mid_block.attentions.0.transformer_blocks.0.attn2": 8},
+    )
+
+
+def test_objective_declares_needs_and_rejects_bad_options(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from jax_inversion.objectives import ObjectiveError, build_objective
+    from jax_inversion.tokenizer_files import write_clip_tokenizer
+
+    write_clip_tokenizer(str(tmp_path))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    table = np.random.default_rng(0).standard_normal((len(tokenizer), 8)).astype(np.float32)
+
+    objective = build_objective({"diffusion": 1.0, "location": 0.1, "attention": 0.0}, _setup(tokenizer, table))
+    assert objective.needs == {"masks", "attention_maps"}
+    assert objective.capture_layers == (
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2", "mid_block.attentions.0.transformer_blocks.0.attn2",
+    )
+    objective = build_objective({"attention": 1.0}, _setup(tokenizer, table))
+    assert objective.needs == {"attention_maps", "reference_maps"}
+    assert objective.capture_layers == ("down_blocks.0.attentions.0.transformer_blocks.0.attn2",)
+
+    with pytest.raises(ObjectiveError, match=r"no cross-attention layer at 32x32 \(it has \[8, 16\]\)"):
+        build_objective({"location": 1.0}, _setup(tokenizer, table, location__resolution=32))
+    with pytest.raises(ObjectiveError, match="positives"):
+        build_objective({"context": 1.0}, _setup(tokenizer, table))
+    with pytest.raises(ObjectiveError, match="3 word lists for 2 concept vectors"):
+        build_objective({"context": 1.0}, _setup(tokenizer, table, context__positives=[["a"], ["b"], ["c"]]))
+    with pytest.raises(ObjectiveError, match="unknown loss term"):
+        build_objective({"diffusion": 1.0, "contxt": 1.0})
+
+    # One shared positive list applies to every concept vector; the value is the hand-checked InfoNCE.
+    objective = build_objective({"context": 1.0}, _setup(tokenizer, table, context__positives=[["cat"]], context__negatives=[["dog"]]))
+    cat, dog = (table[tokenizer.encode(w, add_special_tokens=False)[0]] for w in ("cat", "dog"))
+    v = np.stack([cat, dog])
+    total, values = objective({"learned": {"text_encoder": jnp.asarray(v)}})
+    cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    expected = np.mean([np.log(np.exp(cos(x, cat) / 0.07) + np.exp(cos(x, dog) / 0.07)) - cos(x, cat) / 0.07 for x in v])
+    assert float(values["context"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_masks_box_and_downsample(tmp_path):
+    from jax_inversion import data
+
+    np.testing.assert_array_equal(data.box_mask([0.0, 0.5, 0.5, 1.0], 4), np.array(
+        [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], np.float32))
+    with pytest.raises(data.DataError, match="x0 < x1"):
+        data.box_mask([0.5, 0, 0.2, 1], 4)
+    mask = np.zeros((1, 4, 4), np.float32)
+    mask[0, :2, :1] = 1
+    np.testing.assert_array_equal(data.downsample_mask(mask, 2), [[[0.5, 0.0], [0.0, 0.0]]])
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    _ball_images(str(images), str(masks), count=2)
+    assert data.find_mask(str(masks), str(images / "ball_1.png")) == str(masks / "ball_1.png")
+    os.remove(masks / "ball_1.png")
+    with pytest.raises(data.DataError, match="no mask for ball_1.png"):
+        data.find_mask(str(masks), str(images / "ball_1.png"))
+
+
+def test_cli_missing_masks_is_one_line_and_leaves_workdir_alone(tiny_sd1, images, tmp_path):
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "jax_inversion.cli", "train", "--config=configs/compositional.py:paper,location",
+         f"--workdir={workdir}", f"--config.model={tiny_sd1}", f"--config.data.concept_dir={images['concept']}",
+         "--config.data.initializer_token=ball"],
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "mask_dir" in lines[0] and "data.box" in lines[0], done.stderr[-1500:]
+    assert not os.path.exists(workdir / "checkpoints")
