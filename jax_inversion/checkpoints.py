@@ -28,7 +28,8 @@ class CheckpointManager:
             enable_async_checkpointing=not read_only,
             create=not read_only,
         )
-        self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
@@ -44,8 +45,16 @@ class CheckpointManager:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, step: int, target: Any = None) -> tuple[Any, dict]:
-        """State shaped like ``target`` (or as saved, plain arrays and dicts, when None) and metadata."""
-        abstract = None if target is None else jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        """State shaped like ``target`` (or as saved, on this host's first device, when None) and metadata.
+
+        Without a target the arrays come back whatever devices trained them (a pod run reads on a laptop).
+        """
+        if target is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            saved = self._manager.item_metadata(step)["state"]
+            abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+        else:
+            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )

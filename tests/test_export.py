@@ -189,3 +189,17 @@ def test_multi_concept_run_exports_all_or_one_extended_file(tmp_path):
     one = export_run(str(tmp_path / "run"), str(tmp_path / "both.safetensors"), "extended")[0]
     both = read_extended(one)
     assert set(both) == {"<subj>", "<cpt>"} and np.array_equal(both["<cpt>"]["base"], rows[1:3])
+
+
+def test_export_on_another_device_count(run, tmp_path):
+    """A run trained on 8 devices exports from a 1-device process (a pod run read on a laptop)."""
+    import os
+
+    from jax_inversion.export import read_embedding_file
+
+    workdir, rows, _ = run
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, "-m", "jax_inversion.cli", "export", f"--workdir={workdir}",
+                           f"--out={tmp_path}/one.safetensors"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(read_embedding_file(f"{tmp_path}/one.safetensors")["rows"]["text_encoder"], rows)
