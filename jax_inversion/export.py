@@ -141,8 +141,11 @@ def export_run(
         raise ExportError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
     step, state, meta = read_run(workdir, step)
     rows = run_embeddings(state)
-    concepts = {c["name"]: {enc: r[..., c["rows"][0] : c["rows"][1], :] for enc, r in rows.items()} for c in run_concepts(meta)}
-    staged = rows["text_encoder"].ndim == 4
+    if meta.get("concept_batch"):  # batch inversion: rows [C, n, d], one concept per index
+        concepts = {c["name"]: {enc: r[c["index"]] for enc, r in rows.items()} for c in meta["concept_batch"]}
+    else:
+        concepts = {c["name"]: {enc: r[..., c["rows"][0] : c["rows"][1], :] for enc, r in rows.items()} for c in run_concepts(meta)}
+    staged = rows["text_encoder"].ndim == 4 and not meta.get("concept_batch")
     if staged and fmt != "extended":
         raise ExportError(
             f"this run learned per-stage key/value rows, which --format {fmt} cannot express: use --format extended "

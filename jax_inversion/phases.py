@@ -115,3 +115,63 @@ def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
         ),
     )
     return RunPlan((subject, concept), phases, data.num_stages, bool(data.separate_kv))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptSpec:
+    """One concept of a batch inversion: its token (export name), images, initializer and seed."""
+
+    name: str
+    image_dir: str
+    initializer: str
+    seed: int
+    mask_dir: str = ""
+
+
+def read_concept_list(source: str, config: ml_collections.ConfigDict) -> list[ConceptSpec]:
+    """Concepts of ``config.concepts``: a YAML list (or mapping) of concepts, or a folder of concept folders.
+
+    YAML entries: ``{name: "<cat>", dir: images/cat, initializer: cat, seed: 1, masks: images/cat_masks}``
+    (``initializer``/``seed``/``masks`` optional; relative dirs are relative to the YAML file). A
+    folder: each sub-folder ``cat`` is the concept ``<cat>``. Seeds default to ``config.seed + index``.
+    """
+    import os
+
+    import yaml
+
+    if os.path.isdir(source):
+        names = sorted(n for n in os.listdir(source) if os.path.isdir(os.path.join(source, n)))
+        if not names:
+            raise DataError(f"concepts folder {source} has no concept sub-folders: put one folder of images per concept in it")
+        entries = [{"name": f"<{n}>", "dir": os.path.join(source, n)} for n in names]
+        base = source
+    elif os.path.isfile(source):
+        try:
+            with open(source) as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise DataError(f"cannot parse {source} as YAML ({str(e).splitlines()[0]}): fix the file") from None
+        if isinstance(loaded, dict):
+            loaded = [{"name": k, **(v if isinstance(v, dict) else {"dir": v})} for k, v in loaded.items()]
+        if not isinstance(loaded, list) or not loaded:
+            raise DataError(f"{source} must be a non-empty list of concepts like '- {{name: \"<cat>\", dir: images/cat}}'")
+        entries, base = loaded, os.path.dirname(os.path.abspath(source))
+    else:
+        raise DataError(f"config.concepts {source!r} is neither a YAML file nor a folder: pass concepts.yaml or a folder of concept folders")
+    concepts = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("name") or not entry.get("dir"):
+            raise DataError(f"{source}: concept {i + 1} needs 'name' and 'dir' (e.g. {{name: \"<cat>\", dir: images/cat}})")
+        unknown = sorted(set(entry) - {"name", "dir", "initializer", "seed", "masks"})
+        if unknown:
+            raise DataError(f"{source}: concept {entry['name']!r} has unknown keys {unknown}: use name, dir, initializer, seed, masks")
+        resolve = lambda p: p if not p or os.path.isabs(p) else os.path.join(base, p)
+        concepts.append(ConceptSpec(
+            name=str(entry["name"]), image_dir=resolve(str(entry["dir"])),
+            initializer=str(entry.get("initializer", config.data.initializer_token) or ""),
+            seed=int(entry.get("seed", config.seed + i)), mask_dir=resolve(str(entry.get("masks", "") or "")),
+        ))
+    names = [c.name for c in concepts]
+    if len(set(names)) != len(names):
+        raise DataError(f"{source}: concept names repeat ({names}): give each concept its own name")
+    return concepts

@@ -52,16 +52,28 @@ class LearnedTokens:
         return int(r.shape[0]) if r.ndim == 4 else 1
 
 
+def tokens_from_checkpoint(embeddings: Mapping, meta: Mapping) -> LearnedTokens:
+    """Learned tokens of a checkpoint's rows and metadata (batch-inversion concepts by their names)."""
+    from jax_inversion.export import run_concepts
+
+    rows = {k: np.asarray(v, np.float32) for k, v in embeddings.items()}
+    steps = int(meta.get("num_train_timesteps", 1000))
+    if meta.get("concept_batch"):  # [C, n, d]: each concept becomes its own token strings
+        n = rows["text_encoder"].shape[-2]
+        order = sorted(meta["concept_batch"], key=lambda c: c["index"])
+        placeholders = {c["name"]: tokens_lib.vector_tokens(c["name"], n) for c in order}
+        return LearnedTokens(placeholders, {k: v.reshape(-1, v.shape[-1]) for k, v in rows.items()}, steps)
+    tokens = meta["layout"]["tokens"]
+    placeholders = {c["name"]: tokens[c["rows"][0] : c["rows"][1]] for c in run_concepts(meta)}
+    return LearnedTokens(placeholders, rows, steps)
+
+
 def tokens_from_run(workdir: str, step: Optional[int] = None) -> tuple[str, LearnedTokens]:
     """``(model path, tokens)`` of a run's checkpoint (latest or ``step``)."""
     from jax_inversion.checkpoints import read_run
-    from jax_inversion.export import run_concepts
 
     _, state, meta = read_run(workdir, step)
-    tokens = meta["layout"]["tokens"]
-    placeholders = {c["name"]: tokens[c["rows"][0] : c["rows"][1]] for c in run_concepts(meta)}
-    rows = {k: np.asarray(v, np.float32) for k, v in state["embeddings"].items()}
-    return meta["model"], LearnedTokens(placeholders, rows, int(meta.get("num_train_timesteps", 1000)))
+    return meta["model"], tokens_from_checkpoint(state["embeddings"], meta)
 
 
 def tokens_from_file(path: str, token: Optional[str] = None) -> LearnedTokens:
@@ -491,12 +503,7 @@ class Validator:
         self.cache: dict = {}
 
     def __call__(self, step: int, embeddings: Mapping, meta: Mapping, writer=None) -> str:
-        from jax_inversion.export import run_concepts
-
-        tokens = meta["layout"]["tokens"]
-        placeholders = {c["name"]: tokens[c["rows"][0] : c["rows"][1]] for c in run_concepts(meta)}
-        rows = {k: np.asarray(v, np.float32) for k, v in embeddings.items()}
-        learned = LearnedTokens(placeholders, rows, int(meta.get("num_train_timesteps", 1000)))
+        learned = tokens_from_checkpoint(embeddings, meta)
         grids = [image_grid(generate(self.model, learned, r, devices=jax.local_devices(), cache=self.cache).images, columns=r.num_images) for r in self.requests]
         grid = np.concatenate(grids, axis=0)
         path = save_png(os.path.join(self.directory, f"step_{step:06d}.png"), grid,

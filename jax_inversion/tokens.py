@@ -112,8 +112,9 @@ def substitute(token_embeds: jax.Array, ids: jax.Array, learned: jax.Array, firs
 
 
 def stage_rows(learned: jax.Array, stages: jax.Array | None, part: int) -> jax.Array:
-    """Rows an example uses: ``[n, d]`` as is, or ``[S, K, n, d]`` at its stage and part (0 key, K-1 value)."""
-    if learned.ndim == 2:
+    """Rows an example uses: ``[n, d]`` or per-example ``[B, n, d]`` as is, or ``[S, K, n, d]`` at each
+    example's stage and part (0 key, K-1 value)."""
+    if learned.ndim < 4:
         return learned
     return learned[stages, min(part, learned.shape[1] - 1)]
 

@@ -13,10 +13,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax
 import jax
@@ -30,7 +31,7 @@ from jax_inversion import checkpoints, data as data_lib, tokens as tokens_lib
 from jax_inversion.extended import stage_of
 from jax_inversion.loading import Pretrained, load_pretrained
 from jax_inversion.models.unet import Conditioning, collect_attention_maps, cross_attention_layers
-from jax_inversion.phases import Phase, RunPlan, plan_run
+from jax_inversion.phases import ConceptSpec, Phase, RunPlan, plan_run, read_concept_list
 from jax_inversion.models.clip import CLIPTextTransformer
 from jax_inversion.models.vae import scale_latents
 from jax_inversion.objectives import TermSetup, build_objective
@@ -63,8 +64,27 @@ def make_mesh(devices: Optional[list] = None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def make_optimizer(train_config: ml_collections.ConfigDict, global_batch: int) -> optax.GradientTransformation:
-    """AdamW on the learned rows, warmup then constant or cosine, optional global-norm clipping."""
+def clip_per_concept(max_norm: float) -> optax.GradientTransformation:
+    """``clip_by_global_norm`` applied to each concept (leading axis of every leaf) on its own."""
+
+    def update(updates, state, params=None):
+        leaves = jax.tree_util.tree_leaves(updates)
+        norms = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))) for x in leaves))  # [C]
+
+        def clip(x):
+            norm = norms.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+            return jnp.where(norm < max_norm, x, (x / norm) * max_norm)
+
+        return jax.tree_util.tree_map(clip, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(
+    train_config: ml_collections.ConfigDict, global_batch: int, per_concept: bool = False
+) -> optax.GradientTransformation:
+    """AdamW on the learned rows, warmup then constant or cosine, optional gradient clipping
+    (by global norm, or by each concept's norm when ``per_concept``: rows ``[C, ...]``)."""
     lr = train_config.learning_rate * (global_batch if train_config.scale_lr else 1)
     steps, warmup = train_config.num_steps, train_config.warmup_steps
     if train_config.lr_schedule == "cosine":
@@ -73,7 +93,8 @@ def make_optimizer(train_config: ml_collections.ConfigDict, global_batch: int) -
         schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]) if warmup else optax.constant_schedule(lr)
     else:
         raise TrainError(f"unknown train.lr_schedule {train_config.lr_schedule!r}: use 'constant' or 'cosine'")
-    parts = [optax.clip_by_global_norm(train_config.max_grad_norm)] if train_config.max_grad_norm > 0 else []
+    clip = clip_per_concept if per_concept else optax.clip_by_global_norm
+    parts = [clip(train_config.max_grad_norm)] if train_config.max_grad_norm > 0 else []
     parts.append(
         optax.adamw(
             schedule,
@@ -159,8 +180,9 @@ def build_dataset(config, model: Pretrained, phase: Phase, workdir: str, with_ma
     else:
         mean, std = encode_latents(model, images)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        np.savez(cache + ".tmp.npz", mean=mean, std=std)
-        os.replace(cache + ".tmp.npz", cache)
+        tmp = f"{cache}.{jax.process_index()}.{os.getpid()}.tmp.npz"  # processes sharing a workdir each write their own
+        np.savez(tmp, mean=mean, std=std)
+        os.replace(tmp, cache)
     templates = data_lib.templates_for(config.data.learnable_property, config.data.templates)
     prompts = [t.format(phase.prompt_text) for t in templates]
     input_ids = {name: data_lib.tokenize_prompts(tok, prompts) for name, (_, tok) in encoders_of(model).items()}
@@ -217,13 +239,31 @@ def text_conditioning(model: Pretrained, frozen: dict, input_ids: dict, learned:
     return states, added
 
 
-def run_unet(model: Pretrained, params, noisy, timesteps, conditioning: Conditioning, added):
-    """The UNet's prediction and the attention maps of ``conditioning.capture_maps`` (``{}`` if none)."""
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep nothing, recompute the UNet in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+}
+
+
+def run_unet(model: Pretrained, params, noisy, timesteps, conditioning: Conditioning, added, remat: str = "none"):
+    """The UNet's prediction and the attention maps of ``conditioning.capture_maps`` (``{}`` if none).
+
+    ``remat`` trades compute for memory in the backward pass (see :data:`REMAT_POLICIES`).
+    """
+    if remat not in REMAT_POLICIES:
+        raise TrainError(f"unknown train.remat {remat!r}: use one of {', '.join(REMAT_POLICIES)}")
     x = noisy.astype(model.unet.dtype)
-    if not conditioning.capture_maps:
-        return model.unet.apply({"params": params}, x, timesteps, conditioning, added), {}
-    prediction, variables = model.unet.apply({"params": params}, x, timesteps, conditioning, added, mutable=["attention_maps"])
-    return prediction, collect_attention_maps(variables["attention_maps"])
+
+    def apply(params, x, conditioning, added):
+        if not conditioning.capture_maps:
+            return model.unet.apply({"params": params}, x, timesteps, conditioning, added), {}
+        prediction, variables = model.unet.apply({"params": params}, x, timesteps, conditioning, added, mutable=["attention_maps"])
+        return prediction, collect_attention_maps(variables["attention_maps"])
+
+    if REMAT_POLICIES[remat] is not None:
+        apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
+    return apply(params, x, conditioning, added)
 
 
 def frozen_params(model: Pretrained) -> dict:
@@ -245,6 +285,7 @@ def make_forward(
     num_stages: int = 1,
     separate_kv: bool = False,
     reference_ids: Optional[dict] = None,
+    remat: str = "none",
 ):
     """``forward(learned, frozen, batch, rng) -> outputs``: everything the objective's terms read.
 
@@ -263,23 +304,36 @@ def make_forward(
     if "reference_maps" in needs and not reference_ids:
         raise TrainError("the objective compares with the class-word prompt: set --config.data.class_word")
 
-    def forward(learned, frozen, batch, rng):
+    def draw(rng, mean, std):
         rng_latent, rng_noise, rng_time = jax.random.split(rng, 3)
-        mean, std = batch["latent_mean"], batch["latent_std"]
         latents = scale_latents(vae_config, mean + std * jax.random.normal(rng_latent, mean.shape))
         noise = jax.random.normal(rng_noise, latents.shape)
-        timesteps = sample_timesteps(rng_time, latents.shape[0], schedule)
+        return latents, noise, sample_timesteps(rng_time, latents.shape[0], schedule)
+
+    def forward(learned, frozen, batch, rng):
+        """``rng``: one key, or ``[C]`` keys (one per concept; the batch is concept-major, rows ``[C, n, d]``)."""
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        concepts = rng.shape[0] if rng.ndim == 2 else 0  # stacked uint32 keys
+        if concepts:
+            per_concept = lambda x: x.reshape((concepts, -1) + x.shape[1:])
+            latents, noise, timesteps = jax.vmap(draw)(rng, per_concept(mean), per_concept(std))
+            latents, noise, timesteps = (x.reshape((-1,) + x.shape[2:]) for x in (latents, noise, timesteps))
+            index = jnp.repeat(jnp.arange(concepts), mean.shape[0] // concepts)
+            learned_rows = {e: rows[index] for e, rows in learned.items()}  # [B, n, d]
+        else:
+            latents, noise, timesteps = draw(rng, mean, std)
+            learned_rows = learned
         noisy = add_noise(schedule, latents, noise, timesteps)
         ids = batch["input_ids"]
         stages = stage_of(timesteps, num_stages, schedule.num_train_timesteps) if num_stages > 1 else None
-        key_rows = {e: tokens_lib.stage_rows(rows, stages, 0) for e, rows in learned.items()}
+        key_rows = {e: tokens_lib.stage_rows(rows, stages, 0) for e, rows in learned_rows.items()}
         states, added, token_embeds, prompt_embeds = _encode(model, frozen, ids, key_rows, layouts, resolution)
         value_states = None
         if separate_kv:
-            value_rows = {e: tokens_lib.stage_rows(rows, stages, 1) for e, rows in learned.items()}
+            value_rows = {e: tokens_lib.stage_rows(rows, stages, 1) for e, rows in learned_rows.items()}
             value_states = _encode(model, frozen, ids, value_rows, layouts, resolution)[0]
         conditioning = Conditioning(states, value_states=value_states, capture_maps=capture)
-        prediction, maps = run_unet(model, frozen["unet"], noisy, timesteps, conditioning, added)
+        prediction, maps = run_unet(model, frozen["unet"], noisy, timesteps, conditioning, added, remat)
         offset = ids["text_encoder"] - first_id
         positions = jnp.arange(offset.shape[-1])[None, :]
         outputs = {
@@ -323,8 +377,15 @@ def make_train_step(
     num_stages: int = 1,
     separate_kv: bool = False,
     reference_ids: Optional[dict] = None,
+    concepts: Optional[Sequence[tuple[str, int]]] = None,
+    remat: str = "none",
 ):
     """Returns ``step(state, batch, rng) -> (state, metrics)``, jit-compiled over ``mesh``.
+
+    ``concepts`` (``[(name, seed)]``, batch inversion): the learned rows are ``[C, n, d]`` and the
+    batch is concept-major (``B / C`` examples each). Concept ``c`` draws its noise from
+    ``fold_in(PRNGKey(seed_c), step)`` and has its own objective (summed over concepts), so its
+    rows follow exactly the updates of training it alone with that seed.
 
     ``batch`` holds ``latent_mean``/``latent_std`` ``[B, h, w, c]``, ``input_ids``
     ``{encoder: [B, L]}`` and, when the objective needs them, ``masks`` ``[B, h, w]``, all
@@ -334,17 +395,32 @@ def make_train_step(
     bit-identical (no gradient, no weight decay). See :func:`make_forward` for the rest.
     """
     forward = make_forward(
-        model, schedule, layouts, objective, min_snr_gamma, resolution, trainable, num_stages, separate_kv, reference_ids
+        model, schedule, layouts, objective, min_snr_gamma, resolution, trainable, num_stages, separate_kv, reference_ids,
+        remat,
     )
     n_tokens = len(layouts["text_encoder"].tokens)
     a, b = trainable if trainable is not None else (0, n_tokens)
     row_mask = jnp.asarray((np.arange(n_tokens) >= a) & (np.arange(n_tokens) < b))[:, None]
 
+    names = [name for name, _ in concepts or ()]
+    concept_keys = jnp.stack([jax.random.PRNGKey(seed) for _, seed in concepts]) if concepts else None
+
     def loss_fn(learned, frozen, batch, rng):
-        return objective(forward(learned, frozen, batch, rng))
+        outputs = forward(learned, frozen, batch, rng)
+        if not concepts:
+            return objective(outputs)
+        split = {k: jax.tree_util.tree_map(lambda x: x.reshape((len(names), -1) + x.shape[1:]), v)
+                 for k, v in outputs.items() if k != "learned"}
+        totals, terms = jax.vmap(objective)({**split, "learned": outputs["learned"]})
+        metrics = {k: v.mean() for k, v in terms.items()}
+        metrics.update({f"concept/{name}": totals[i] for i, name in enumerate(names)})
+        return totals.sum(), metrics
 
     def step(frozen, state: TrainState, batch, rng):
-        step_rng = jax.random.fold_in(rng, state.step)
+        if concepts:
+            step_rng = jax.vmap(lambda key: jax.random.fold_in(key, state.step))(concept_keys)
+        else:
+            step_rng = jax.random.fold_in(rng, state.step)
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.embeddings, frozen, batch, step_rng)
         grads = jax.tree_util.tree_map(lambda g: jnp.where(row_mask, g, 0.0), grads)
         all_finite = lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
@@ -362,11 +438,14 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            **{f"loss/{k}": v for k, v in terms.items()},
+            **{(k if k.startswith("concept/") else f"loss/{k}"): v for k, v in terms.items()},
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": lr_schedule(state.step),
             "embedding_norm": jnp.linalg.norm(embeddings["text_encoder"], axis=-1).mean(),
         }
+        if concepts:  # each concept's gradient norm (what its clipping sees)
+            norms = jnp.sqrt(sum(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))) for g in jax.tree_util.tree_leaves(grads)))
+            metrics.update({f"concept/{name}/grad_norm": norms[i] for i, name in enumerate(names)})
         return new_state, metrics
 
     replicated = NamedSharding(mesh, P())
@@ -395,23 +474,39 @@ def _check_writable(workdir: str) -> None:
         raise TrainError(f"workdir {workdir} is not writable ({e.strerror}): pass a --workdir you can write to") from None
 
 
-def global_batch(dataset: Dataset, sampler: data_lib.BatchSampler, step: int, mesh, with_masks: bool = False) -> dict:
-    """This host's slice of the global batch (``step`` counts within the phase), as globally sharded arrays."""
-    sharding = NamedSharding(mesh, P("data"))
-    indices = sampler.indices(step)
-    local = sampler.host_slice(indices, jax.process_index(), jax.process_count())
-    rows = local["image"] + dataset.num_images * local["flip"]
+def _examples(dataset: Dataset, indices: dict, with_masks: bool) -> dict:
+    rows = indices["image"] + dataset.num_images * indices["flip"]
     host = {
         "latent_mean": dataset.latent_mean[rows],
         "latent_std": dataset.latent_std[rows],
-        "input_ids": {name: ids[local["prompt"]].astype(np.int32) for name, ids in dataset.input_ids.items()},
+        "input_ids": {name: ids[indices["prompt"]].astype(np.int32) for name, ids in dataset.input_ids.items()},
     }
     if with_masks:
         host["masks"] = dataset.masks[rows]
-    size = len(indices["image"])
-    return jax.tree_util.tree_map(
-        lambda v: jax.make_array_from_process_local_data(sharding, v, (size,) + v.shape[1:]), host
-    )
+    return host
+
+
+def _as_global(host: dict, size: int, mesh) -> dict:
+    sharding = NamedSharding(mesh, P("data"))
+    return jax.tree_util.tree_map(lambda v: jax.make_array_from_process_local_data(sharding, v, (size,) + v.shape[1:]), host)
+
+
+def global_batch(dataset: Dataset, sampler: data_lib.BatchSampler, step: int, mesh, with_masks: bool = False) -> dict:
+    """This host's slice of the global batch (``step`` counts within the phase), as globally sharded arrays."""
+    indices = sampler.indices(step)
+    local = sampler.host_slice(indices, jax.process_index(), jax.process_count())
+    return _as_global(_examples(dataset, local, with_masks), len(indices["image"]), mesh)
+
+
+def concept_batch(datasets: Sequence[Dataset], samplers: Sequence[data_lib.BatchSampler], step: int, mesh,
+                  with_masks: bool = False) -> dict:
+    """Batch inversion: every concept's batch of ``step``, concept-major, this host's contiguous slice."""
+    parts = [_examples(d, s.indices(step), with_masks) for d, s in zip(datasets, samplers)]
+    full = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
+    size = len(full["latent_mean"])
+    per_host = size // jax.process_count()
+    start = jax.process_index() * per_host
+    return _as_global(jax.tree_util.tree_map(lambda v: v[start : start + per_host], full), size, mesh)
 
 
 def run_metadata(config, layouts: dict, model: Pretrained, plan: RunPlan) -> dict:
@@ -462,6 +557,19 @@ def initial_rows(config, model: Pretrained, plan: RunPlan) -> dict:
     return initial
 
 
+def concept_config(config, concept: ConceptSpec):
+    """The config of training ``concept`` alone: its seed and initializer."""
+    alone = ml_collections.ConfigDict(config.to_dict())
+    alone.seed = concept.seed
+    alone.data.initializer_token = concept.initializer
+    return alone
+
+
+def concept_phase(phase: Phase, concept: ConceptSpec) -> Phase:
+    """``phase`` on ``concept``'s images (and masks)."""
+    return dataclasses.replace(phase, image_dir=concept.image_dir, mask_dir=concept.mask_dir)
+
+
 def check_phase_data(config, phase: Phase, with_masks: bool) -> None:
     """Fails early (one line), before the workdir is touched, when a phase's images or masks are missing or unreadable."""
     paths = data_lib.list_concept_images(phase.image_dir)
@@ -492,23 +600,39 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
         raise TrainError("train.num_steps is negative: pass --config.train.num_steps=N with N >= 0")
     devices = devices or jax.devices()
     n_devices = len(devices)
-    if config.train.batch_size <= 0 or config.train.batch_size % n_devices:
+    concepts = read_concept_list(config.concepts, config) if config.get("concepts") else None
+    per_step = config.train.batch_size * (len(concepts) if concepts else 1)
+    if config.train.batch_size <= 0 or per_step % n_devices:
+        what = f"{len(concepts)} concepts x train.batch_size={config.train.batch_size}" if concepts else f"train.batch_size={config.train.batch_size}"
+        good = n_devices // math.gcd(len(concepts) if concepts else 1, n_devices)
         raise TrainError(
-            f"train.batch_size={config.train.batch_size} is not a positive multiple of the {n_devices} devices: "
-            f"pass --config.train.batch_size={max(n_devices, (config.train.batch_size // n_devices) * n_devices or n_devices)}"
+            f"{what} is not a positive multiple of the {n_devices} devices: pass --config.train.batch_size={good} or a multiple of it"
         )
     from jax_inversion import default_job
 
-    config = default_job.fill_defaults(config, workdir)
+    if not concepts:
+        config = default_job.fill_defaults(config, workdir)
     plan = plan_run(config)
+    if concepts:
+        if len(plan.groups) > 1 or plan.num_stages > 1 or plan.separate_kv or config.init_from:
+            raise TrainError(
+                "batch inversion (config.concepts) learns plain multi-vector tokens: unset data.subject_token, "
+                "data.num_stages, data.separate_kv and init_from, or train those concepts one per job"
+            )
+        if not config.model:
+            raise TrainError("batch inversion needs a model: pass --config.model=PATH")
     dtype = jnp.dtype(config.dtype)
     model = load_pretrained(config.model, dtype=dtype)
     encoders = encoders_of(model)
     layouts = {name: tokens_lib.add_placeholder_tokens(tok, plan.tokens) for name, (_, tok) in encoders.items()}
 
     mesh = make_mesh(devices)
-    optimizer, lr_schedule = make_optimizer(config.train, config.train.batch_size)
-    embeddings = {name: jnp.asarray(rows) for name, rows in initial_rows(config, model, plan).items()}
+    optimizer, lr_schedule = make_optimizer(config.train, config.train.batch_size, per_concept=bool(concepts))
+    if concepts:  # each concept starts where training it alone (its seed, its initializer) starts
+        rows = [initial_rows(concept_config(config, c), model, plan) for c in concepts]
+        embeddings = {name: jnp.asarray(np.stack([r[name] for r in rows])) for name in encoders}
+    else:
+        embeddings = {name: jnp.asarray(rows) for name, rows in initial_rows(config, model, plan).items()}
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         embeddings=embeddings,
@@ -531,24 +655,45 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
     objective = build_objective(dict(config.loss), setup)
     reference_ids = class_word_ids(config, model) if "reference_maps" in objective.needs else None
     with_masks = "masks" in objective.needs
-    for phase in plan.phases:  # bad data fails here, before the workdir is touched
-        if phase.num_steps > 0:
-            check_phase_data(config, phase, with_masks)
+    phase_data = [p for p in plan.phases if p.num_steps > 0]
+    if concepts:
+        phase_data = [concept_phase(plan.phases[0], c) for c in concepts]
+    for phase in phase_data:  # bad data fails here, before the workdir is touched
+        check_phase_data(config, phase, with_masks)
     replicated = NamedSharding(mesh, P())
     metadata = run_metadata(config, layouts, model, plan)
+    if concepts:
+        metadata["concept_batch"] = [{"name": c.name, "index": i, "seed": c.seed, "dir": c.image_dir} for i, c in enumerate(concepts)]
+    # Replicated over the mesh before restoring, so a checkpoint is read straight into the run's
+    # sharding: several processes cannot spread a restored host-local (committed) array.
+    state = jax.device_put(state, replicated)
     manager = checkpoints.CheckpointManager(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
     restored = manager.restore_latest(state, metadata)
     if restored is not None:
         state = restored
         log.info("resumed from step %d in %s", int(state.step), workdir)
-    state = jax.device_put(state, replicated)
+
+    def prepare_concepts(phase: Phase):
+        datasets = [build_dataset(config, model, concept_phase(phase, c), workdir, with_masks) for c in concepts]
+        step_fn = make_train_step(
+            model, schedule, layouts, optimizer, objective, lr_schedule, config.train.min_snr_gamma, mesh,
+            datasets[0].resolution, trainable=phase.trainable, reference_ids=reference_ids,
+            concepts=[(c.name, c.seed) for c in concepts], remat=config.train.remat,
+        )
+        samplers = [
+            data_lib.BatchSampler(d.num_images, d.num_prompts, config.train.batch_size, c.seed, config.data.flip_probability)
+            for d, c in zip(datasets, concepts)
+        ]
+        return step_fn, lambda step: concept_batch(datasets, samplers, step - phase.start, mesh, with_masks)
 
     def prepare_phase(phase: Phase):
+        if concepts:
+            return prepare_concepts(phase)
         dataset = build_dataset(config, model, phase, workdir, with_masks)
         step_fn = make_train_step(
             model, schedule, layouts, optimizer, objective, lr_schedule, config.train.min_snr_gamma, mesh,
             dataset.resolution, trainable=phase.trainable, num_stages=plan.num_stages, separate_kv=plan.separate_kv,
-            reference_ids=reference_ids,
+            reference_ids=reference_ids, remat=config.train.remat,
         )
         index = plan.phases.index(phase)
         sampler = data_lib.BatchSampler(
@@ -569,6 +714,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
             model, workdir, config.train.validation_prompts, config.train.validation_images,
             config.train.validation_steps, config.train.validation_scheduler, seed=config.seed,
         )
+    if config.train.compilation_cache and jax.config.jax_compilation_cache_dir is None:
+        # Compiled steps survive restarts (preemption, resume): XLA's persistent cache in the workdir.
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     return _loop(config, workdir, state, plan, prepare_phase, reset_optimizer, mesh, manager, metadata, validate)
@@ -594,7 +743,7 @@ def _loop(config, workdir, state, plan, prepare_phase, reset_optimizer, mesh, ma
     try:
         with jax.set_mesh(mesh):
             for index, phase in enumerate(plan.phases):
-                if int(state.step) >= phase.stop or stop["signal"] is not None:
+                if int(state.step) >= phase.stop or _agreed_stop(stop, check=False):
                     continue
                 if index > 0 and int(state.step) == phase.start:
                     state = reset_optimizer(state)
@@ -615,6 +764,21 @@ def _loop(config, workdir, state, plan, prepare_phase, reset_optimizer, mesh, ma
     return state
 
 
+def _agreed_stop(stop: dict, check: bool) -> bool:
+    """Whether to stop (and save) now. One process: as soon as SIGTERM came (read once: it may land
+    at any moment). Several: each sees the signal at its own step, but saving is collective, so
+    they agree (a tiny all-gather, only at ``check`` steps, where the host syncs anyway) and all
+    stop at the same step, even one that saw no signal."""
+    if jax.process_count() == 1:
+        return stop["signal"] is not None
+    if check and not stop.get("agreed"):
+        from jax.experimental import multihost_utils
+
+        seen = multihost_utils.process_allgather(np.int32(stop["signal"] is not None))
+        stop["agreed"] = bool(np.asarray(seen).any())
+    return bool(stop.get("agreed"))
+
+
 def _run_phase(config, state, phase, step_fn, batch_at, base_rng, manager, metadata, progress, writer, metrics_file, stop, validate):
     pending, compile_seconds = [], None
     compile_start = last_time = time.perf_counter()
@@ -627,7 +791,7 @@ def _run_phase(config, state, phase, step_fn, batch_at, base_rng, manager, metad
             last_time, last_step = time.perf_counter(), step + 1
         pending.append((step + 1, metrics))
         done = step + 1
-        stopping = stop["signal"] is not None  # read once: the signal may land at any moment
+        stopping = _agreed_stop(stop, check=done % config.train.log_every == 0)
         must_save = done % max(1, config.train.checkpoint_every) == 0 or done == phase.stop or stopping
         if done % config.train.log_every == 0 or must_save:
             fetched = jax.device_get(pending)

@@ -155,6 +155,7 @@ def test_lego_subject_frozen_context_moves_and_resume_across_phases(tiny_sd1, im
 
     tokenizer, table = _table(tiny_sd1)
     striped = losses.word_embedding(tokenizer, table, "striped")
+    print(f"lego: cosine(<cpt>, striped) {_cosine(at_boundary[1], striped):.4f} -> {_cosine(final[1], striped):.4f}")
     assert _cosine(final[1], striped) > _cosine(at_boundary[1], striped) + 0.05
 
     resumed = str(tmp_path / "resumed")
@@ -191,6 +192,7 @@ def test_compositional_anchor_and_location_move_their_way(tiny_sd1, images, tmp_
     initial = initial_rows(config, load_pretrained(tiny_sd1), plan_run(config))["text_encoder"]
     final = _rows(workdir, 6)
     values = _evaluate(config, workdir, {"initial": initial, "final": final})
+    print(f"compositional: {values}")
     assert values["final"]["location"] < values["initial"]["location"]
     assert values["final"]["anchor"] < values["initial"]["anchor"]
 
@@ -224,6 +226,7 @@ def test_compositional_code_variant_with_masked_reconstruction(tiny_sd1, images,
     tokenizer, table = _table(tiny_sd1)
     anchor = losses.word_embedding(tokenizer, table, "ball")
     initial = initial_rows(config, load_pretrained(tiny_sd1), plan_run(config))["text_encoder"][0]
+    print(f"anchor_prompt: |v - e_ball| {np.linalg.norm(initial - anchor):.4f} -> {np.linalg.norm(_rows(workdir)[0] - anchor):.4f}")
     assert np.linalg.norm(_rows(workdir)[0] - anchor) < np.linalg.norm(initial - anchor)
 
 
@@ -270,6 +273,7 @@ def test_sefi_stage_kv_rows_attention_loss_and_export(tiny_sd1, images, tmp_path
 
     initial = initial_rows(isolated, load_pretrained(tiny_sd1), plan_run(isolated))["text_encoder"]
     values = _evaluate(isolated, second, {"initial": initial, "final": _rows(second)})
+    print(f"sefi: {values}")
     assert values["final"]["attention"] < values["initial"]["attention"]
 
 

@@ -215,3 +215,33 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd1, concept_dir, tm
 
     with pytest.raises(CheckpointError, match="does not fit"):
         train(make_config(tiny_sd1, concept_dir, num_steps=9, max_grad_norm=0.0), workdir)
+
+
+def test_remat_policies_give_the_same_gradient(tiny_sd1):
+    """Recomputing UNet activations in the backward pass changes memory, not the gradient."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_inversion import tokens as tokens_lib
+    from jax_inversion.loading import load_pretrained
+    from jax_inversion.objectives import build_objective
+    from jax_inversion.schedule import NoiseSchedule
+    from jax_inversion.train import frozen_params, make_forward
+
+    model = load_pretrained(tiny_sd1)
+    layout = tokens_lib.add_placeholder_tokens(model.tokenizer, ["<ball>"])
+    rng = np.random.default_rng(0)
+    ids = np.full((2, 77), model.tokenizer.eos_token_id, np.int32)
+    ids[:, :3] = [[model.tokenizer.bos_token_id, 300, layout.first_id]] * 2
+    batch = {"latent_mean": jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32),
+             "latent_std": jnp.full((2, 16, 16, 4), 0.1, jnp.float32), "input_ids": {"text_encoder": jnp.asarray(ids)}}
+    rows = {"text_encoder": jnp.asarray(rng.standard_normal((1, 32)) * 0.1, jnp.float32)}
+    objective = build_objective({"diffusion": 1.0})
+    grads = {}
+    for remat in ("none", "full"):
+        forward = make_forward(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout},
+                               objective, 0.0, 32, remat=remat)
+        loss = lambda r: objective(forward(r, frozen_params(model), batch, jax.random.PRNGKey(0)))[0]
+        grads[remat] = np.asarray(jax.jit(jax.grad(loss))(rows)["text_encoder"])
+    assert np.abs(grads["none"]).max() > 0
+    np.testing.assert_allclose(grads["full"], grads["none"], rtol=1e-5, atol=1e-8)

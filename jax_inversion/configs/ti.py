@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ""  # diffusers-format directory or hub id; "" = the embedded tiny default
     config.seed = 0
     config.dtype = "float32"  # compute dtype of the frozen models ("bfloat16" on accelerators)
+    config.concepts = ""  # batch inversion: concepts.yaml or a folder of concept folders ("" = one concept)
     config.init_from = ""  # an exported embedding file (diffusers / A1111 / extended) to start from
 
     config.data = ml_collections.ConfigDict()
@@ -52,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.weight_decay = 1e-2  # applies to the learned rows only; frozen rows never move
     config.train.max_grad_norm = 1.0  # 0 = no clipping
     config.train.min_snr_gamma = 0.0  # 0 = off; 5.0 is the usual Min-SNR value
+    config.train.remat = "none"  # "none" | "dots" | "full": recompute UNet activations to fit bigger batches
+    config.train.compilation_cache = True  # XLA's persistent compilation cache in WORKDIR/xla_cache
     config.train.log_every = 10
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3

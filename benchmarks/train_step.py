@@ -1,0 +1,559 @@
+"""Whole textual-inversion train step: ours (JAX) vs diffusers' PyTorch example, same weights.
+
+For each configuration one random-weight model is written once (PyTorch ``save_pretrained``
+of diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` and transformers ``CLIPTextModel``,
+a small CLIP tokenizer, ``model_index.json``); both sides load those same files. Then each
+implementation runs in its own subprocess (so peak memory is its own):
+
+* ``ours``: ``make_train_step`` (jit, donated state, learned rows fp32, frozen models in
+  ``--dtype``), latents cached as in the real job (the batch carries the VAE posterior
+  mean/std; the VAE is not run per step). Also FLOPs per step from XLA's cost analysis
+  of the compiled step (per device when the batch is sharded over several), achieved
+  TFLOP/s and MFU.
+* ``torch``: the step of diffusers' ``examples/textual_inversion/textual_inversion.py``:
+  token-embedding table trainable (grown by one placeholder row), AdamW over the whole
+  table, then the frozen rows copied back; ``vae.encode(pixels).latent_dist.sample() *
+  scaling_factor`` every step, DDPM noise, UNet with SDPA (``AttnProcessor2_0``), MSE,
+  backward, optimizer step. ``--dtype bfloat16``: UNet and VAE in bf16, text encoder fp32,
+  autocast bf16 (the script's mixed precision).
+* ``torch_cached``: the same with the posterior (``latent_dist``) computed once and only
+  ``latent_dist.sample()`` per step (no VAE per step; same random draws as ``torch``).
+
+All three keep the VAE weights resident. Timing: ``--warmup`` steps, then ``--steps`` steps,
+each synchronised (``step_ms_median``; ``steps_per_s`` = steps / their total time).
+Peak memory: on CPU the process's peak RSS from just before the first step to the end
+(``/proc/self/clear_refs`` resets the high-water mark after loading and, for ours,
+compiling; ``max_rss_mb`` is the whole process); on GPU ``torch.cuda.max_memory_allocated``
+/ JAX ``peak_bytes_in_use``. MB = 2**20 bytes. ``load_avg_1m`` (after the timed steps) shows
+whether other work shared the machine. ``torch`` FLOPs come from
+``torch.utils.flop_counter`` on the first warmup step (math SDPA there so attention is
+counted); they count matmuls/convolutions/attention only, XLA's count also elementwise ops.
+
+    python -m benchmarks.train_step [--configs small,sd15_256_b1] [--dtype float32] [--steps N]
+    python -m benchmarks.train_step --configs sd15_512_b8 --dtype bfloat16     # on a GPU
+
+Configurations: ``small`` (jax_inversion.tiny's architecture, 64 px, batch 8), ``sd15_R_bB``
+(SD1.5 architecture, R px, batch B), ``small_R_bB``. Output: one JSON line per configuration
+and implementation, then one per configuration with the steps/s ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# SD1.5 (runwayml/stable-diffusion-v1-5) architecture.
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SD15_TEXT = {  # CLIP ViT-L/14 text tower
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 768,
+}
+# jax_inversion.tiny's architecture; the text vocabulary is the tokenizer's (vocab_size None).
+SMALL_UNET = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+SMALL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+}
+SMALL_TEXT = {
+    "vocab_size": None,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 32,
+}
+ARCHITECTURES = {"sd15": (SD15_UNET, SD15_VAE, SD15_TEXT), "small": (SMALL_UNET, SMALL_VAE, SMALL_TEXT)}
+DEFAULT_SHAPE = {"sd15": (512, 1), "small": (64, 8)}
+SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+PROMPT = "a photo of a"  # then the placeholder, EOS, EOS padding
+INITIALIZER = "cat"
+# Dense bf16 peak TFLOP/s by device kind (first substring match; more specific first).
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L4", 121.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),
+    ("TPU v6 lite", 918.0),
+    ("TPU v6e", 918.0),
+)
+MB = 2**20
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def parse_config(name: str) -> dict:
+    match = re.fullmatch(r"(small|sd15)(?:_(\d+)_b(\d+))?", name)
+    if not match:
+        raise SystemExit(f"unknown configuration {name!r}: use small, sd15_256_b1, sd15_512_b8, sd15_R_bB or small_R_bB")
+    arch = match.group(1)
+    resolution, batch = (int(match.group(2)), int(match.group(3))) if match.group(2) else DEFAULT_SHAPE[arch]
+    return {"config": name, "arch": arch, "resolution": resolution, "batch": batch}
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's RSS high-water mark (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / MB
+    except OSError:
+        pass
+    return None
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB  # KiB on Linux
+
+
+def peak_tflops_for(kind: str, override: float | None) -> float | None:
+    if override:
+        return override
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in kind.lower():
+            return value
+    return None
+
+
+def prompt_ids(tokenizer, placeholder_id: int, length: int, batch: int) -> np.ndarray:
+    ids = tokenizer(PROMPT).input_ids[:-1] + [placeholder_id, tokenizer.eos_token_id]
+    out = np.full((batch, length), tokenizer.eos_token_id, np.int64)
+    out[:, : len(ids)] = ids
+    return out
+
+
+def timing(times: list[float]) -> dict:
+    return {"steps_per_s": round(len(times) / sum(times), 4), "step_ms_median": round(1000 * statistics.median(times), 2)}
+
+
+def flops_fields(flops: float | None, steps_per_s: float, kind: str, peak: float | None) -> dict:
+    if not flops:
+        return {"flops_per_step": None, "tflops_achieved": None, "mfu": None}
+    achieved = flops * steps_per_s / 1e12
+    return {
+        "flops_per_step": float(flops),
+        "tflops_achieved": round(achieved, 4),
+        "mfu": round(achieved / peak, 4) if peak else None,
+        "peak_tflops": peak,
+    }
+
+
+# ----------------------------------------------------------------------------- the model files
+
+
+def write_model(arch: str, directory: str) -> None:
+    """Random weights of ``arch`` in diffusers format (PyTorch ``save_pretrained``)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from jax_inversion.tiny import write_model_index
+    from jax_inversion.tokenizer_files import write_clip_tokenizer
+
+    unet_config, vae_config, text_config = ARCHITECTURES[arch]
+    os.makedirs(directory, exist_ok=True)
+    write_clip_tokenizer(os.path.join(directory, "tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
+    torch.manual_seed(0)
+    text = dict(text_config, vocab_size=text_config["vocab_size"] or len(tokenizer))
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.eos_token_id}
+    CLIPTextModel(CLIPTextConfig(**text, **ids)).save_pretrained(os.path.join(directory, "text_encoder"))
+    UNet2DConditionModel(**unet_config).save_pretrained(os.path.join(directory, "unet"))
+    AutoencoderKL(**vae_config).save_pretrained(os.path.join(directory, "vae"))
+    DDPMScheduler(**SCHEDULER).save_pretrained(os.path.join(directory, "scheduler"))
+    write_model_index(directory)
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def run_ours(args, cfg: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_inversion import tokens as tokens_lib
+    from jax_inversion.configs.ti import get_config
+    from jax_inversion.loading import load_pretrained
+    from jax_inversion.objectives import build_objective
+    from jax_inversion.schedule import NoiseSchedule
+    from jax_inversion.train import TrainState, input_embedding_table, make_mesh, make_optimizer, make_train_step, vae_factor
+
+    device = jax.devices()[0]
+    on_cpu = device.platform == "cpu"
+    steps, warmup = step_counts(args, cfg["arch"], on_cpu)
+    start = time.perf_counter()
+    model = load_pretrained(args.model_dir, dtype=jnp.dtype(args.dtype))
+    load_s = time.perf_counter() - start
+    tokenizer = model.tokenizer
+    table = input_embedding_table(model, "text_encoder")
+    vocab = table.shape[0]
+    layout = tokens_lib.TokenLayout(("<concept>",), vocab)  # the placeholder is the row after the table
+    batch_size, resolution = cfg["batch"], cfg["resolution"]
+    latent = resolution // vae_factor(model)
+    channels = model.vae.config.latent_channels
+
+    config = get_config()
+    optimizer, lr = make_optimizer(config.train, batch_size)
+    mesh = make_mesh()
+    step = make_train_step(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout}, optimizer,
+                           build_objective({"diffusion": 1.0}), lr, 0.0, mesh, resolution)
+    # make_train_step returns ``lambda state, batch, rng: jitted(frozen, state, batch, rng)``:
+    # compile that jitted function ahead of time (once) to read XLA's cost analysis.
+    cells = dict(zip(step.__code__.co_freevars, (c.cell_contents for c in step.__closure__ or ())))
+    jitted, frozen = cells.get("jitted"), cells.get("frozen")
+
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    init = table[tokens_lib.initializer_id(tokenizer, INITIALIZER)][None]
+    embeddings = {"text_encoder": jnp.asarray(init, jnp.float32)}
+    state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), embeddings, optimizer.init(embeddings),
+                                      jax.random.PRNGKey(0), jnp.zeros((), jnp.int32)), replicated)
+    rng = np.random.default_rng(0)
+    ids = prompt_ids(tokenizer, layout.first_id, model.text_encoder.config.max_position_embeddings, batch_size)
+    batch = jax.device_put({
+        "latent_mean": rng.standard_normal((batch_size, latent, latent, channels)).astype(np.float32),
+        "latent_std": np.full((batch_size, latent, latent, channels), 0.05, np.float32),
+        "input_ids": {"text_encoder": ids.astype(np.int32)},
+    }, sharded)
+    base = jax.device_put(jax.random.PRNGKey(0), replicated)
+
+    with jax.set_mesh(mesh):
+        start = time.perf_counter()
+        flops = None
+        if jitted is not None and hasattr(jitted, "lower"):
+            compiled = jitted.lower(frozen, state, batch, base).compile()
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            flops = (cost or {}).get("flops")
+            run = lambda s: compiled(frozen, s, batch, base)
+        else:  # train.py changed shape: fall back to the public step (compiled on its first call)
+            print("train_step: could not reach make_train_step's jitted function; no FLOP count", file=sys.stderr)
+            jax.block_until_ready(step(state, batch, base))
+            state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), embeddings, optimizer.init(embeddings),
+                                              jax.random.PRNGKey(0), jnp.zeros((), jnp.int32)), replicated)
+            run = lambda s: step(s, batch, base)
+        compile_s = time.perf_counter() - start
+        rss_before = peak_rss_mb() if reset_peak_rss() else None
+        for _ in range(warmup):
+            state, metrics = run(state)
+        jax.block_until_ready(state)
+        times = []
+        for _ in range(steps):
+            begin = time.perf_counter()
+            state, metrics = run(state)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - begin)
+    out = {"steps": steps, "warmup": warmup, **timing(times), "compile_s": round(compile_s, 2), "load_s": round(load_s, 2)}
+    if on_cpu:
+        out.update(device=f"cpu ({cpu_count()} cores)", peak_memory_mb=round(peak_rss_mb(), 1), peak_memory_kind="process peak RSS during steps",
+                   rss_before_steps_mb=rss_before and round(rss_before, 1), max_rss_mb=round(max_rss_mb(), 1))
+    else:
+        stats = device.memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        out.update(device=device.device_kind, peak_memory_mb=peak and round(peak / MB, 1), peak_memory_kind="device peak_bytes_in_use (whole process)")
+    kind = "cpu" if on_cpu else device.device_kind
+    out.update(flops_fields(flops, out["steps_per_s"], kind, peak_tflops_for(kind, args.peak_tflops) if not on_cpu or args.peak_tflops else None))
+    out.update(flops_source="XLA cost_analysis of the compiled step", final_loss=float(metrics["loss"]),
+               nonfinite_steps=int(state.nonfinite_steps), jax=jax.__version__)
+    return out
+
+
+def step_counts(args, arch: str, on_cpu: bool) -> tuple[int, int]:
+    steps = args.steps if args.steps is not None else (5 if arch == "sd15" and on_cpu else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if arch == "sd15" and on_cpu else 3)
+    return steps, max(warmup, 1)
+
+
+# ----------------------------------------------------------------------------- diffusers' PyTorch step
+
+
+def run_torch(args, cfg: dict, cached: bool) -> dict:
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    threads = cpu_count()
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_cpu = device.type == "cpu"
+    steps, warmup = step_counts(args, cfg["arch"], on_cpu)
+    weight_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    torch.manual_seed(0)
+
+    start = time.perf_counter()
+    d = args.model_dir
+    tokenizer = CLIPTokenizer.from_pretrained(d, subfolder="tokenizer")
+    noise_scheduler = DDPMScheduler.from_pretrained(d, subfolder="scheduler")
+    text_encoder = CLIPTextModel.from_pretrained(d, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(d, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(d, subfolder="unet")
+    load_s = time.perf_counter() - start
+
+    # As textual_inversion.py: add the placeholder, grow the table, start it from the initializer's row.
+    placeholder_id = text_encoder.config.vocab_size
+    init_id = tokenizer.encode(INITIALIZER, add_special_tokens=False)[0]
+    text_encoder.resize_token_embeddings(placeholder_id + 1, mean_resizing=False)
+    token_embeds = text_encoder.get_input_embeddings().weight.data
+    with torch.no_grad():
+        token_embeds[placeholder_id] = token_embeds[init_id].clone()
+    vae.requires_grad_(False)
+    unet.requires_grad_(False)
+    text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the .text_model level
+    text_model.encoder.requires_grad_(False)
+    text_model.final_layer_norm.requires_grad_(False)
+    text_model.embeddings.position_embedding.requires_grad_(False)
+    unet.set_attn_processor(AttnProcessor2_0())
+    vae.set_attn_processor(AttnProcessor2_0())
+    train_config = __import__("jax_inversion.configs.ti", fromlist=["get_config"]).get_config().train
+    optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=train_config.learning_rate,
+                                  betas=(train_config.adam_b1, train_config.adam_b2), weight_decay=train_config.weight_decay,
+                                  eps=train_config.adam_eps)
+    text_encoder.to(device)
+    unet.to(device, dtype=weight_dtype)
+    vae.to(device, dtype=weight_dtype)
+    text_encoder.train()
+    orig_embeds_params = text_encoder.get_input_embeddings().weight.data.clone()
+    index_no_updates = torch.ones((placeholder_id + 1,), dtype=torch.bool, device=device)
+    index_no_updates[placeholder_id] = False
+
+    batch_size, resolution = cfg["batch"], cfg["resolution"]
+    input_ids = torch.from_numpy(prompt_ids(tokenizer, placeholder_id, text_encoder.config.max_position_embeddings, batch_size)).to(device)
+    pixels = (torch.rand(batch_size, 3, resolution, resolution) * 2 - 1).to(device)
+    autocast = (lambda: torch.autocast(device.type, dtype=weight_dtype)) if weight_dtype != torch.float32 else contextlib.nullcontext
+    if cached:
+        with torch.no_grad(), autocast():
+            cached_dist = vae.encode(pixels.to(weight_dtype)).latent_dist  # the posterior, computed once
+    scaling = vae.config.scaling_factor
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def train_step():
+        with autocast():
+            if cached:
+                latents = cached_dist.sample() * scaling  # same draws (and memory layout) as `torch`
+            else:
+                latents = vae.encode(pixels.to(dtype=weight_dtype)).latent_dist.sample().detach() * scaling
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), device=device).long()
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            encoder_hidden_states = text_encoder(input_ids)[0].to(dtype=weight_dtype)
+            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+            loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():  # only the placeholder row may change
+            text_encoder.get_input_embeddings().weight[index_no_updates] = orig_embeds_params[index_no_updates]
+        return loss.detach()
+
+    if on_cpu:
+        rss_before = peak_rss_mb() if reset_peak_rss() else None
+    else:
+        torch.cuda.reset_peak_memory_stats()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        train_step()  # first warmup step; math SDPA so the counter sees the attention matmuls
+    flops = counter.get_total_flops()
+    for _ in range(warmup - 1):
+        train_step()
+    sync()
+    times = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        loss = train_step()
+        sync()
+        times.append(time.perf_counter() - begin)
+    out = {"steps": steps, "warmup": warmup, **timing(times), "load_s": round(load_s, 2)}
+    if on_cpu:
+        out.update(device=f"cpu ({threads} cores)", peak_memory_mb=round(peak_rss_mb(), 1), peak_memory_kind="process peak RSS during steps",
+                   rss_before_steps_mb=rss_before and round(rss_before, 1), max_rss_mb=round(max_rss_mb(), 1))
+        kind = "cpu"
+    else:
+        kind = torch.cuda.get_device_name()
+        out.update(device=kind, peak_memory_mb=round(torch.cuda.max_memory_allocated() / MB, 1), peak_memory_kind="torch.cuda.max_memory_allocated")
+    out.update(flops_fields(flops, out["steps_per_s"], kind, peak_tflops_for(kind, args.peak_tflops) if not on_cpu or args.peak_tflops else None))
+    out.update(flops_source="torch.utils.flop_counter (matmul/conv/attention)", final_loss=float(loss),
+               attention=type(next(iter(unet.attn_processors.values()))).__name__, torch=torch.__version__,
+               diffusers=__import__("diffusers").__version__)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def child(args) -> None:
+    cfg = parse_config(args.config)
+    if args.only == "ours":
+        result = run_ours(args, cfg)
+    else:
+        result = run_torch(args, cfg, cached=args.only == "torch_cached")
+    head = {"config": cfg["config"], "impl": args.only, "device": result.pop("device"), "dtype": args.dtype,
+            "resolution": cfg["resolution"], "batch": cfg["batch"]}
+    result["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine skews the timings
+    print("RESULT " + json.dumps({**head, **result}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="small,sd15_256_b1", help="comma-separated: small, sd15_256_b1, sd15_512_b8, sd15_R_bB, small_R_bB")
+    parser.add_argument("--impls", default="ours,torch,torch_cached")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 for SD1.5 on CPU, else 20)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 for SD1.5 on CPU, else 3)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: a table by device kind; none on CPU)")
+    parser.add_argument("--model_dir", default=None, help="reuse (or keep) the written model here; one configuration only")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
+    parser.add_argument("--only", choices=("ours", "torch", "torch_cached"), help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--write_model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.write_model:
+        write_model(args.write_model, args.model_dir)
+        return
+    if args.only:
+        child(args)
+        return
+
+    configs = [parse_config(c) for c in args.configs.split(",") if c]
+    impls = [i for i in args.impls.split(",") if i]
+    if args.model_dir and len({c["arch"] for c in configs}) > 1:
+        raise SystemExit("--model_dir holds one architecture: give configurations of one architecture")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    base = [sys.executable, "-m", "benchmarks.train_step", "--dtype", args.dtype, "--timeout", str(args.timeout)]
+    for name in ("steps", "warmup", "peak_tflops"):
+        if getattr(args, name) is not None:
+            base += [f"--{name}", str(getattr(args, name))]
+    scratch = tempfile.mkdtemp(prefix="train_step_bench_")
+    written = {}
+    try:
+        for cfg in configs:
+            model_dir = args.model_dir or written.get(cfg["arch"])
+            if model_dir is None or not os.path.exists(os.path.join(model_dir, "model_index.json")):
+                model_dir = model_dir or os.path.join(scratch, cfg["arch"])
+                print(f"train_step: writing random {cfg['arch']} weights to {model_dir}", file=sys.stderr, flush=True)
+                subprocess.run(base + ["--write_model", cfg["arch"], "--model_dir", model_dir], check=True, cwd=root, env=env,
+                               timeout=args.timeout)
+            written[cfg["arch"]] = model_dir
+            results = {}
+            for impl in impls:
+                print(f"train_step: {cfg['config']} {impl}", file=sys.stderr, flush=True)
+                command = base + ["--only", impl, "--config", cfg["config"], "--model_dir", model_dir]
+                try:
+                    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=root, env=env, timeout=args.timeout)
+                    lines = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                    result = json.loads(lines[-1]) if lines else {
+                        "config": cfg["config"], "impl": impl, "error": f"exit status {proc.returncode}, no result (see stderr)"}
+                except subprocess.TimeoutExpired:
+                    result = {"config": cfg["config"], "impl": impl, "error": f"timed out after {args.timeout} s"}
+                results[impl] = result
+                print(json.dumps(result), flush=True)
+            rate = {impl: r.get("steps_per_s") for impl, r in results.items()}
+            ratio = lambda other: round(rate["ours"] / rate[other], 3) if rate.get("ours") and rate.get(other) else None
+            print(json.dumps({"config": cfg["config"], "ours_vs_torch": ratio("torch"), "ours_vs_torch_cached": ratio("torch_cached")}),
+                  flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
