@@ -52,6 +52,8 @@ import time
 
 import numpy as np
 
+from jax_inversion.tiny import TINY_UNET, TINY_VAE, tiny_text_config
+
 # SD1.5 (runwayml/stable-diffusion-v1-5) architecture.
 SD15_UNET = {
     "sample_size": 64,
@@ -91,41 +93,9 @@ SD15_TEXT = {  # CLIP ViT-L/14 text tower
     "projection_dim": 768,
 }
 # jax_inversion.tiny's architecture; the text vocabulary is the tokenizer's (vocab_size None).
-SMALL_UNET = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "attention_head_dim": 8,
-    "cross_attention_dim": 32,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-}
-SMALL_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": [16, 32],
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 32,
-    "scaling_factor": 0.18215,
-}
-SMALL_TEXT = {
-    "vocab_size": None,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "projection_dim": 32,
-}
+SMALL_UNET = {k: v for k, v in TINY_UNET.items() if k != "_class_name"}
+SMALL_VAE = {k: v for k, v in TINY_VAE.items() if k != "_class_name"}
+SMALL_TEXT = {**{k: v for k, v in tiny_text_config(0, 0, 0).items() if k in SD15_TEXT}, "vocab_size": None}
 ARCHITECTURES = {"sd15": (SD15_UNET, SD15_VAE, SD15_TEXT), "small": (SMALL_UNET, SMALL_VAE, SMALL_TEXT)}
 DEFAULT_SHAPE = {"sd15": (512, 1), "small": (64, 8)}
 SCHEDULER = {

@@ -55,7 +55,7 @@ TINY_SCHEDULER = {
 }
 
 
-def _text_config(vocab_size: int, bos: int, eos: int) -> dict:
+def tiny_text_config(vocab_size: int, bos: int, eos: int) -> dict:
     return {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
@@ -124,7 +124,7 @@ def make_tiny_model(directory: str, seed: int = 0) -> str:
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
 
-    text_config = _text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    text_config = tiny_text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     text_encoder = clip.CLIPTextTransformer(clip.CLIPTextConfig.from_dict(text_config))
     text_params = text_encoder.init(keys[0], jnp.zeros((1, 77), jnp.int32))["params"]
     write_component(os.path.join(directory, "text_encoder"), text_config, text_params, "model.safetensors")

@@ -154,6 +154,10 @@ def build_dataset(config, model: Pretrained, phase: Phase, workdir: str, with_ma
     rng = np.random.default_rng([config.seed, 1])
     crops = 1 if config.data.center_crop else max(1, config.data.random_crops_per_image)
     images, masks = [], []
+    box = None
+    if with_masks and not phase.mask_dir:
+        check_phase_data(config, phase, with_masks)  # without a box: the one-line "needs masks" error
+        box = data_lib.box_mask(config.data.box, resolution)
     for path in paths:
         mask_path = data_lib.find_mask(phase.mask_dir, path) if with_masks and phase.mask_dir else None
         for _ in range(crops):
@@ -161,9 +165,8 @@ def build_dataset(config, model: Pretrained, phase: Phase, workdir: str, with_ma
             images.append(data_lib.load_image(path, resolution, center_crop=config.data.center_crop, rng=rng))
             if mask_path:
                 masks.append(data_lib.load_mask(mask_path, resolution, center_crop=config.data.center_crop, rng=crop_rng))
-            elif with_masks:
-                check_phase_data(config, phase, with_masks)
-                masks.append(data_lib.box_mask(config.data.box, resolution))
+            elif box is not None:
+                masks.append(box)
     images = np.stack(images)
     mask_array = data_lib.downsample_mask(np.stack(masks), factor) if masks else None
     if config.data.flip_probability > 0:

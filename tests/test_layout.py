@@ -27,7 +27,7 @@ def make_text_model(directory: str) -> str:
 
     tiny.write_clip_tokenizer(os.path.join(directory, "tokenizer"))
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
-    config = tiny._text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config = tiny.tiny_text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     abstract = clip.init_abstract_params(clip.CLIPTextTransformer(clip.CLIPTextConfig.from_dict(config)))
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32), abstract)
