@@ -171,3 +171,12 @@ def test_config_from_dict_ignores_unknown_keys():
     assert CLIPTextConfig.from_dict({"architectures": None}).has_projection is False
     with pytest.raises(ValueError):
         CLIPTextConfig.from_dict({"hidden_act": "relu"})
+
+
+def test_abstract_params_of_a_short_context_encoder():
+    """A text encoder with fewer than 77 positions (the toy world's has 24) loads: shapes come from its config."""
+    config_dict = dict(_tiny_config("quick_gelu", 2, False), max_position_embeddings=24)
+    abstract = init_abstract_params(CLIPTextTransformer(CLIPTextConfig.from_dict(config_dict)))
+    assert abstract["text_model"]["embeddings"]["position_embedding"]["embedding"].shape == (24, 32)
+    n_params = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract))
+    assert n_params == sum(p.numel() for p in _torch_model(config_dict, False).parameters())

@@ -244,9 +244,9 @@ class CLIPTextTransformer(nn.Module):
         return CLIPTextOutput(last_hidden_state, hidden_states, pooled, text_embeds)
 
 
-def init_abstract_params(module: CLIPTextTransformer, seq_len: int = 77) -> dict:
+def init_abstract_params(module: CLIPTextTransformer) -> dict:
     """Shapes/dtypes of the module's ``params`` tree (no allocation), for checkpoint conversion."""
-    ids = jnp.zeros((1, seq_len), jnp.int32)
+    ids = jnp.zeros((1, module.config.max_position_embeddings), jnp.int32)
     return jax.eval_shape(lambda rng: module.init(rng, ids)["params"], jax.random.PRNGKey(0))
 
 
