@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["jax_inversion", "jax_inversion.*"]),
     include_package_data=True,
-    package_data={"jax_inversion": ["assets/**/*"]},
+    package_data={"jax_inversion": ["assets/**/*", "toyworld/pretrained/**/*"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

@@ -1,7 +1,8 @@
-"""The embedded default: a tiny model and a small image set, made on first use.
+"""The embedded default: the shipped toy-world model and one of its held-out concepts.
 
 ``jax-inversion train --workdir DIR`` with no model and no images runs the whole job on
-these, offline, in a few minutes on a CPU.
+these, offline, in a few minutes on a CPU. ``write_concept_images`` draws a small image
+set for tests that bring their own model.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
-DEFAULT_INITIALIZER = "ball"
+DEFAULT_CONCEPT = "star"  # the toy world's held-out new shape
+TOY_TEMPLATES = ("a {}",)  # the toy world's captions name objects plainly
 DEFAULT_STEPS = 200  # the embedded default's length when num_steps is left at the config's value
 
 
@@ -39,23 +41,34 @@ def write_concept_images(directory: str, count: int = 6, size: int = 64, seed: i
 
 
 def fill_defaults(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """Points an empty ``model`` / ``data.concept_dir`` at the embedded default, made in ``workdir``."""
+    """Points an empty ``model`` / ``data.concept_dir`` at the embedded default.
+
+    The default model is the shipped toy-world model (``jax_inversion/toyworld/pretrained``)
+    and the default concept its held-out yellow star (never seen in pretraining), written
+    into ``workdir``; prompts are the world's captions ("a <concept>").
+    """
     from jax_inversion.data import DataError
-    from jax_inversion.tiny import make_tiny_model
+    from jax_inversion.loading import ModelLoadError
+    from jax_inversion.toyworld.concepts import CONCEPTS, write_concept
+    from jax_inversion.toyworld.evaluate import SHIPPED_MODEL
 
     config = ml_collections.ConfigDict(config.to_dict())
     use_default_model = not config.model
     if use_default_model:
-        path = os.path.join(os.path.abspath(workdir), "default_model")
-        if not os.path.exists(os.path.join(path, "model_index.json")):
-            make_tiny_model(path)
-        config.model = path
+        if not os.path.exists(os.path.join(SHIPPED_MODEL, "model_index.json")):
+            raise ModelLoadError(
+                f"the shipped toy model is missing from {SHIPPED_MODEL}: reinstall jax_inversion, or pass --config.model=PATH"
+            )
+        config.model = SHIPPED_MODEL
     if not config.data.concept_dir:
         if not use_default_model:
             raise DataError("no concept images given: pass --config.data.concept_dir=DIR with your images")
-        config.data.concept_dir = write_concept_images(os.path.join(os.path.abspath(workdir), "default_concept"))
+        info = write_concept(DEFAULT_CONCEPT, os.path.join(os.path.abspath(workdir), "default_concept"))
+        config.data.concept_dir = info["images"]
         if not config.data.initializer_token:
-            config.data.initializer_token = DEFAULT_INITIALIZER
+            config.data.initializer_token = CONCEPTS[DEFAULT_CONCEPT].class_word
+        if not config.data.templates:
+            config.data.templates = TOY_TEMPLATES
         from jax_inversion.configs.ti import get_config
 
         if config.train.num_steps == get_config().train.num_steps:

@@ -122,8 +122,9 @@ def user_errors(command: str):
     from jax_inversion.sampling import SamplingError
     from jax_inversion.tokens import TokenError
     from jax_inversion.train import TrainError
+    from jax_inversion.toyworld import ToyWorldError
 
     try:
         yield
-    except (CheckpointError, DataError, ExportError, LayoutError, ModelLoadError, ObjectiveError, SamplingError, TokenError, TrainError) as e:
+    except (CheckpointError, DataError, ExportError, LayoutError, ModelLoadError, ObjectiveError, SamplingError, TokenError, TrainError, ToyWorldError) as e:
         sys.exit(f"{command}: {e}")

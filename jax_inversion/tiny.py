@@ -55,7 +55,8 @@ TINY_SCHEDULER = {
 }
 
 
-def tiny_text_config(vocab_size: int, bos: int, eos: int) -> dict:
+def tiny_text_config(vocab_size: int, bos: int, eos: int, **sizes) -> dict:
+    """A small CLIP text encoder's ``config.json``; ``sizes`` override the widths, depth or positions."""
     return {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
@@ -71,6 +72,7 @@ def tiny_text_config(vocab_size: int, bos: int, eos: int) -> dict:
         "bos_token_id": bos,
         "eos_token_id": eos,
         "pad_token_id": eos,
+        **sizes,
     }
 
 

@@ -9,14 +9,14 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.model = ""  # diffusers-format directory or hub id; "" = the embedded tiny default
+    config.model = ""  # diffusers-format directory or hub id; "" = the shipped toy-world model
     config.seed = 0
     config.dtype = "float32"  # compute dtype of the frozen models ("bfloat16" on accelerators)
     config.concepts = ""  # batch inversion: concepts.yaml or a folder of concept folders ("" = one concept)
     config.init_from = ""  # an exported embedding file (diffusers / A1111 / extended) to start from
 
     config.data = ml_collections.ConfigDict()
-    config.data.concept_dir = ""  # "" with model "" = the embedded default images
+    config.data.concept_dir = ""  # "" with model "" = the toy world's held-out star
     config.data.placeholder_token = "<concept>"
     config.data.initializer_token = ""  # one-token word; "" = random init
     config.data.num_vectors = 1
