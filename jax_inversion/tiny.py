@@ -144,8 +144,13 @@ def make_tiny_model(directory: str, seed: int = 0) -> str:
     vae_params = vae.init(keys[2], jnp.zeros((1, image, image, 3)))["params"]
     write_component(os.path.join(directory, "vae"), TINY_VAE, vae_params, "diffusion_pytorch_model.safetensors")
 
+    write_scheduler_and_index(directory, TINY_SCHEDULER)
+    return directory
+
+
+def write_scheduler_and_index(directory: str, scheduler_config: dict) -> None:
+    """``scheduler/scheduler_config.json`` and ``model_index.json``: what completes a diffusers directory."""
     os.makedirs(os.path.join(directory, "scheduler"), exist_ok=True)
     with open(os.path.join(directory, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(TINY_SCHEDULER, f, indent=2)
+        json.dump(scheduler_config, f, indent=2)
     write_model_index(directory)
-    return directory

@@ -23,7 +23,7 @@ import optax
 
 from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
 from jax_inversion.schedule import NoiseSchedule, add_noise, sample_timesteps
-from jax_inversion.tiny import TINY_SCHEDULER, tiny_text_config, write_component, write_model_index
+from jax_inversion.tiny import TINY_SCHEDULER, tiny_text_config, write_component, write_scheduler_and_index
 from jax_inversion.tokenizer_files import write_clip_tokenizer
 from jax_inversion.toyworld import ToyWorldError, world
 
@@ -184,16 +184,12 @@ def train_text_to_image(config, tokenizer, input_ids: np.ndarray, latent_mean: n
     return text_config, ema
 
 
-def write_model(directory: str, text_config: dict, params: dict, vae_config: dict, vae_params, words) -> str:
-    """The diffusers directory: tokenizer, text_encoder, unet, vae, scheduler, model_index.json."""
-    write_clip_tokenizer(os.path.join(directory, "tokenizer"), words, model_max_length=MAX_LENGTH)
+def write_model(directory: str, text_config: dict, params: dict, vae_config: dict, vae_params) -> str:
+    """Completes the diffusers directory beside its tokenizer: text_encoder, unet, vae, scheduler, model_index.json."""
     write_component(os.path.join(directory, "text_encoder"), text_config, params["text_encoder"], "model.safetensors")
     write_component(os.path.join(directory, "unet"), TOY_UNET, params["unet"], "diffusion_pytorch_model.safetensors")
     write_component(os.path.join(directory, "vae"), vae_config, vae_params, "diffusion_pytorch_model.safetensors")
-    os.makedirs(os.path.join(directory, "scheduler"), exist_ok=True)
-    with open(os.path.join(directory, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(TOY_SCHEDULER, f, indent=2)
-    write_model_index(directory)
+    write_scheduler_and_index(directory, TOY_SCHEDULER)
     return directory
 
 
@@ -258,4 +254,4 @@ def pretrain_model(config: ml_collections.ConfigDict, model_dir: str, log: Calla
     text_config, params = train_text_to_image(
         config, tokenizer, input_ids, latent_mean, latent_std, vae_config["scaling_factor"], log, init_params
     )
-    return write_model(model_dir, text_config, params, vae_config, vae_params, pretraining_words())
+    return write_model(model_dir, text_config, params, vae_config, vae_params)
