@@ -19,6 +19,9 @@ def atomic_write(path: str, write: Callable[[str], None], *, overwrite: bool, ex
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users (a UI's service)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

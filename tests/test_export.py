@@ -203,3 +203,19 @@ def test_export_on_another_device_count(run, tmp_path):
                            f"--out={tmp_path}/one.safetensors"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_array_equal(read_embedding_file(f"{tmp_path}/one.safetensors")["rows"]["text_encoder"], rows)
+
+
+def test_atomic_write_gives_the_usual_permissions_and_keeps_what_exists(tmp_path):
+    """Outputs are readable as any new file is (umask), not mkstemp's 0600; no overwrite keeps the old file."""
+    from jax_inversion.files import atomic_write
+
+    path = str(tmp_path / "embedding.safetensors")
+    old_umask = os.umask(0o022)
+    try:
+        atomic_write(path, lambda tmp: open(tmp, "w").write("first"), overwrite=False)
+    finally:
+        os.umask(old_umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        atomic_write(path, lambda tmp: open(tmp, "w").write("second"), overwrite=False)
+    assert open(path).read() == "first" and os.listdir(tmp_path) == ["embedding.safetensors"]
