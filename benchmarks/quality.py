@@ -20,6 +20,43 @@ import numpy as np
 METHODS = ("ti", "lego", "compositional_anchor", "compositional_anchor_location", "sefi")
 
 
+def run_fingerprint(model: str, steps: int, seed: int, learning_rate: float) -> dict:
+    """What a finished run was trained from: its model's weights (by content) and the budget."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(model)):
+        for name in sorted(files):
+            if name.endswith(".safetensors"):
+                with open(os.path.join(root, name), "rb") as f:
+                    digest.update(f.read())
+    return {"model": os.path.abspath(model), "weights_sha256": digest.hexdigest(), "steps": steps, "seed": seed,
+            "learning_rate": learning_rate}
+
+
+def finished_run(workdir: str, fingerprint: dict) -> bool:
+    """True when ``workdir`` holds a run finished on the same model and budget.
+
+    A run begun on another model or budget (``fingerprint.json`` differs) is removed, so that
+    neither its results nor its checkpoint are reused; one interrupted part-way on the same
+    ones resumes from its checkpoint.
+    """
+    import shutil
+
+    stamp = os.path.join(workdir, "fingerprint.json")
+    if os.path.exists(workdir):
+        same = os.path.exists(stamp) and json.load(open(stamp)) == fingerprint
+        if not same:
+            print(f"{workdir} was begun on another model or budget: training it again", flush=True)
+            shutil.rmtree(workdir)
+    if os.path.exists(os.path.join(workdir, "trained.json")):
+        return True
+    os.makedirs(workdir, exist_ok=True)
+    with open(stamp, "w") as f:
+        json.dump(fingerprint, f)
+    return False
+
+
 def method_config(method: str, concept: dict, model: str, steps: int, seed: int, learning_rate: float):
     """The method's own config with the toy world's data, prompts and word lists filled in."""
     from jax_inversion.configs import compositional, lego, sefi, ti
@@ -114,18 +151,18 @@ def main() -> None:
     model_path = args.model or ev.SHIPPED_MODEL
     detector = None if args.train_only else ev.detector_or_error(args.detector or ev.SHIPPED_DETECTOR)
     settings = ev.EvalSettings(images_per_prompt=args.images_per_prompt, steps=args.sample_steps, seed=args.seed)
+    fingerprint = run_fingerprint(model_path, args.steps, args.seed, args.learning_rate)
     concepts = [write_concept(name, os.path.join(args.workdir, "concepts", name), seed=args.seed) for name in args.concepts.split(",")]
     methods = args.methods.split(",")
     results, samples, cache = {}, {}, {}
     for concept in concepts:
         for method in methods:
             workdir = os.path.join(args.workdir, "runs", f"{concept['name']}_{method}")
-            finished = os.path.join(workdir, "trained.json")
-            if not os.path.exists(finished):  # a run interrupted part-way resumes from its checkpoint
+            if not finished_run(workdir, fingerprint):
                 started = time.time()
                 train(method_config(method, concept, model_path, args.steps, args.seed, args.learning_rate), workdir)
                 record = {"trained": os.path.basename(workdir), "seconds": round(time.time() - started, 1)}
-                with open(finished, "w") as f:
+                with open(os.path.join(workdir, "trained.json"), "w") as f:
                     json.dump(record, f)
                 print(json.dumps(record), flush=True)
             if args.train_only:

@@ -145,8 +145,11 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
 
     # a continuation (how the shipped model got its second round): same VAE, text encoder + UNet trained on
     done = _cli("toyworld", "pretrain", f"--workdir={tmp_path}/more", f"--config.init_from={tmp_path}/model", "--config.stages=model",
-                "--config.num_scenes=64", "--config.diffusion.steps=2", "--config.log_every=1")
+                "--config.num_scenes=64", "--config.diffusion.steps=3", "--config.diffusion.save_every=2", "--config.log_every=1")
     assert done.returncode == 0, done.stderr[-3000:]
+    more_log = [json.loads(line) for line in open(tmp_path / "more" / "pretrain_log.jsonl")]
+    assert [(r["stage"], r["step"]) for r in more_log if r["stage"] in ("diffusion", "saved")] == [
+        ("diffusion", 1), ("diffusion", 2), ("saved", 2), ("diffusion", 3)]
     more = load_pretrained(str(tmp_path / "more" / "model"))
     same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     assert same(more.vae_params, model.vae_params) and more.vae.config.scaling_factor == model.vae.config.scaling_factor
@@ -179,3 +182,23 @@ def test_toyworld_bad_input_is_one_line(tmp_path, tiny_sd1):
     assert not (tmp_path / "pre").exists()
     done = _cli("toyworld", "concepts", f"--out={tmp_path}", "--names=dragon")
     assert done.returncode == 1 and "unknown held-out concept" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_quality_benchmark_never_reuses_a_run_of_another_model(tmp_path):
+    """A finished run is reused only for the same model weights and budget; a stale one is trained again."""
+    from benchmarks.quality import finished_run, run_fingerprint
+
+    model = tmp_path / "model" / "unet"
+    model.mkdir(parents=True)
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    fingerprint = run_fingerprint(str(tmp_path / "model"), 150, 0, 5e-3)
+    run = tmp_path / "run"
+    assert not finished_run(str(run), fingerprint)
+    (run / "checkpoint").write_text("part-way")
+    assert not finished_run(str(run), fingerprint) and (run / "checkpoint").exists()  # interrupted: resumes
+    (run / "trained.json").write_text("{}")
+    assert finished_run(str(run), fingerprint)
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(b"weights trained longer")
+    assert not finished_run(str(run), run_fingerprint(str(tmp_path / "model"), 150, 0, 5e-3))
+    assert not (run / "checkpoint").exists() and not (run / "trained.json").exists()
+    assert not finished_run(str(run), run_fingerprint(str(tmp_path / "model"), 300, 0, 5e-3))

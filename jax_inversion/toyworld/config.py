@@ -1,15 +1,18 @@
 """Pretraining of the toy world's model: ``jax-inversion toyworld pretrain --workdir DIR``.
 
-The shipped files were made on a 2-core CPU with these defaults, in three runs (their logs
-are beside the files in ``jax_inversion/toyworld/pretrained/``)::
+The shipped files were made on a 2-core CPU in four runs (their logs are beside the files in
+``jax_inversion/toyworld/pretrained/``); the model's first two predate Min-SNR weighting, so
+reproducing those exactly needs ``--config.diffusion.min_snr_gamma=0``::
 
     jax-inversion toyworld pretrain --workdir W --config.stages=detector
-    jax-inversion toyworld pretrain --workdir W --config.stages=model
+    jax-inversion toyworld pretrain --workdir W --config.stages=model --config.diffusion.min_snr_gamma=0
     jax-inversion toyworld pretrain --workdir W2 --config.stages=model --config.init_from=W/model \
-        --config.diffusion.steps=1000 --config.diffusion.warmup_steps=50
+        --config.diffusion.steps=1000 --config.diffusion.warmup_steps=50 --config.diffusion.min_snr_gamma=0
+    jax-inversion toyworld pretrain --workdir W3 --config.stages=model --config.init_from=W2/model \
+        --config.diffusion.steps=4000 --config.diffusion.warmup_steps=50 --config.diffusion.save_every=500
 
-(the first two side by side; the third continues the text encoder + UNet from a fresh
-schedule, the VAE kept). Override any field with ``--config.<key>=value``.
+(the first two side by side; each continuation trains the text encoder + UNet further from a
+fresh learning-rate schedule, the VAE kept). Override any field with ``--config.<key>=value``.
 """
 import ml_collections
 
@@ -35,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.warmup_steps = 100
     config.diffusion.caption_dropout = 0.1  # empty prompt instead, so classifier-free guidance works
     config.diffusion.ema_decay = 0.999
+    config.diffusion.min_snr_gamma = 5.0  # Min-SNR-gamma loss weights (Hang et al. 2023); 0 turns them off
+    config.diffusion.save_every = 0  # also write the model every N steps (0: only at the end)
 
     config.detector = ml_collections.ConfigDict()
     config.detector.steps = 1200

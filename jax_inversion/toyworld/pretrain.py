@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
-from jax_inversion.schedule import NoiseSchedule, add_noise, sample_timesteps
+from jax_inversion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps
 from jax_inversion.tiny import TINY_SCHEDULER, tiny_text_config, write_component, write_scheduler_and_index
 from jax_inversion.tokenizer_files import write_clip_tokenizer
 from jax_inversion.toyworld import ToyWorldError, world
@@ -128,8 +128,14 @@ def encode_all(module: vae_lib.AutoencoderKL, params, images: np.ndarray, chunk:
 
 
 def train_text_to_image(config, tokenizer, input_ids: np.ndarray, latent_mean: np.ndarray, latent_std: np.ndarray,
-                        scaling_factor: float, log: Callable, init_params: Optional[dict] = None):
-    """Text encoder + UNet, end to end, from ``init_params`` or from scratch; returns the EMA of their params."""
+                        scaling_factor: float, log: Callable, init_params: Optional[dict] = None,
+                        save: Optional[Callable] = None):
+    """Text encoder + UNet, end to end, from ``init_params`` or from scratch; returns the EMA of their params.
+
+    The epsilon loss is Min-SNR-gamma weighted (``config.diffusion.min_snr_gamma``; 0 turns it
+    off), which moves the effort from nearly clean timesteps to the noisy ones where layout and
+    shape are decided. ``save(text_config, ema)`` runs every ``config.diffusion.save_every`` steps.
+    """
     text_config = toy_text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     text_encoder = clip.CLIPTextTransformer(clip.CLIPTextConfig.from_dict(text_config))
     unet = unet_lib.UNet2DConditionModel(unet_lib.UNet2DConditionConfig.from_dict(TOY_UNET))
@@ -160,7 +166,8 @@ def train_text_to_image(config, tokenizer, input_ids: np.ndarray, latent_mean: n
         timesteps = sample_timesteps(rng_time, latents.shape[0], schedule)
         noisy = add_noise(schedule, latents, noise, timesteps)
         prediction = unet.apply({"params": params["unet"]}, noisy, timesteps, states)
-        return jnp.mean((prediction - noise) ** 2)
+        per_example = jnp.mean((prediction - noise) ** 2, axis=(1, 2, 3))
+        return jnp.mean(per_example * min_snr_weights(schedule, timesteps, cfg.min_snr_gamma))
 
     @jax.jit
     def step(params, ema, opt_state, index_step, rng):
@@ -181,6 +188,9 @@ def train_text_to_image(config, tokenizer, input_ids: np.ndarray, latent_mean: n
         params, ema, opt_state, metrics = step(params, ema, opt_state, i, jax.random.fold_in(rng, i))
         if (i + 1) % config.log_every == 0 or i + 1 == cfg.steps:
             log("diffusion", i + 1, metrics)
+        if save and cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < cfg.steps:
+            save(text_config, ema)
+            log("saved", i + 1, {})
     return text_config, ema
 
 
@@ -251,7 +261,11 @@ def pretrain_model(config: ml_collections.ConfigDict, model_dir: str, log: Calla
         tokenizer([s.caption for s in scene_list], padding="max_length", max_length=MAX_LENGTH, truncation=True).input_ids,
         np.int32,
     )
+
+    def save(text_config, params):  # a snapshot, for inspection while training goes on
+        write_model(model_dir, text_config, params, vae_config, vae_params)
+
     text_config, params = train_text_to_image(
-        config, tokenizer, input_ids, latent_mean, latent_std, vae_config["scaling_factor"], log, init_params
+        config, tokenizer, input_ids, latent_mean, latent_std, vae_config["scaling_factor"], log, init_params, save
     )
     return write_model(model_dir, text_config, params, vae_config, vae_params)
