@@ -45,7 +45,10 @@ def finished_run(workdir: str, fingerprint: dict) -> bool:
 
     stamp = os.path.join(workdir, "fingerprint.json")
     if os.path.exists(workdir):
-        same = os.path.exists(stamp) and json.load(open(stamp)) == fingerprint
+        same = False
+        if os.path.exists(stamp):
+            with open(stamp) as f:
+                same = json.load(f) == fingerprint
         if not same:
             print(f"{workdir} was begun on another model or budget: training it again", flush=True)
             shutil.rmtree(workdir)

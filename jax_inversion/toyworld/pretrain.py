@@ -262,10 +262,10 @@ def pretrain_model(config: ml_collections.ConfigDict, model_dir: str, log: Calla
         np.int32,
     )
 
-    def save(text_config, params):  # a snapshot, for inspection while training goes on
-        write_model(model_dir, text_config, params, vae_config, vae_params)
+    def save(text_config, params):  # snapshots while training goes on, and the final model
+        return write_model(model_dir, text_config, params, vae_config, vae_params)
 
     text_config, params = train_text_to_image(
         config, tokenizer, input_ids, latent_mean, latent_std, vae_config["scaling_factor"], log, init_params, save
     )
-    return write_model(model_dir, text_config, params, vae_config, vae_params)
+    return save(text_config, params)
