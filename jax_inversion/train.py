@@ -176,6 +176,9 @@ def build_dataset(config, model: Pretrained, phase: Phase, workdir: str, with_ma
     key = hashlib.sha256()
     key.update(json.dumps([model.path, resolution, config.data.center_crop, crops, config.seed, str(model.vae.dtype)]).encode())
     key.update(images.tobytes())
+    for name in ("encoder", "quant_conv"):  # the weights that make latents: a model retrained in place misses the cache
+        for leaf in jax.tree.leaves(model.vae_params[name]):
+            key.update(np.asarray(leaf).tobytes())
     cache = os.path.join(workdir, "latents", key.hexdigest()[:16] + ".npz")
     if os.path.exists(cache):
         with np.load(cache) as f:

@@ -30,6 +30,30 @@ def final_rows(workdir):
     return step, records
 
 
+def test_latent_cache_follows_the_vae_weights_not_only_the_model_path(tiny_sd1, concept_dir, tmp_path):
+    """A model retrained in place (same path, new VAE) gets its own latents, not the cached ones of the old weights."""
+    import dataclasses
+
+    from jax_inversion.phases import plan_run
+    from jax_inversion.train import build_dataset
+
+    config = make_config(tiny_sd1, concept_dir, num_steps=1)
+    config.data.flip_probability = 0.0
+    model = load_pretrained(tiny_sd1)
+    phase = plan_run(config).phases[0]
+    first = build_dataset(config, model, phase, str(tmp_path))
+    again = build_dataset(config, model, phase, str(tmp_path))
+    np.testing.assert_array_equal(first.latent_mean, again.latent_mean)
+    assert len(os.listdir(tmp_path / "latents")) == 1
+    params = jax.tree.map(np.array, model.vae_params)
+    params["encoder"]["conv_in"]["kernel"] *= 1.5
+    retrained = dataclasses.replace(model, vae_params=params)
+    changed = build_dataset(config, retrained, phase, str(tmp_path))
+    assert len(os.listdir(tmp_path / "latents")) == 2 and not np.allclose(changed.latent_mean, first.latent_mean)
+    fresh = build_dataset(config, retrained, phase, str(tmp_path / "fresh"))  # no cache to reuse
+    np.testing.assert_array_equal(changed.latent_mean, fresh.latent_mean)
+
+
 def test_loss_decreases_and_frozen_rows_identical(tiny_sd1, concept_dir, tmp_path):
     """Fixed concept, fixed noise: the denoising loss on a fixed evaluation batch falls over 50 steps."""
     import jax.numpy as jnp
