@@ -38,6 +38,14 @@ def test_scenes_are_deterministic_and_captions_follow_the_grammar():
             assert m.sum() >= 15 and xs.min() >= x0 - 8 and xs.max() <= x1 + 8 and ys.min() >= y0 - 8 and ys.max() <= y1 + 8
 
 
+def test_rendering_in_processes_gives_the_same_scenes():
+    scene_list = world.scenes(5, 1000, world.ALL)
+    serial, serial_masks = world.render_all(scene_list, seed=11, workers=1)
+    spawned, spawned_masks = world.render_all(scene_list, seed=11, workers=2)
+    np.testing.assert_array_equal(serial, spawned)
+    assert all(np.array_equal(a, b) for m, n in zip(serial_masks, spawned_masks) for a, b in zip(m, n))
+
+
 def test_pretraining_scenes_never_show_the_held_out_concepts():
     seen = world.scenes(0, 2000, world.SEEN)
     words = {w for s in seen for w in s.caption.split()}
@@ -107,14 +115,20 @@ def test_shipped_model_matches_pytorch():
 
 
 def test_shipped_detector_reads_fresh_scenes_and_the_held_out_concepts(tmp_path):
-    """Per label group on 300 fresh scenes (measured when shipped: precision >= 0.91, recall >= 0.78,
-    colour 1.0); and each held-out attribute found in its concept's images, never in its subject's."""
+    """Per label group on 300 fresh scenes, as drawn and through the shipped VAE (what generated images
+    are); and each held-out attribute found in its concept's images, never in its subject's."""
     from jax_inversion.data import list_concept_images
 
     detector = detector_lib.load_detector(SHIPPED_DETECTOR)
-    accuracy = detector_lib.detector_accuracy(detector, world.scenes(999, 300, world.ALL))
+    scene_list = world.scenes(999, 300, world.ALL)
+    # measured when shipped: precision >= 0.995 and recall >= 0.973 in every group; through the VAE
+    # precision >= 0.962, recall >= 0.946, colour-and-shape objects 0.993 / 0.981
+    accuracy = detector_lib.detector_accuracy(detector, scene_list)
+    through_vae = detector_lib.detector_accuracy(detector, scene_list, detector_lib.vae_roundtrip(SHIPPED_MODEL))
     for group in ("shape", "colour", "texture", "state", "object"):
-        assert accuracy[f"{group}_precision"] > 0.85 and accuracy[f"{group}_recall"] > 0.72, (group, accuracy)
+        assert accuracy[f"{group}_precision"] > 0.97 and accuracy[f"{group}_recall"] > 0.95, (group, accuracy)
+        assert through_vae[f"{group}_precision"] > 0.93 and through_vae[f"{group}_recall"] > 0.92, (group, through_vae)
+    assert through_vae["object_precision"] > 0.97 and through_vae["object_recall"] > 0.96, through_vae
     assert accuracy["colour"] > 0.97, accuracy
     read = lambda folder: np.stack([np.asarray(Image.open(p)) for p in list_concept_images(folder)])
     for name in concepts.CONCEPTS:
@@ -125,6 +139,43 @@ def test_shipped_detector_reads_fresh_scenes_and_the_held_out_concepts(tmp_path)
             assert (detector(read(info["subject_images"]))[0][:, label] > 0.5).mean() <= 0.25, name
 
 
+def test_shipped_model_follows_seen_prompts():
+    """The issue's bar, on a small sample: the detector finds the prompted objects in >= 80 % of samples
+    (measured when shipped, 16 samples at 10 DDIM steps: 1.0, and no unprompted object)."""
+    from jax_inversion.toyworld import evaluate as ev
+
+    model, detector = ev.load_model(SHIPPED_MODEL), detector_lib.load_detector(SHIPPED_DETECTOR)
+    result = ev.prompt_following(model, detector, num_prompts=8, images_per_prompt=2,
+                                 settings=ev.EvalSettings(images_per_prompt=2, steps=10), seed=4321)
+    assert result["samples"] == 16
+    assert result["prompted_object_found"] >= 0.8 and result["unprompted_object_found"] <= 0.2, result
+
+
+def test_prompt_following_counts_prompted_and_unprompted_objects(monkeypatch):
+    """A stand-in model drawing exactly each caption's scene follows every prompt and shows nothing else;
+    one drawing the next caption's scene is read as not following (and as showing unprompted objects)."""
+    from types import SimpleNamespace
+
+    from jax_inversion.toyworld import evaluate as ev
+
+    scene_list = world.scenes(77, 12, world.SEEN)
+    images, _ = world.render_all(scene_list, seed=0)
+    row = {s.caption: i for i, s in enumerate(scene_list)}
+    model = SimpleNamespace(text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=64)))
+    detector = detector_lib.load_detector(SHIPPED_DETECTOR)
+    results = []
+    for shift in (0, 1):
+        draw = lambda model, learned, request, cache=None: SimpleNamespace(
+            images=images[[(row[request.prompt] + shift) % len(scene_list)] * request.num_images])
+        monkeypatch.setattr(ev, "generate", draw)
+        results.append(ev.prompt_following(model, detector, num_prompts=12, images_per_prompt=2, seed=77))
+    follows, shifted = results
+    assert follows["samples"] == shifted["samples"] == 24
+    assert follows["prompted_object_found"] >= 0.95 and follows["all_objects_found"] >= 0.9, follows
+    assert follows["unprompted_object_found"] <= 0.1, follows
+    assert shifted["prompted_object_found"] <= 0.3 and shifted["unprompted_object_found"] >= 0.8, shifted
+
+
 def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
     """A few steps of every stage: the reproduction script runs and its output loads in both stacks."""
     from diffusers import StableDiffusionPipeline
@@ -132,10 +183,12 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
     from jax_inversion.loading import load_pretrained
 
     done = _cli("toyworld", "pretrain", f"--workdir={tmp_path}", "--config.num_scenes=64", "--config.vae.steps=2",
-                "--config.diffusion.steps=2", "--config.detector.steps=2", "--config.detector.num_scenes=64", "--config.log_every=1")
+                "--config.diffusion.steps=2", "--config.detector.steps=2", "--config.detector.num_scenes=64", "--config.log_every=1",
+                f"--config.detector.vae_from={tmp_path}/model")  # the model the same command writes first
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in open(tmp_path / "pretrain_log.jsonl")]
     assert [r["stage"] for r in log if r["stage"] in ("vae", "diffusion", "detector")] == ["vae"] * 2 + ["diffusion"] * 2 + ["detector"] * 2
+    assert [r["stage"] for r in log if r["stage"].startswith("detector_eval")] == ["detector_eval", "detector_eval_through_vae"]
     model = load_pretrained(str(tmp_path / "model"))
     scaling = json.load(open(tmp_path / "model" / "vae" / "config.json"))["scaling_factor"]
     assert abs(scaling - next(r["scaling_factor"] for r in log if r["stage"] == "latents")) < 1e-4
@@ -152,6 +205,8 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
         ("diffusion", 1), ("diffusion", 2), ("saved", 2), ("diffusion", 3)]
     more = load_pretrained(str(tmp_path / "more" / "model"))
     same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    snapshot = load_pretrained(next(r["path"] for r in more_log if r["stage"] == "saved"))  # a whole model of its own
+    assert snapshot.path.endswith(os.path.join("snapshots", "step_2")) and not same(snapshot.unet_params, more.unet_params)
     assert same(more.vae_params, model.vae_params) and more.vae.config.scaling_factor == model.vae.config.scaling_factor
     assert not same(more.unet_params, model.unet_params) and not same(more.text_encoder_params, model.text_encoder_params)
     assert not os.path.exists(tmp_path / "more" / "detector")

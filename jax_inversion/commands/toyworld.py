@@ -75,6 +75,7 @@ def _eval() -> None:
         print(f"    in two-object captions:            {result['object_found_two_object_prompts']:.3f}")
         print(f"  every prompted object found:        {result['all_objects_found']:.3f}")
         print(f"  prompted texture/state found:       {result['attribute_found']:.3f}")
+        print(f"  an object the caption did not name: {result['unprompted_object_found']:.3f}")
         return
     model_path, learned, concept, token_text = ev.run_concept(_WORKDIR.value)
     model = ev.load_model(_MODEL.value or model_path)

@@ -2,8 +2,10 @@
 
 Trained on scenes of the whole world (held-out concepts included: the ground truth is
 known for every scene), with blur and noise so it also reads the smoother images a
-diffusion model decodes. Its pooled features serve as the image-alignment space (the
-toy analogue of CLIP/DINO image features).
+diffusion model decodes; with ``config.detector.vae_from`` half of each batch is the scenes
+as that model's VAE reconstructs them, the very decoder every generated image comes from.
+Its pooled features serve as the image-alignment space (the toy analogue of CLIP/DINO
+image features).
 """
 from __future__ import annotations
 
@@ -101,13 +103,30 @@ def _augment(images: jax.Array, rng: jax.Array) -> jax.Array:
     return jnp.clip(x + scale * jax.random.normal(rng_noise, x.shape), 0.0, 1.0)
 
 
+def vae_roundtrip(model_dir: str) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 images -> the same images encoded (posterior mean) and decoded by ``model_dir``'s VAE."""
+    from jax_inversion.loading import load_pretrained
+
+    model = load_pretrained(model_dir, components=("vae",))
+    roundtrip = jax.jit(lambda x: model.vae.apply({"params": model.vae_params}, model.vae.apply(
+        {"params": model.vae_params}, x.astype(jnp.float32) / 127.5 - 1.0, method="encode")[0], method="decode"))
+
+    def apply(images: np.ndarray, chunk: int = 500) -> np.ndarray:
+        out = [np.asarray(roundtrip(jnp.asarray(images[i:i + chunk]))) for i in range(0, len(images), chunk)]
+        return np.clip(np.round((np.concatenate(out) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+    return apply
+
+
 def train_detector(config, directory: str, log: Callable) -> str:
     """Trains on ``config.detector.num_scenes`` scenes of the whole world; writes ``directory``."""
     cfg = config.detector
     scene_list = world.scenes(config.seed + 100, cfg.num_scenes, world.ALL)
     images, _ = world.render_all(scene_list, seed=config.seed + 100)
     targets = jnp.asarray(np.stack([labels_of(s) for s in scene_list]))
+    roundtrip = vae_roundtrip(cfg.vae_from) if cfg.vae_from else None
     data = jnp.asarray(images)
+    reconstructed = jnp.asarray(roundtrip(images)) if roundtrip else data
     net = DetectorNet(len(LABELS))
     rng = jax.random.PRNGKey(config.seed + 2)
     params = net.init(rng, jnp.zeros((1, world.SIZE, world.SIZE, 3)))["params"]
@@ -116,9 +135,10 @@ def train_detector(config, directory: str, log: Callable) -> str:
 
     @jax.jit
     def step(params, opt_state, rng):
-        rng_index, rng_aug = jax.random.split(rng)
+        rng_index, rng_aug, rng_source = jax.random.split(rng, 3)
         index = jax.random.randint(rng_index, (cfg.batch_size,), 0, data.shape[0])
-        x = _augment(data[index].astype(jnp.float32) / 255.0, rng_aug)
+        through_vae = jax.random.uniform(rng_source, (cfg.batch_size, 1, 1, 1)) < 0.5
+        x = _augment(jnp.where(through_vae, reconstructed[index], data[index]).astype(jnp.float32) / 255.0, rng_aug)
 
         def loss_fn(params):
             logits, _ = net.apply({"params": params}, x)
@@ -134,16 +154,20 @@ def train_detector(config, directory: str, log: Callable) -> str:
             log("detector", i + 1, metrics)
     save_detector(directory, params)
     held_out = world.scenes(config.seed + 200, 1000, world.ALL)
-    accuracy = detector_accuracy(Detector(net, params, LABELS), held_out)
-    log("detector_eval", cfg.steps, accuracy)
+    trained = Detector(net, params, LABELS)
+    log("detector_eval", cfg.steps, detector_accuracy(trained, held_out))
+    if roundtrip:
+        log("detector_eval_through_vae", cfg.steps, detector_accuracy(trained, held_out, roundtrip))
     return directory
 
 
-def detector_accuracy(detector: Detector, scene_list: Sequence[world.Scene]) -> dict:
-    """On fresh scenes: the rate of scenes with every label right, and per label group its
-    precision, recall and rate of scenes with the whole group right."""
+def detector_accuracy(detector: Detector, scene_list: Sequence[world.Scene],
+                      transform: Callable[[np.ndarray], np.ndarray] = None) -> dict:
+    """On fresh scenes (optionally passed through ``transform``, e.g. a VAE): the rate of scenes
+    with every label right, and per label group its precision, recall and rate of scenes with
+    the whole group right."""
     images, _ = world.render_all(scene_list, seed=7)
-    probs, _ = detector(images)
+    probs, _ = detector(transform(images) if transform else images)
     truth = np.stack([labels_of(s) for s in scene_list]) > 0.5
     predicted = probs > 0.5
     out = {"all_labels": float((predicted == truth).all(axis=1).mean())}

@@ -133,11 +133,13 @@ def prompt_following(model, detector: Detector, num_prompts: int = 24, images_pe
 
     Captions are fresh scenes of the seen world (one or two objects); an object counts as found
     when the detector's colour-and-shape label for it fires. Also split by one- and two-object
-    captions, and the rate of prompted textures/states.
+    captions, the rate of prompted textures/states, and, so that a detector firing on anything
+    cannot pass, the rate of samples showing a colour-and-shape object the caption did not name.
     """
     scene_list = world.scenes(seed, num_prompts, world.SEEN)
     unused = LearnedTokens({"<unused>": ["<unused>"]}, {"text_encoder": np.zeros((1, model.text_encoder.config.hidden_size), np.float32)})
-    found_by_count, found_all, attributes, cache = {1: [], 2: []}, [], [], {}
+    found_by_count, found_all, attributes, unprompted, cache = {1: [], 2: []}, [], [], [], {}
+    object_columns = [i for i, name in enumerate(detector.labels) if name.startswith("object:")]
     for i, scene in enumerate(scene_list):
         request = SampleRequest(prompt=scene.caption, num_images=images_per_prompt, steps=settings.steps,
                                 guidance=settings.guidance, scheduler=settings.scheduler, seed=settings.seed + i)
@@ -145,6 +147,8 @@ def prompt_following(model, detector: Detector, num_prompts: int = 24, images_pe
         hits = np.stack([probs[:, detector.index(f"object:{o.colour} {o.shape}")] > 0.5 for o in scene.objects], 1)
         found_by_count[len(scene.objects)].extend(hits.reshape(-1).tolist())
         found_all.extend(hits.all(axis=1).tolist())
+        others = [i for i in object_columns if detector.labels[i] not in {f"object:{o.colour} {o.shape}" for o in scene.objects}]
+        unprompted.extend((probs[:, others] > 0.5).any(axis=1).tolist())
         for o in scene.objects:
             for name in (f"texture:{o.texture}", f"state:{o.state}"):
                 if name in detector.labels:
@@ -156,6 +160,7 @@ def prompt_following(model, detector: Detector, num_prompts: int = 24, images_pe
         "object_found_two_object_prompts": rate(found_by_count[2]),
         "all_objects_found": float(np.mean(found_all)),
         "attribute_found": float(np.mean(attributes)) if attributes else float("nan"),
+        "unprompted_object_found": float(np.mean(unprompted)),
         "samples": len(found_all),
     }
 

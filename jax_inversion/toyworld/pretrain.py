@@ -134,7 +134,7 @@ def train_text_to_image(config, tokenizer, input_ids: np.ndarray, latent_mean: n
 
     The epsilon loss is Min-SNR-gamma weighted (``config.diffusion.min_snr_gamma``; 0 turns it
     off), which moves the effort from nearly clean timesteps to the noisy ones where layout and
-    shape are decided. ``save(text_config, ema)`` runs every ``config.diffusion.save_every`` steps.
+    shape are decided. ``save(text_config, ema, step)`` runs every ``config.diffusion.save_every`` steps.
     """
     text_config = toy_text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     text_encoder = clip.CLIPTextTransformer(clip.CLIPTextConfig.from_dict(text_config))
@@ -189,8 +189,7 @@ def train_text_to_image(config, tokenizer, input_ids: np.ndarray, latent_mean: n
         if (i + 1) % config.log_every == 0 or i + 1 == cfg.steps:
             log("diffusion", i + 1, metrics)
         if save and cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < cfg.steps:
-            save(text_config, ema)
-            log("saved", i + 1, {})
+            log("saved", i + 1, {"path": save(text_config, ema, i + 1)})
     return text_config, ema
 
 
@@ -215,7 +214,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, log: Callable = No
 
     def default_log(stage, step, metrics):
         record = {"stage": stage, "step": step, "seconds": round(time.time() - started, 1)}
-        record.update({k: float(v) for k, v in metrics.items()})
+        record.update({k: v if isinstance(v, str) else float(v) for k, v in metrics.items()})
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
@@ -262,8 +261,13 @@ def pretrain_model(config: ml_collections.ConfigDict, model_dir: str, log: Calla
         np.int32,
     )
 
-    def save(text_config, params):  # snapshots while training goes on, and the final model
-        return write_model(model_dir, text_config, params, vae_config, vae_params)
+    def save(text_config, params, step=None):
+        """The final model, or a whole model of its own under ``snapshots/step_N`` (a run stopped mid-write keeps the earlier ones)."""
+        directory = model_dir
+        if step is not None:
+            directory = os.path.join(os.path.dirname(model_dir), "snapshots", f"step_{step}")
+            write_clip_tokenizer(os.path.join(directory, "tokenizer"), pretraining_words(), model_max_length=MAX_LENGTH)
+        return write_model(directory, text_config, params, vae_config, vae_params)
 
     text_config, params = train_text_to_image(
         config, tokenizer, input_ids, latent_mean, latent_std, vae_config["scaling_factor"], log, init_params, save

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -267,6 +268,27 @@ def scenes(seed: int, count: int, vocabulary: Vocabulary = SEEN, **kwargs) -> li
     return [random_scene(rng, vocabulary, **kwargs) for _ in range(count)]
 
 
-def render_all(scene_list: Sequence[Scene], seed: int = 0) -> tuple[np.ndarray, list[list[np.ndarray]]]:
-    images, masks = zip(*(render(s, seed + i) for i, s in enumerate(scene_list))) if scene_list else ((), ())
+def _render_chunk(args: tuple[Sequence[Scene], int]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    scene_list, seed = args
+    return [render(s, seed + i) for i, s in enumerate(scene_list)]
+
+
+def render_all(scene_list: Sequence[Scene], seed: int = 0, workers: Optional[int] = None) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """Renders scene i with seed ``seed + i``; over ``workers`` processes (default: every core) when there are many.
+
+    The processes are spawned, not forked (a forked JAX process can deadlock); each scene's
+    pixels depend on its seed alone, so the result is the same for any number of workers.
+    """
+    workers = min(workers or os.cpu_count() or 1, max(1, len(scene_list) // 500))
+    if workers <= 1:
+        rendered = _render_chunk((scene_list, seed))
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        size = math.ceil(len(scene_list) / workers)
+        chunks = [(scene_list[start:start + size], seed + start) for start in range(0, len(scene_list), size)]
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rendered = [r for chunk in pool.map(_render_chunk, chunks) for r in chunk]
+    images, masks = zip(*rendered) if rendered else ((), ())
     return np.stack(images) if images else np.zeros((0, SIZE, SIZE, 3), np.uint8), list(masks)
