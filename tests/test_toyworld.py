@@ -184,6 +184,7 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
 
     done = _cli("toyworld", "pretrain", f"--workdir={tmp_path}", "--config.num_scenes=64", "--config.vae.steps=2",
                 "--config.diffusion.steps=2", "--config.detector.steps=2", "--config.detector.num_scenes=64", "--config.log_every=1",
+                "--config.detector.eval_scenes=32",
                 f"--config.detector.vae_from={tmp_path}/model")  # the model the same command writes first
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in open(tmp_path / "pretrain_log.jsonl")]

@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.detector.batch_size = 64
     config.detector.learning_rate = 1e-3
     config.detector.num_scenes = 12000  # scenes of the whole world, held-out concepts included
+    config.detector.eval_scenes = 1000  # fresh scenes its accuracy is logged on
     config.detector.vae_from = ""  # a model dir: half of each batch is the scenes through its VAE (what generated images are)
 
     config.log_every = 100

@@ -153,7 +153,7 @@ def train_detector(config, directory: str, log: Callable) -> str:
         if (i + 1) % config.log_every == 0 or i + 1 == cfg.steps:
             log("detector", i + 1, metrics)
     save_detector(directory, params)
-    held_out = world.scenes(config.seed + 200, 1000, world.ALL)
+    held_out = world.scenes(config.seed + 200, cfg.eval_scenes, world.ALL)
     trained = Detector(net, params, LABELS)
     log("detector_eval", cfg.steps, detector_accuracy(trained, held_out))
     if roundtrip:
