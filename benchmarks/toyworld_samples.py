@@ -24,8 +24,8 @@ CAPTIONS = (
 
 def main() -> None:
     from jax_inversion.loading import load_pretrained
-    from jax_inversion.sampling import LearnedTokens, SampleRequest, generate, image_grid, save_png
-    from jax_inversion.toyworld.evaluate import SHIPPED_MODEL
+    from jax_inversion.sampling import SampleRequest, generate, image_grid, save_png
+    from jax_inversion.toyworld.evaluate import SHIPPED_MODEL, no_learned_tokens
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=SHIPPED_MODEL)
@@ -34,8 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_pretrained(args.model)
-    no_tokens = LearnedTokens({"<unused>": ["<unused>"]},
-                              {"text_encoder": np.zeros((1, model.text_encoder.config.hidden_size), np.float32)})
+    no_tokens = no_learned_tokens(model)
     rows, cache = [], {}
     for seed, caption in enumerate(CAPTIONS):
         request = SampleRequest(prompt=caption, num_images=args.per_caption, steps=25, guidance=5.0, scheduler="ddim", seed=seed)

@@ -127,6 +127,11 @@ def run_concept(workdir: str) -> tuple[str, LearnedTokens, dict, str]:
     return model_path, learned, concept, token_text
 
 
+def no_learned_tokens(model) -> LearnedTokens:
+    """A placeholder no prompt names: sampling with it is sampling the model as it was pretrained."""
+    return LearnedTokens({"<unused>": ["<unused>"]}, {"text_encoder": np.zeros((1, model.text_encoder.config.hidden_size), np.float32)})
+
+
 def prompt_following(model, detector: Detector, num_prompts: int = 24, images_per_prompt: int = 4,
                      settings: EvalSettings = EvalSettings(), seed: int = 1234) -> dict:
     """Fraction of samples of seen-vocabulary captions in which the detector finds each prompted object.
@@ -137,17 +142,18 @@ def prompt_following(model, detector: Detector, num_prompts: int = 24, images_pe
     cannot pass, the rate of samples showing a colour-and-shape object the caption did not name.
     """
     scene_list = world.scenes(seed, num_prompts, world.SEEN)
-    unused = LearnedTokens({"<unused>": ["<unused>"]}, {"text_encoder": np.zeros((1, model.text_encoder.config.hidden_size), np.float32)})
+    unused = no_learned_tokens(model)
     found_by_count, found_all, attributes, unprompted, cache = {1: [], 2: []}, [], [], [], {}
     object_columns = [i for i, name in enumerate(detector.labels) if name.startswith("object:")]
     for i, scene in enumerate(scene_list):
         request = SampleRequest(prompt=scene.caption, num_images=images_per_prompt, steps=settings.steps,
                                 guidance=settings.guidance, scheduler=settings.scheduler, seed=settings.seed + i)
         probs, _ = detector(generate(model, unused, request, cache=cache).images)
-        hits = np.stack([probs[:, detector.index(f"object:{o.colour} {o.shape}")] > 0.5 for o in scene.objects], 1)
+        prompted = [f"object:{o.colour} {o.shape}" for o in scene.objects]
+        hits = np.stack([probs[:, detector.index(name)] > 0.5 for name in prompted], 1)
         found_by_count[len(scene.objects)].extend(hits.reshape(-1).tolist())
         found_all.extend(hits.all(axis=1).tolist())
-        others = [i for i in object_columns if detector.labels[i] not in {f"object:{o.colour} {o.shape}" for o in scene.objects}]
+        others = [i for i in object_columns if detector.labels[i] not in prompted]
         unprompted.extend((probs[:, others] > 0.5).any(axis=1).tolist())
         for o in scene.objects:
             for name in (f"texture:{o.texture}", f"state:{o.state}"):
