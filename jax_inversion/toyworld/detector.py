@@ -121,10 +121,10 @@ def vae_roundtrip(model_dir: str) -> Callable[[np.ndarray], np.ndarray]:
 def train_detector(config, directory: str, log: Callable) -> str:
     """Trains on ``config.detector.num_scenes`` scenes of the whole world; writes ``directory``."""
     cfg = config.detector
+    roundtrip = vae_roundtrip(cfg.vae_from) if cfg.vae_from else None  # a bad path fails before minutes of rendering
     scene_list = world.scenes(config.seed + 100, cfg.num_scenes, world.ALL)
     images, _ = world.render_all(scene_list, seed=config.seed + 100)
     targets = jnp.asarray(np.stack([labels_of(s) for s in scene_list]))
-    roundtrip = vae_roundtrip(cfg.vae_from) if cfg.vae_from else None
     data = jnp.asarray(images)
     reconstructed = jnp.asarray(roundtrip(images)) if roundtrip else data
     net = DetectorNet(len(LABELS))
