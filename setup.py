@@ -27,11 +27,17 @@ setup(
         "tqdm>=4.70.1",
         "tensorboardX>=2.6.5",
         "PyYAML>=6.0",
+        "etils[epath]>=1.15.0",  # every path the job touches: local, or gs:// with the "gcs" extra
     ],
     extras_require={
         # The PyTorch reference stack for parity checks and export verification.
         # Install torch==2.13.0 (CPU) first; an unpinned torch pulls CUDA wheels.
-        "test": ["torch>=2.13.0", "diffusers>=0.42.1", "pytest>=8.0", "pytest-xdist>=3.8.0"],
+        "test": ["torch>=2.13.0", "diffusers>=0.42.1", "pytest>=8.0", "pytest-xdist>=3.8.0", "import-linter>=2.1",
+                 "gcsfs>=2026.10.1", "gcp-storage-emulator>=2026.7.19", "wandb>=0.31.0"],
+        # gs:// workdirs, concept dirs and exports (etils.epath's GCS backend); Orbax/TensorStore need nothing more.
+        "gcs": ["gcsfs>=2026.10.1"],
+        # train.wandb=True
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["jax-inversion=jax_inversion.cli:run"]},
 )

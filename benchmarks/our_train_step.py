@@ -3,7 +3,7 @@
 Random weights (SD1.5 UNet, CLIP ViT-L/14 text encoder), cached latents as the real job
 uses, one process, every local device on the ``data`` axis.
 
-    python benchmarks/our_train_step.py [--resolution 256] [--batch 1] [--steps 5] [--dtype float32]
+    python benchmarks/our_train_step.py [--resolution 256] [--batch 1] [--steps 5] [--dtype auto] [--attention_backend auto]
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU/TPU, float32 on CPU")
+    parser.add_argument("--attention_backend", default="auto", help="auto, xla, chunked, cudnn or pallas (jax_inversion.platform)")
     args = parser.parse_args()
 
     from transformers import CLIPTokenizer
@@ -38,16 +39,20 @@ def main() -> None:
     from jax_inversion.objectives import build_objective
     from jax_inversion.schedule import NoiseSchedule
     from jax_inversion.tokenizer_files import write_clip_tokenizer
-    from jax_inversion.train import TrainState, make_mesh, make_optimizer, make_train_step
+    from jax_inversion.optim import make_optimizer
+    from jax_inversion.sharding import make_mesh
+    from jax_inversion.step import init_state, make_train_step
+    from jax_inversion.platform import resolve_dtype
 
-    dtype = jnp.dtype(args.dtype)
+    dtype = resolve_dtype(args.dtype)
     tokenizer_dir = tempfile.mkdtemp()
     write_clip_tokenizer(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     text_config = clip.CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                       num_hidden_layers=12, num_attention_heads=12, eos_token_id=tokenizer.eos_token_id)
     text_encoder = clip.CLIPTextTransformer(text_config, dtype=dtype)
-    unet = unet_lib.UNet2DConditionModel(unet_lib.UNet2DConditionConfig.from_dict(SD15_UNET), dtype=dtype)
+    unet = unet_lib.UNet2DConditionModel(unet_lib.UNet2DConditionConfig.from_dict(SD15_UNET), dtype=dtype,
+                                         attention_backend=args.attention_backend)
     latent = args.resolution // 8
     cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
     text_params = cast(jax.jit(text_encoder.init)(jax.random.PRNGKey(0), jnp.zeros((1, 77), jnp.int32))["params"])
@@ -56,15 +61,14 @@ def main() -> None:
     model = Pretrained(path="random-sd15", unet=unet, unet_params=unet_params, text_encoder=text_encoder,
                        text_encoder_params=text_params, vae=vae_lib.AutoencoderKL(vae_lib.AutoencoderKLConfig()),
                        tokenizer=tokenizer, scheduler_config={"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
-    layout = tokens_lib.TokenLayout(("<c>",), 49408)
+    layout = tokens_lib.PlaceholderIds(("<c>",), 49408)
     config = get_config()
     optimizer, lr = make_optimizer(config.train, args.batch)
     mesh = make_mesh()
     step = make_train_step(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout}, optimizer,
                            build_objective({"diffusion": 1.0}), lr, 0.0, mesh, args.resolution)
     embeddings = {"text_encoder": jnp.zeros((1, 768), jnp.float32)}
-    state = TrainState(jnp.zeros((), jnp.int32), embeddings, optimizer.init(embeddings), jax.random.PRNGKey(0),
-                       jnp.zeros((), jnp.int32))
+    state = init_state(embeddings, optimizer, 0)
     rng = np.random.default_rng(0)
     ids = np.full((args.batch, 77), tokenizer.eos_token_id, np.int32)
     ids[:, :5] = [tokenizer.bos_token_id, 320, 526, 515, 49408]
@@ -83,7 +87,8 @@ def main() -> None:
         jax.block_until_ready(metrics)
         elapsed = time.perf_counter() - start
     print(json.dumps({
-        "config": f"SD1.5 UNet + CLIP-L, random weights, {args.dtype}", "resolution": args.resolution,
+        "config": f"SD1.5 UNet + CLIP-L, random weights, {dtype.name}", "dtype": dtype.name,
+        "attention_backend": args.attention_backend, "resolution": args.resolution,
         "batch": args.batch, "devices": jax.device_count(),
         "device": f"{jax.devices()[0].platform} ({platform.machine()}, {os.cpu_count()} cores)",
         "compile_plus_first_step_s": round(compile_s, 2), "steps_per_second": round(args.steps / elapsed, 3),

@@ -130,7 +130,7 @@ def figure(rows: list[tuple[str, list[np.ndarray]]], header: list[str], path: st
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300, help="concept-phase steps per method (Lego's subject phase adds as many)")
-    parser.add_argument("--learning_rate", type=float, default=5e-3)
+    parser.add_argument("--learning_rate", type=float, default=5e-3, help="base rate, times the batch (the configs' scale_lr)")
     parser.add_argument("--concepts", default="star,checkered,melting")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--images_per_prompt", type=int, default=8)
@@ -145,14 +145,14 @@ def main() -> None:
 
     import jax
 
-    from jax_inversion.toyworld import evaluate as ev
+    from jax_inversion.toyworld import SHIPPED_DETECTOR, SHIPPED_MODEL, evaluate as ev
     from jax_inversion.toyworld.concepts import write_concept
     from jax_inversion.train import train
 
     if jax.config.jax_compilation_cache_dir is None:  # one XLA cache for every run: same shapes, compiled once
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.workdir), "xla_cache"))
-    model_path = args.model or ev.SHIPPED_MODEL
-    detector = None if args.train_only else ev.detector_or_error(args.detector or ev.SHIPPED_DETECTOR)
+    model_path = args.model or SHIPPED_MODEL
+    detector = None if args.train_only else ev.detector_or_error(args.detector or SHIPPED_DETECTOR)
     settings = ev.EvalSettings(images_per_prompt=args.images_per_prompt, steps=args.sample_steps, seed=args.seed)
     fingerprint = run_fingerprint(model_path, args.steps, args.seed, args.learning_rate)
     concepts = [write_concept(name, os.path.join(args.workdir, "concepts", name), seed=args.seed) for name in args.concepts.split(",")]
@@ -198,7 +198,7 @@ def main() -> None:
         samples[(concept["name"], "training images")] = [images[:3], images[3:6]]
     device = jax.devices()[0]
     lines = [
-        f"Toy world, {len(names)} held-out concepts, {args.steps} concept steps per method (batch 8, lr {args.learning_rate}, seed {args.seed}),",
+        f"Toy world, {len(names)} held-out concepts, {args.steps} concept steps per method (batch 8, lr {args.learning_rate} x 8, seed {args.seed}),",
         f"{settings.images_per_prompt} samples per prompt x {1 + len(concepts[0]['companions'])} prompts, DDIM {settings.steps} steps, guidance {settings.guidance};",
         f"device: {device.platform} ({device.device_kind}), {len(jax.devices())} device(s).",
         "Columns per concept: concept found / companion found / image alignment (detector features, cosine).",

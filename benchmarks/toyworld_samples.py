@@ -25,7 +25,8 @@ CAPTIONS = (
 def main() -> None:
     from jax_inversion.loading import load_pretrained
     from jax_inversion.sampling import SampleRequest, generate, image_grid, save_png
-    from jax_inversion.toyworld.evaluate import SHIPPED_MODEL, no_learned_tokens
+    from jax_inversion.toyworld import SHIPPED_MODEL
+    from jax_inversion.toyworld.evaluate import no_learned_tokens
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=SHIPPED_MODEL)

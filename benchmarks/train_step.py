@@ -6,10 +6,17 @@ a small CLIP tokenizer, ``model_index.json``); both sides load those same files.
 implementation runs in its own subprocess (so peak memory is its own):
 
 * ``ours``: ``make_train_step`` (jit, donated state, learned rows fp32, frozen models in
-  ``--dtype``), latents cached as in the real job (the batch carries the VAE posterior
-  mean/std; the VAE is not run per step). Also FLOPs per step from XLA's cost analysis
-  of the compiled step (per device when the batch is sharded over several), achieved
-  TFLOP/s and MFU.
+  ``--dtype``, UNet attention by ``--attention_backend``), latents cached as in the real job
+  (the batch carries the VAE posterior mean/std; the VAE is not run per step). FLOPs per step
+  (``flops_per_step``) are backend-independent: XLA's cost analysis of the *lowered* step
+  (before any backend pass) with XLA's attention in place of the fused kernels, the same
+  count on CPU, GPU and TPU (see :func:`backend_independent_flops`; tested against XLA's
+  compiled CPU count in tests/test_benchmark_flops.py). The compiled program's own count is
+  ``flops_compiled`` (on GPU it misses cuDNN attention and miscounts library calls). MFU is
+  given against the datasheet peak (``mfu``, e.g. 989 TFLOP/s bf16 for H100 SXM / H200) and,
+  where measured, the bf16 matmul ceiling (``mfu_vs_measured_ceiling``, 790 on the H200).
+  ``attention_kernels`` counts the UNet's attention calls per kernel (fused kernels fall back
+  to XLA outside their shapes).
 * ``torch``: the step of diffusers' ``examples/textual_inversion/textual_inversion.py``:
   token-embedding table trainable (grown by one placeholder row), AdamW over the whole
   table, then the frozen rows copied back; ``vae.encode(pixels).latent_dist.sample() *
@@ -19,7 +26,9 @@ implementation runs in its own subprocess (so peak memory is its own):
 * ``torch_cached``: the same with the posterior (``latent_dist``) computed once and only
   ``latent_dist.sample()`` per step (no VAE per step; same random draws as ``torch``).
 
-All three keep the VAE weights resident. Timing: ``--warmup`` steps, then ``--steps`` steps,
+All three keep the VAE weights resident. Every line records ``dtype`` (``--dtype auto``:
+bfloat16 on GPU/TPU, float32 on CPU) and ``attention_backend``; the last line per
+configuration has both ratios, ``ours_vs_torch`` and the like-for-like ``ours_vs_torch_cached``. Timing: ``--warmup`` steps, then ``--steps`` steps,
 each synchronised (``step_ms_median``; ``steps_per_s`` = steps / their total time).
 Peak memory: on CPU the process's peak RSS from just before the first step to the end
 (``/proc/self/clear_refs`` resets the high-water mark after loading and, for ours,
@@ -29,8 +38,9 @@ whether other work shared the machine. ``torch`` FLOPs come from
 ``torch.utils.flop_counter`` on the first warmup step (math SDPA there so attention is
 counted); they count matmuls/convolutions/attention only, XLA's count also elementwise ops.
 
-    python -m benchmarks.train_step [--configs small,sd15_256_b1] [--dtype float32] [--steps N]
-    python -m benchmarks.train_step --configs sd15_512_b8 --dtype bfloat16     # on a GPU
+    python -m benchmarks.train_step [--configs small,sd15_256_b1] [--dtype auto] [--attention_backend auto] [--steps N]
+    python -m benchmarks.train_step --configs sd15_512_b8 --dtype bfloat16     # on a GPU (benchmarks/gpu.sh)
+    python -m benchmarks.train_step --configs sd15_512_b8 --flops_only         # the FLOP count alone, any machine
 
 Configurations: ``small`` (jax_inversion.tiny's architecture, 64 px, batch 8), ``sd15_R_bB``
 (SD1.5 architecture, R px, batch B), ``small_R_bB``. Output: one JSON line per configuration
@@ -108,22 +118,24 @@ SCHEDULER = {
 }
 PROMPT = "a photo of a"  # then the placeholder, EOS, EOS padding
 INITIALIZER = "cat"
-# Dense bf16 peak TFLOP/s by device kind (first substring match; more specific first).
-PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("A100", 312.0),
-    ("L4", 121.0),
-    ("TPU v4", 275.0),
-    ("TPU v5 lite", 197.0),
-    ("TPU v5e", 197.0),
-    ("TPU v5p", 459.0),
-    ("TPU v5", 459.0),
-    ("TPU v6 lite", 918.0),
-    ("TPU v6e", 918.0),
+# bf16 peak TFLOP/s by device kind (first substring match; more specific first): the dense
+# datasheet figure and, where measured, the bf16 matmul ceiling reached in practice.
+PEAK_TFLOPS = (  # (kind, datasheet, measured ceiling or None)
+    ("H100 PCIe", 756.0, None),
+    ("H100", 989.0, None),
+    ("GH200", 989.0, None),
+    ("H200", 989.0, 790.0),  # measured bf16 matmul ceiling of the project's H200 (shared/device/README.md)
+    ("A100", 312.0, None),
+    ("L4", 121.0, None),
+    ("TPU v4", 275.0, None),
+    ("TPU v5 lite", 197.0, None),
+    ("TPU v5e", 197.0, None),
+    ("TPU v5p", 459.0, None),
+    ("TPU v5", 459.0, None),
+    ("TPU v6 lite", 918.0, None),
+    ("TPU v6e", 918.0, None),
 )
+FLOPS_SOURCE = "XLA cost analysis of the lowered step (before backend passes), attention counted as XLA's (backend-independent)"
 MB = 2**20
 
 
@@ -171,13 +183,17 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB  # KiB on Linux
 
 
-def peak_tflops_for(kind: str, override: float | None) -> float | None:
+def peaks_for(kind: str, override: float | None, on_cpu: bool) -> tuple[float | None, float | None]:
+    """(datasheet, measured ceiling) peak TFLOP/s of ``kind``; ``override`` replaces the datasheet
+    figure; none on CPU unless overridden."""
     if override:
-        return override
-    for key, value in PEAK_TFLOPS:
+        return override, None
+    if on_cpu:
+        return None, None
+    for key, datasheet, measured in PEAK_TFLOPS:
         if key.lower() in kind.lower():
-            return value
-    return None
+            return datasheet, measured
+    return None, None
 
 
 def prompt_ids(tokenizer, placeholder_id: int, length: int, batch: int) -> np.ndarray:
@@ -191,16 +207,45 @@ def timing(times: list[float]) -> dict:
     return {"steps_per_s": round(len(times) / sum(times), 4), "step_ms_median": round(1000 * statistics.median(times), 2)}
 
 
-def flops_fields(flops: float | None, steps_per_s: float, kind: str, peak: float | None) -> dict:
+def flops_fields(flops: float | None, steps_per_s: float, peaks: tuple[float | None, float | None]) -> dict:
+    """Achieved TFLOP/s and MFU against the datasheet peak (``mfu``) and the measured ceiling."""
     if not flops:
-        return {"flops_per_step": None, "tflops_achieved": None, "mfu": None}
+        return {"flops_per_step": None, "tflops_achieved": None, "mfu": None, "mfu_vs_measured_ceiling": None}
     achieved = flops * steps_per_s / 1e12
+    datasheet, measured = peaks
     return {
         "flops_per_step": float(flops),
         "tflops_achieved": round(achieved, 4),
-        "mfu": round(achieved / peak, 4) if peak else None,
-        "peak_tflops": peak,
+        "mfu": round(achieved / datasheet, 4) if datasheet else None,
+        "mfu_vs_measured_ceiling": round(achieved / measured, 4) if measured else None,
+        "peak_tflops": datasheet,
+        "measured_ceiling_tflops": measured,
     }
+
+
+def attention_kernels(model, resolution: int, text_len: int = 77) -> dict:
+    """How many of the UNet's attention calls run each kernel at ``resolution`` (``{"self": {kernel: n},
+    "cross": {...}}``), as :func:`jax_inversion.models.layers.attention_backend_for` picks them."""
+    import collections
+
+    import jax.numpy as jnp
+
+    from jax_inversion.conditioning import vae_factor
+    from jax_inversion.models.layers import attention_backend_for
+    from jax_inversion.models.unet import cross_attention_layers
+
+    unet = model.unet
+    cfg = unet.config
+    dtype = jnp.float32 if cfg.upcast_attention else unet.dtype
+    n = len(cfg.block_out_channels)
+    counts = {"self": collections.Counter(), "cross": collections.Counter()}
+    for name, side in cross_attention_layers(cfg, resolution // vae_factor(model)).items():
+        part, index = name.split(".")[:2]
+        block = n - 1 if part == "mid_block" else int(index) if part == "down_blocks" else n - 1 - int(index)
+        head_dim = cfg.block_out_channels[block] // cfg.num_attention_heads[block]
+        for kind, keys in (("self", side * side), ("cross", text_len)):
+            counts[kind][attention_backend_for(unet.attention_backend, dtype, side * side, keys, head_dim)] += 1
+    return {kind: dict(c) for kind, c in counts.items()}
 
 
 # ----------------------------------------------------------------------------- the model files
@@ -232,71 +277,98 @@ def write_model(arch: str, directory: str) -> None:
 # ----------------------------------------------------------------------------- ours
 
 
-def run_ours(args, cfg: dict) -> dict:
+def build_our_step(model, batch_size: int, resolution: int, devices=None) -> dict:
+    """Our compiled TI step for ``model`` (one placeholder, diffusion loss, latents cached as the
+    real job caches them), its initial state, a random batch and the base key, on ``devices``
+    (default: every local device)."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jax_inversion import tokens as tokens_lib
     from jax_inversion.configs.ti import get_config
-    from jax_inversion.loading import load_pretrained
     from jax_inversion.objectives import build_objective
     from jax_inversion.schedule import NoiseSchedule
-    from jax_inversion.train import TrainState, input_embedding_table, make_mesh, make_optimizer, make_train_step, vae_factor
+    from jax_inversion.conditioning import input_embedding_table, vae_factor
+    from jax_inversion.optim import make_optimizer
+    from jax_inversion.sharding import batch_sharded, make_mesh, replicated
+    from jax_inversion.step import init_state, make_train_step
 
-    device = jax.devices()[0]
-    on_cpu = device.platform == "cpu"
-    steps, warmup = step_counts(args, cfg["arch"], on_cpu)
-    start = time.perf_counter()
-    model = load_pretrained(args.model_dir, dtype=jnp.dtype(args.dtype))
-    load_s = time.perf_counter() - start
     tokenizer = model.tokenizer
     table = input_embedding_table(model, "text_encoder")
-    vocab = table.shape[0]
-    layout = tokens_lib.TokenLayout(("<concept>",), vocab)  # the placeholder is the row after the table
-    batch_size, resolution = cfg["batch"], cfg["resolution"]
+    layout = tokens_lib.PlaceholderIds(("<concept>",), table.shape[0])  # the placeholder is the row after the table
     latent = resolution // vae_factor(model)
     channels = model.vae.config.latent_channels
-
-    config = get_config()
-    optimizer, lr = make_optimizer(config.train, batch_size)
-    mesh = make_mesh()
+    optimizer, lr = make_optimizer(get_config().train, batch_size)
+    mesh = make_mesh(devices)
     step = make_train_step(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout}, optimizer,
                            build_objective({"diffusion": 1.0}), lr, 0.0, mesh, resolution)
-    # make_train_step returns ``lambda state, batch, rng: jitted(frozen, state, batch, rng)``:
-    # compile that jitted function ahead of time (once) to read XLA's cost analysis.
-    cells = dict(zip(step.__code__.co_freevars, (c.cell_contents for c in step.__closure__ or ())))
-    jitted, frozen = cells.get("jitted"), cells.get("frozen")
-
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     init = table[tokens_lib.initializer_id(tokenizer, INITIALIZER)][None]
     embeddings = {"text_encoder": jnp.asarray(init, jnp.float32)}
-    state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), embeddings, optimizer.init(embeddings),
-                                      jax.random.PRNGKey(0), jnp.zeros((), jnp.int32)), replicated)
     rng = np.random.default_rng(0)
     ids = prompt_ids(tokenizer, layout.first_id, model.text_encoder.config.max_position_embeddings, batch_size)
     batch = jax.device_put({
         "latent_mean": rng.standard_normal((batch_size, latent, latent, channels)).astype(np.float32),
         "latent_std": np.full((batch_size, latent, latent, channels), 0.05, np.float32),
         "input_ids": {"text_encoder": ids.astype(np.int32)},
-    }, sharded)
-    base = jax.device_put(jax.random.PRNGKey(0), replicated)
+    }, batch_sharded(mesh))
+    return {"step": step, "state": jax.device_put(init_state(embeddings, optimizer, 0), replicated(mesh)), "batch": batch,
+            "rng": jax.device_put(jax.random.PRNGKey(0), replicated(mesh)), "mesh": mesh}
+
+
+def cost_flops(cost) -> float | None:
+    """The ``flops`` of a (lowered or compiled) cost analysis: a dict, or a list of one per program."""
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return (cost or {}).get("flops")
+
+
+def lowered_flops(built: dict) -> float | None:
+    """FLOPs of one step from XLA's cost analysis of the *lowered* program, before any backend pass:
+    every dot, convolution and elementwise op as written, not what a backend fused, rewrote into
+    library calls or left uncounted (cuDNN attention custom calls count zero). The whole step,
+    all devices together (a compiled program's count is per device)."""
+    import jax
+
+    with jax.set_mesh(built["mesh"]):
+        step = built["step"]
+        return cost_flops(step.jitted.lower(step.frozen, built["state"], built["batch"], built["rng"]).cost_analysis())
+
+
+def backend_independent_flops(model, batch_size: int, resolution: int, devices=None) -> float | None:
+    """:func:`lowered_flops` of the same step with XLA's attention (the same math as cuDNN's or
+    Pallas' kernels, but countable), so the count is the same on every backend and MFU is comparable."""
+    import dataclasses
+
+    counted = dataclasses.replace(model, unet=model.unet.clone(attention_backend="xla"))
+    return lowered_flops(build_our_step(counted, batch_size, resolution, devices))
+
+
+def run_ours(args, cfg: dict) -> dict:
+    import jax
+
+    from jax_inversion.loading import load_pretrained
+    from jax_inversion.platform import resolve_dtype
+
+    device = jax.devices()[0]
+    on_cpu = device.platform == "cpu"
+    steps, warmup = step_counts(args, cfg["arch"], on_cpu)
+    dtype = resolve_dtype(args.dtype)
+    start = time.perf_counter()
+    model = load_pretrained(args.model_dir, dtype=dtype, attention_backend=args.attention_backend)
+    load_s = time.perf_counter() - start
+    batch_size, resolution = cfg["batch"], cfg["resolution"]
+    flops = backend_independent_flops(model, batch_size, resolution)
+    if args.flops_only:
+        return {"flops_per_step": flops, "flops_source": FLOPS_SOURCE, "dtype": dtype.name, "jax": jax.__version__,
+                "device": device.device_kind if not on_cpu else "cpu"}
+    built = build_our_step(model, batch_size, resolution)
+    step, state, batch, base, mesh = (built[k] for k in ("step", "state", "batch", "rng", "mesh"))
+    jitted, frozen = step.jitted, step.frozen
 
     with jax.set_mesh(mesh):
         start = time.perf_counter()
-        flops = None
-        if jitted is not None and hasattr(jitted, "lower"):
-            compiled = jitted.lower(frozen, state, batch, base).compile()
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            flops = (cost or {}).get("flops")
-            run = lambda s: compiled(frozen, s, batch, base)
-        else:  # train.py changed shape: fall back to the public step (compiled on its first call)
-            print("train_step: could not reach make_train_step's jitted function; no FLOP count", file=sys.stderr)
-            jax.block_until_ready(step(state, batch, base))
-            state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), embeddings, optimizer.init(embeddings),
-                                              jax.random.PRNGKey(0), jnp.zeros((), jnp.int32)), replicated)
-            run = lambda s: step(s, batch, base)
+        compiled = jitted.lower(frozen, state, batch, base).compile()  # ahead of time, once
+        compiled_flops = cost_flops(compiled.cost_analysis())
+        run = lambda s: compiled(frozen, s, batch, base)
         compile_s = time.perf_counter() - start
         rss_before = peak_rss_mb() if reset_peak_rss() else None
         for _ in range(warmup):
@@ -317,9 +389,13 @@ def run_ours(args, cfg: dict) -> dict:
         peak = stats.get("peak_bytes_in_use")
         out.update(device=device.device_kind, peak_memory_mb=peak and round(peak / MB, 1), peak_memory_kind="device peak_bytes_in_use (whole process)")
     kind = "cpu" if on_cpu else device.device_kind
-    out.update(flops_fields(flops, out["steps_per_s"], kind, peak_tflops_for(kind, args.peak_tflops) if not on_cpu or args.peak_tflops else None))
-    out.update(flops_source="XLA cost_analysis of the compiled step", final_loss=float(metrics["loss"]),
-               nonfinite_steps=int(state.nonfinite_steps), jax=jax.__version__)
+    per_device = tuple(peak and peak * jax.device_count() for peak in peaks_for(kind, args.peak_tflops, on_cpu))
+    out.update(flops_fields(flops, out["steps_per_s"], per_device), devices=jax.device_count())
+    out.update(flops_source=FLOPS_SOURCE, flops_compiled=compiled_flops and float(compiled_flops),
+               flops_compiled_source="XLA cost_analysis of the compiled step, per device (backend-dependent: library "
+                                     "calls miscounted, cuDNN attention not counted)",
+               dtype=dtype.name, attention_backend=args.attention_backend, attention_kernels=attention_kernels(model, resolution),
+               final_loss=float(metrics["loss"]), nonfinite_steps=int(state.nonfinite_steps), jax=jax.__version__)
     return out
 
 
@@ -348,7 +424,10 @@ def run_torch(args, cfg: dict, cached: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cpu = device.type == "cpu"
     steps, warmup = step_counts(args, cfg["arch"], on_cpu)
-    weight_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    from jax_inversion.platform import resolve_dtype
+
+    dtype_name = resolve_dtype(args.dtype, "cpu" if on_cpu else "gpu").name
+    weight_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
     torch.manual_seed(0)
 
     start = time.perf_counter()
@@ -440,9 +519,10 @@ def run_torch(args, cfg: dict, cached: bool) -> dict:
     else:
         kind = torch.cuda.get_device_name()
         out.update(device=kind, peak_memory_mb=round(torch.cuda.max_memory_allocated() / MB, 1), peak_memory_kind="torch.cuda.max_memory_allocated")
-    out.update(flops_fields(flops, out["steps_per_s"], kind, peak_tflops_for(kind, args.peak_tflops) if not on_cpu or args.peak_tflops else None))
-    out.update(flops_source="torch.utils.flop_counter (matmul/conv/attention)", final_loss=float(loss),
-               attention=type(next(iter(unet.attn_processors.values()))).__name__, torch=torch.__version__,
+    out.update(flops_fields(flops, out["steps_per_s"], peaks_for(kind, args.peak_tflops, on_cpu)))
+    processor = type(next(iter(unet.attn_processors.values()))).__name__
+    out.update(flops_source="torch.utils.flop_counter (matmul/conv/attention)", final_loss=float(loss), dtype=dtype_name,
+               attention_backend=f"{processor} (torch SDPA, its default kernel choice)", torch=torch.__version__,
                diffusers=__import__("diffusers").__version__)
     return out
 
@@ -456,8 +536,9 @@ def child(args) -> None:
         result = run_ours(args, cfg)
     else:
         result = run_torch(args, cfg, cached=args.only == "torch_cached")
-    head = {"config": cfg["config"], "impl": args.only, "device": result.pop("device"), "dtype": args.dtype,
-            "resolution": cfg["resolution"], "batch": cfg["batch"]}
+    head = {"config": cfg["config"], "impl": args.only, "device": result.pop("device"), "dtype": result.pop("dtype"),
+            "attention_backend": result.pop("attention_backend", args.attention_backend), "resolution": cfg["resolution"],
+            "batch": cfg["batch"]}
     result["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine skews the timings
     print("RESULT " + json.dumps({**head, **result}), flush=True)
 
@@ -466,7 +547,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="small,sd15_256_b1", help="comma-separated: small, sd15_256_b1, sd15_512_b8, sd15_R_bB, small_R_bB")
     parser.add_argument("--impls", default="ours,torch,torch_cached")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="frozen models' dtype (both sides); auto: bfloat16 on GPU/TPU, float32 on CPU")
+    parser.add_argument("--attention_backend", default="auto", choices=("auto", "xla", "chunked", "cudnn", "pallas"),
+                        help="our UNet's attention kernel (see jax_inversion.platform)")
+    parser.add_argument("--flops_only", action="store_true",
+                        help="ours only: print the backend-independent FLOP count per step, do not compile or run")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 for SD1.5 on CPU, else 20)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 for SD1.5 on CPU, else 3)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: a table by device kind; none on CPU)")
@@ -489,7 +575,11 @@ def main() -> None:
         raise SystemExit("--model_dir holds one architecture: give configurations of one architecture")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    base = [sys.executable, "-m", "benchmarks.train_step", "--dtype", args.dtype, "--timeout", str(args.timeout)]
+    base = [sys.executable, "-m", "benchmarks.train_step", "--dtype", args.dtype, "--attention_backend", args.attention_backend,
+            "--timeout", str(args.timeout)] + (["--flops_only"] if args.flops_only else [])
+    if args.flops_only:
+        impls = ["ours"]
+    requested = {"dtype": args.dtype, "attention_backend": args.attention_backend}
     for name in ("steps", "warmup", "peak_tflops"):
         if getattr(args, name) is not None:
             base += [f"--{name}", str(getattr(args, name))]
@@ -512,14 +602,18 @@ def main() -> None:
                     proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=root, env=env, timeout=args.timeout)
                     lines = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                     result = json.loads(lines[-1]) if lines else {
-                        "config": cfg["config"], "impl": impl, "error": f"exit status {proc.returncode}, no result (see stderr)"}
+                        "config": cfg["config"], "impl": impl, **requested, "error": f"exit status {proc.returncode}, no result (see stderr)"}
                 except subprocess.TimeoutExpired:
-                    result = {"config": cfg["config"], "impl": impl, "error": f"timed out after {args.timeout} s"}
+                    result = {"config": cfg["config"], "impl": impl, **requested, "error": f"timed out after {args.timeout} s"}
                 results[impl] = result
                 print(json.dumps(result), flush=True)
             rate = {impl: r.get("steps_per_s") for impl, r in results.items()}
             ratio = lambda other: round(rate["ours"] / rate[other], 3) if rate.get("ours") and rate.get(other) else None
-            print(json.dumps({"config": cfg["config"], "ours_vs_torch": ratio("torch"), "ours_vs_torch_cached": ratio("torch_cached")}),
+            ours = results.get("ours", {})
+            print(json.dumps({"config": cfg["config"], "dtype": ours.get("dtype", args.dtype),
+                              "attention_backend": ours.get("attention_backend", args.attention_backend),
+                              "ours_vs_torch": ratio("torch"), "ours_vs_torch_cached": ratio("torch_cached"),
+                              "note": "torch encodes with the VAE every step; torch_cached is the like-for-like step"}),
                   flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

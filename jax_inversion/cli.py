@@ -19,9 +19,35 @@ COMMANDS = {
 }
 
 
+CONFIG_HELP = (
+    "Config keys: every field of the --config file can be set as --config.<key>=value; the fields and their\n"
+    "defaults are in jax_inversion/configs/ (ti.py: data, train, loss; lego.py, compositional.py, sefi.py add theirs),\n"
+    "for toyworld pretrain in jax_inversion/toyworld/config.py."
+)
+HELP_FLAGS = ("-h", "--help", "-help", "--h")
+
+
 def usage() -> str:
-    lines = ["usage: jax-inversion <command> [--flags]   (jax-inversion <command> --helpfull for flags)", ""]
+    lines = ["usage: jax-inversion <command> [--flags]   (jax-inversion <command> --help for its flags)", ""]
     lines += [f"  {name:14s} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def command_help(name: str, module) -> str:
+    """A command's purpose, its docstring (usage lines), its own flags, and where the config keys are."""
+    from absl import flags
+
+    lines = [f"jax-inversion {name}: {COMMANDS[name][1]}", ""]
+    doc = (module.__doc__ or "").strip()
+    if doc:
+        lines += [doc, ""]
+    lines.append("flags:")
+    for defining in sorted(flags.FLAGS.flags_by_module_dict()):  # only this command's modules are imported
+        if defining.startswith("jax_inversion.commands."):
+            lines += flags.FLAGS.module_help(defining).strip().splitlines()[1:]  # without the module-name header
+    if "config" in flags.FLAGS:
+        lines += ["", CONFIG_HELP]
+    lines += ["", f"(jax-inversion {name} --helpfull also lists absl's own flags)"]
     return "\n".join(lines)
 
 
@@ -45,6 +71,9 @@ def run(argv=None) -> None:
         sys.exit(f"{name}: unknown config key {key!r} in the --config.* flags: see jax_inversion/configs/ for the keys")
     finally:
         sys.argv = saved_argv
+    if any(arg in HELP_FLAGS for arg in argv[2:]):
+        print(command_help(name, module))
+        sys.exit(0)
 
     def parse_flags(args):
         try:

@@ -6,12 +6,19 @@ whose output depends only on ``(seed, step)`` so that resuming reproduces an uni
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
+import re
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps
+
+from jax_inversion.errors import UserError
+from jax_inversion.files import is_remote
+from jax_inversion.tokens import vector_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -72,30 +79,33 @@ STYLE_TEMPLATES = [
 _TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the user's training data or data settings; the message names the fix."""
 
 
-def list_concept_images(directory: str) -> list[str]:
-    """Sorted paths of the images directly inside ``directory``; other entries are skipped with a warning."""
-    if not os.path.exists(directory):
+def list_concept_images(directory: str, companions: Sequence[str] = ()) -> list[str]:
+    """Sorted paths of the images directly inside ``directory``; other entries are skipped with a
+    warning, except files ending in ``companions`` (e.g. the caption extension)."""
+    folder = epath.Path(directory)  # a local folder or gs://bucket/...
+    if not folder.exists():
         raise DataError(
             f"concept dir {directory} does not exist: pass --config.data.concept_dir=DIR with your images"
         )
-    if not os.path.isdir(directory):
+    if not folder.is_dir():
         raise DataError(
             f"concept dir {directory} is not a directory: pass --config.data.concept_dir=DIR "
             "naming the folder that holds your images"
         )
     images, skipped = [], []
-    for name in sorted(os.listdir(directory)):
+    for name in sorted(p.name for p in folder.iterdir()):
         if name.startswith("."):
             continue
         path = os.path.join(directory, name)
-        if os.path.isfile(path) and name.lower().endswith(IMAGE_EXTENSIONS):
+        is_file = epath.Path(path).is_file()
+        if is_file and name.lower().endswith(IMAGE_EXTENSIONS):
             images.append(path)
-        else:
-            skipped.append(name + ("/" if os.path.isdir(path) else ""))
+        elif not (companions and is_file and name.endswith(tuple(companions))):
+            skipped.append(name + ("" if is_file else "/"))
     if skipped:
         logger.warning(
             "skipping %d entries in %s that are not %s images (subfolders are not searched): %s",
@@ -112,7 +122,7 @@ def list_concept_images(directory: str) -> list[str]:
 def open_image(path: str) -> Image.Image:
     """Opens ``path`` as an upright RGB image: EXIF rotation applied, transparency flattened onto white."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(epath.Path(path).read_bytes()) if is_remote(path) else path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode == "P" and "transparency" in img.info:
@@ -161,9 +171,9 @@ def load_image(
 def find_mask(mask_dir: str, image_path: str) -> str:
     """The mask for ``image_path`` in ``mask_dir``: the image file with the same stem."""
     stem = os.path.splitext(os.path.basename(image_path))[0]
-    if not os.path.isdir(mask_dir):
+    if not epath.Path(mask_dir).is_dir():
         raise DataError(f"mask folder {mask_dir} does not exist: set --config.data.mask_dir to a folder of masks named like the images")
-    for name in sorted(os.listdir(mask_dir)):
+    for name in sorted(p.name for p in epath.Path(mask_dir).iterdir()):
         if os.path.splitext(name)[0] == stem and name.lower().endswith(IMAGE_EXTENSIONS):
             return os.path.join(mask_dir, name)
     raise DataError(
@@ -217,6 +227,33 @@ def templates_for(kind: str, custom: Sequence[str] | None = None) -> list[str]:
     return templates
 
 
+def caption_path(image_path: str, extension: str) -> str:
+    """The caption file beside ``image_path``: same stem, ``extension`` (".txt" or "txt")."""
+    return os.path.splitext(image_path)[0] + ("" if extension.startswith(".") else ".") + extension
+
+
+def read_caption(image_path: str, extension: str, markers: Sequence[str], prompt_text: str) -> str | None:
+    """The prompt an image's caption file gives (None when the image has no caption file).
+
+    The caption must hold ``{}`` or the placeholder (one of ``markers``); each occurrence becomes
+    ``prompt_text``, so a multi-vector placeholder expands as the templates' ``{}`` does
+    ("a <cat> on a sofa" -> "a <cat> <cat>_1 on a sofa").
+    """
+    path = caption_path(image_path, extension)
+    if not epath.Path(path).is_file():
+        return None
+    try:
+        caption = " ".join(epath.Path(path).read_bytes().decode("utf-8").split())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read caption {path} ({type(e).__name__}): save it as UTF-8 text or remove it") from None
+    for marker in markers:
+        if marker and marker in caption:
+            pattern = re.escape(marker) + (r"(?!_\d)" if marker != "{}" else "")  # not <cat>_1 of a spelled-out token
+            return re.sub(pattern, lambda _: prompt_text, caption)
+    shown = " or ".join(repr(m) for m in markers if m)
+    raise DataError(f"caption {path} does not mention the concept: put {shown} where it goes, e.g. 'a photo of {{}} on a table'")
+
+
 def placeholder_string(token: str, num_vectors: int) -> str:
     """The prompt text for a concept of ``num_vectors`` tokens: ``<cat> <cat>_1 <cat>_2`` (diffusers' convention)."""
     if not token or any(c.isspace() for c in token):
@@ -226,8 +263,6 @@ def placeholder_string(token: str, num_vectors: int) -> str:
         )
     if num_vectors < 1:
         raise DataError(f"num_vectors {num_vectors} must be at least 1: set --config.data.num_vectors")
-    from jax_inversion.tokens import vector_tokens
-
     return " ".join(vector_tokens(token, num_vectors))
 
 

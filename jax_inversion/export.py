@@ -18,9 +18,12 @@ import re
 from typing import Any, Callable, Optional
 
 import numpy as np
+from etils import epath
 
 from jax_inversion.checkpoints import read_run
-from jax_inversion.files import atomic_write
+from jax_inversion.errors import UserError
+from jax_inversion.extended import read_extended, write_extended
+from jax_inversion.files import atomic_write, is_remote, local_copy
 
 FORMATS = ("diffusers", "a1111", "sdxl", "extended")
 _EXTENSIONS = {
@@ -31,7 +34,7 @@ _EXTENSIONS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export or import request that cannot be served; the message says what to do."""
 
 
@@ -80,8 +83,6 @@ def write_embedding_file(
     if fmt in ("diffusers", "a1111") and two_encoders:
         raise ExportError(f"--format {fmt} holds one text encoder's rows; this run has two (SDXL): use --format sdxl")
     if fmt == "extended":
-        from jax_inversion.extended import write_extended
-
         _atomic_write(path, overwrite, lambda tmp: write_extended(tmp, {token: rows}))
         return path
     from safetensors.numpy import save_file
@@ -127,6 +128,36 @@ def file_name_for(token: str) -> str:
     return stem or "concept"
 
 
+def split_concepts(rows: dict, meta: dict) -> dict[str, dict]:
+    """``{concept name: {encoder: rows}}``: each concept's slice of a run's learned rows."""
+    if meta.get("concept_batch"):  # batch inversion: rows [C, n, d], one concept per index
+        return {c["name"]: {enc: r[c["index"]] for enc, r in rows.items()} for c in meta["concept_batch"]}
+    return {c["name"]: {enc: r[..., c["rows"][0] : c["rows"][1], :] for enc, r in rows.items()} for c in run_concepts(meta)}
+
+
+def step_file(workdir: str, token: str, step: int, fmt: str) -> str:
+    """``WORKDIR/embeddings/<token>_step_000500.safetensors``: where ``train.export_every`` writes a step."""
+    return os.path.join(workdir, "embeddings", f"{file_name_for(token)}_step_{step:06d}{_EXTENSIONS[fmt][0]}")
+
+
+def export_step(workdir: str, step: int, embeddings: dict, meta: dict) -> list[str]:
+    """Writes each concept's rows at ``step`` beside the checkpoints (``train.export_every``), in the
+    format pipelines load: diffusers (one text encoder), sdxl (two), extended (per-stage rows)."""
+    rows = {k: np.asarray(v, np.float32) for k, v in embeddings.items()}
+    staged = rows["text_encoder"].ndim == 4 and not meta.get("concept_batch")
+    fmt = "extended" if staged else "sdxl" if "text_encoder_2" in rows else "diffusers"
+    written = []
+    for name, concept in split_concepts(rows, meta).items():
+        path = step_file(workdir, name, step, fmt)
+        if fmt == "extended":
+            steps = int(meta.get("num_train_timesteps", 1000))
+            _atomic_write(path, True, lambda tmp: write_extended(tmp, {name: extended_parts(concept)}, steps))
+        else:
+            write_embedding_file(path, fmt, name, concept, step=step, overwrite=True)
+        written.append(path)
+    return written
+
+
 def export_run(
     workdir: str,
     out: str,
@@ -141,10 +172,7 @@ def export_run(
         raise ExportError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
     step, state, meta = read_run(workdir, step)
     rows = run_embeddings(state)
-    if meta.get("concept_batch"):  # batch inversion: rows [C, n, d], one concept per index
-        concepts = {c["name"]: {enc: r[c["index"]] for enc, r in rows.items()} for c in meta["concept_batch"]}
-    else:
-        concepts = {c["name"]: {enc: r[..., c["rows"][0] : c["rows"][1], :] for enc, r in rows.items()} for c in run_concepts(meta)}
+    concepts = split_concepts(rows, meta)
     staged = rows["text_encoder"].ndim == 4 and not meta.get("concept_batch")
     if staged and fmt != "extended":
         raise ExportError(
@@ -154,8 +182,6 @@ def export_run(
     if fmt == "extended":
         concepts = {name: extended_parts(r) for name, r in concepts.items()}
     if fmt == "extended" and not all_concepts:  # one file holds every token of the run (e.g. Lego's <subj> <cpt>)
-        from jax_inversion.extended import write_extended
-
         if "text_encoder_2" in rows:
             raise ExportError("--format extended holds one text encoder's rows; this run has two (SDXL): use --format sdxl")
         steps = int(meta.get("num_train_timesteps", 1000))
@@ -176,10 +202,13 @@ def export_run(
 # ----------------------------------------------------------------------------- import
 
 
-def _read_any(path: str) -> tuple[dict, dict]:
+def read_tensors(path: str) -> tuple[dict, dict]:
     """Tensors (numpy) and safetensors metadata of an embedding file."""
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise ExportError(f"embedding file {path} does not exist: pass an exported .safetensors/.bin/.pt file")
+    if is_remote(path):  # gs://...: read a local copy
+        with local_copy(path) as local:
+            return read_tensors(local)
     if path.lower().endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -209,10 +238,8 @@ def _read_any(path: str) -> tuple[dict, dict]:
 
 def read_embedding_file(path: str) -> dict[str, Any]:
     """Parses any format above into ``{"token": str | None, "rows": {encoder: [n, d]}}``."""
-    tensors, metadata = _read_any(path)
+    tensors, metadata = read_tensors(path)
     if metadata.get("format") == "jax_inversion.extended":
-        from jax_inversion.extended import read_extended
-
         tokens = read_extended(path)
         if len(tokens) != 1:
             raise ExportError(f"{path} holds {len(tokens)} tokens; import takes one concept per file")

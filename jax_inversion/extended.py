@@ -8,13 +8,13 @@ One safetensors file; per token ``T``:
 - ``T::layer::<name>`` ``[n, d]``: rows whose states feed the named cross-attention layer
   (keys and values), other layers use ``base``.
 The header metadata ``spec`` (JSON) lists tokens, vector counts, stages and layers.
-``jax_inversion.torch`` installs these into a PyTorch diffusers UNet; here are the readers,
-the writer, and the Flax-side conditioning built from the same rows.
+``jax_inversion.torch`` installs these into a PyTorch diffusers UNet; here are the readers
+and the writer.
 """
 from __future__ import annotations
 
 import json
-from typing import Mapping, Optional
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -80,27 +80,3 @@ def read_extended(path: str) -> dict[str, dict]:
                 parts["layers"][name] = f.get_tensor(f"{token}::layer::{name}")
             out[token] = parts
     return out
-
-
-def flax_conditioning(
-    text_encoder,
-    text_params,
-    ids: jax.Array,
-    first_id: int,
-    parts: Mapping,
-    timesteps: Optional[jax.Array] = None,
-):
-    """Our UNet's :class:`Conditioning` for prompts holding one extended token at ``first_id``..."""
-    from jax_inversion.models.unet import Conditioning
-    from jax_inversion.train import encode_prompts
-
-    encode = lambda rows: encode_prompts(text_encoder, text_params, ids, jnp.asarray(rows), first_id).last_hidden_state
-    base = encode(parts["base"])
-    if parts.get("stages"):
-        stage = stage_of(timesteps, parts["stages"], parts["num_train_timesteps"])
-        keys = jnp.stack([encode(r) for r in parts["key"]])  # [S, B, L, D]
-        values = jnp.stack([encode(r) for r in parts["value"]])
-        batch = jnp.arange(ids.shape[0])
-        return Conditioning(keys[stage, batch], value_states=values[stage, batch])
-    layers = {name: (encode(rows),) * 2 for name, rows in (parts.get("layers") or {}).items()}
-    return Conditioning(base, layer_states=layers or None)

@@ -19,6 +19,7 @@ import numpy as np
 
 from jax_inversion.files import atomic_write
 from jax_inversion.tokens import word_embedding
+from jax_inversion.errors import UserError
 
 FORMAT = "jax_inversion.layout"
 FIXED_BOXES = ([0.1, 0.2, 0.5, 0.8], [0.6, 0.2, 0.95, 0.8])
@@ -27,7 +28,7 @@ SMOOTH_L1_BETA = 0.05
 _EXAMPLE = '{"words": ["cat", "dog"], "boxes": [[0.1, 0.2, 0.5, 0.8], [0.6, 0.2, 0.95, 0.8]]}'
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A layout data file, model file or request that cannot be used; the message says what to do."""
 
 
@@ -277,6 +278,26 @@ def load_layout_model(path: str) -> LayoutPredictor:
 def fixed_boxes() -> tuple[np.ndarray, np.ndarray]:
     """The released code's boxes, as numpy arrays."""
     return np.asarray(FIXED_BOXES[0], np.float32), np.asarray(FIXED_BOXES[1], np.float32)
+
+
+def nearest_word(rows, tokenizer, table, words: Sequence[str]) -> str:
+    """The word of ``words`` whose input embedding is nearest (cosine) to ``rows`` (``[d]`` or ``[n, d]``,
+    averaged). Compositional Inversion maps a learned token to its nearest noun before predicting boxes."""
+    if not words:
+        raise LayoutError("no candidate nouns to map the learned token to: give the layout model's words")
+    target = np.asarray(rows, np.float32).reshape(-1, np.shape(table)[-1]).mean(axis=0)
+    candidates = np.stack([word_embedding(tokenizer, table, w) for w in words]).astype(np.float32)
+    cosine = candidates @ target / (np.linalg.norm(candidates, axis=-1) * np.linalg.norm(target) + 1e-12)
+    return words[int(np.argmax(cosine))]
+
+
+def layout_nouns(predictor: Optional["LayoutPredictor"]) -> tuple[str, ...]:
+    """The nouns a learned token may map to: the layout model's training words (``meta["words"]``),
+    else the 80 COCO classes (Compositional Inversion's anchor vocabulary)."""
+    from jax_inversion.objectives import COCO_CLASSES
+
+    words = (predictor.meta or {}).get("words") if predictor is not None else None
+    return tuple(words) if words else COCO_CLASSES
 
 
 def predict_boxes_from_embeddings(predictor: Optional[LayoutPredictor], e_i, e_j) -> tuple[np.ndarray, np.ndarray]:

@@ -149,17 +149,20 @@ def anchor_sparse_codes(v: jax.Array, anchors: jax.Array, max_atoms: int) -> jax
 
 
 @functools.partial(jax.jit, static_argnames="max_atoms")
-def anchor_sparse_loss(v: jax.Array, anchors: jax.Array, max_atoms: int = 5) -> jax.Array:
+def anchor_sparse_loss(v: jax.Array, anchors: jax.Array, max_atoms: int = 5, elements=1.0) -> jax.Array:
     """Semantic-inversion anchor loss: pulls each embedding towards its own sparse anchor set.
 
     delta = stop_gradient(anchor_sparse_codes(v, anchors, max_atoms)) [n, A];
-    L_i = (1/A) sum_j delta_ij |v_i - e_j|^2; returns the mean over the n rows.
+    returns sum_i sum_j delta_ij |v_i - e_j|^2 / elements. With ``elements`` = L x d (the
+    prompt's input embeddings, 77 x 768 for SD1.5) it is on the scale of the released code's
+    loss, :func:`anchor_prompt_loss` (a mean over those elements): for a row that is one
+    anchor plus an offset, the two are equal.
     """
     v = _f32(v)
     anchors = _f32(anchors)
     codes = jax.lax.stop_gradient(anchor_sparse_codes(v, anchors, max_atoms))
     squared_distances = jnp.sum((v[:, None, :] - anchors[None, :, :]) ** 2, axis=-1)
-    return jnp.mean(jnp.sum(codes * squared_distances, axis=-1) / anchors.shape[0])
+    return jnp.sum(codes * squared_distances) / elements
 
 
 @jax.jit
@@ -238,17 +241,46 @@ def location_loss(
 
 
 @jax.jit
+def layout_guidance_loss(
+    attention_maps: Mapping[str, jax.Array], token_mask: jax.Array, masks: jax.Array
+) -> jax.Array:
+    """Layout guidance's loss as the released code computes it: per head, (1 - inside / total)^2.
+
+    attention_maps {layer: probs [B, heads, HW, L]}; token_mask [B, L] bool; masks [B, H, W]
+    in [0, 1] (resized to each map's grid). For each selected (example, token) pair and head,
+    r = sum(M * A_h) / (sum(A_h) + 1e-8); the loss is the mean of (1 - r)^2 over heads and
+    pairs, then over layers. Unlike :func:`location_loss` (heads averaged first, unsquared),
+    a token half inside its box gives 0.25, and 0.2 is reached at r ~ 0.55.
+    """
+    _require_layers(attention_maps)
+    token_mask = jnp.asarray(token_mask, bool)
+    layer_losses = []
+    for name, probs in attention_maps.items():
+        probs = _f32(probs)
+        region = resize_mask(masks, _map_side(name, probs))
+        inside = jnp.einsum("bp,bhpl->bhl", region, probs)
+        ratio = inside / (jnp.sum(probs, axis=2) + RATIO_EPS)
+        layer_losses.append(_masked_mean(jnp.mean((1.0 - ratio) ** 2, axis=1), token_mask))
+    return jnp.mean(jnp.stack(layer_losses))
+
+
+@functools.partial(jax.jit, static_argnames="reduction")
 def attention_match_loss(
     attention_maps: Mapping[str, jax.Array],
     reference_maps: Mapping[str, jax.Array],
     token_mask: jax.Array,
+    reduction: str = "mean",
 ) -> jax.Array:
     """SeFi-IDE's attention matching: head-averaged maps pulled towards constant reference maps.
 
-    Both dicts map the same layers to probs [B, heads, HW, L]. Per layer: squared
-    difference of head means, averaged over HW and over the positions token_mask
-    [B, L] selects (0.0 if none), then averaged over layers. Identical maps give 0.
+    Both dicts map the same layers to probs [B, heads, HW, L]. Per layer, the squared
+    difference of head means at the positions token_mask [B, L] selects: ``"mean"`` averages
+    it over HW and those positions (0.0 if none); ``"sum"`` sums it over HW and the positions
+    of each example and averages over examples (each token's map compared whole, the scale of
+    a squared norm of maps). Then averaged over layers. Identical maps give 0.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction {reduction!r}: use 'mean' or 'sum'")
     _require_layers(attention_maps)
     missing = sorted(set(attention_maps) - set(reference_maps))
     if missing:
@@ -257,8 +289,11 @@ def attention_match_loss(
     layer_losses = []
     for name, probs in attention_maps.items():
         reference = jax.lax.stop_gradient(_f32(reference_maps[name]))
-        per_position = jnp.mean(_head_mean(_f32(probs) - reference) ** 2, axis=1)
-        layer_losses.append(_masked_mean(per_position, token_mask))
+        squared = _head_mean(_f32(probs) - reference) ** 2  # [B, HW, L]
+        if reduction == "sum":
+            layer_losses.append(jnp.sum(squared * token_mask[:, None, :]) / token_mask.shape[0])
+        else:
+            layer_losses.append(_masked_mean(jnp.mean(squared, axis=1), token_mask))
     return jnp.mean(jnp.stack(layer_losses))
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_inversion import losses
+from jax_inversion.errors import UserError
 
 # The 80 COCO class names: Compositional Inversion's default anchor vocabulary.
 COCO_CLASSES = tuple(
@@ -38,7 +39,7 @@ COCO_CLASSES = tuple(
 )
 
 
-class ObjectiveError(ValueError):
+class ObjectiveError(UserError, ValueError):
     """A loss configuration that cannot be built; the message names the key to set."""
 
 
@@ -148,14 +149,20 @@ def _prepare_anchor(setup: TermSetup) -> dict:
         encoder: np.stack([losses.word_embedding(tok, setup.tables[encoder], w) for w in words]).astype(np.float32)
         for encoder, tok in setup.tokenizers.items()
     }
-    return {"anchors": anchors, "max_atoms": int(_option(setup, "anchor", "max_atoms", 5)), "rows": setup.concept_rows}
+    # Normalised per prompt input element (L x d), as the released code's MSE over the prompt's
+    # input embeddings (anchor_prompt): lambda = 0.95 then weighs both variants alike.
+    elements = {e: float(tok.model_max_length * setup.tables[e].shape[-1]) for e, tok in setup.tokenizers.items()}
+    return {"anchors": anchors, "max_atoms": int(_option(setup, "anchor", "max_atoms", 5)), "rows": setup.concept_rows,
+            "elements": elements}
 
 
 def _anchor(outputs, prepared):
-    values = [
-        losses.anchor_sparse_loss(_concept_rows(outputs["learned"][e], prepared["rows"]), jnp.asarray(a), prepared["max_atoms"])
-        for e, a in prepared["anchors"].items()
-    ]
+    values = []
+    for e, a in prepared["anchors"].items():
+        learned = outputs["learned"][e]
+        rows = _concept_rows(learned, prepared["rows"])  # the concept's n vectors per stage/part: mean over those
+        elements = prepared["elements"][e] * _variants(learned.shape)
+        values.append(losses.anchor_sparse_loss(rows, jnp.asarray(a), prepared["max_atoms"], elements))
     return sum(values) / len(values)
 
 
@@ -191,10 +198,27 @@ def _location(outputs, prepared):
     return losses.location_loss(maps, outputs["trainable_positions"], outputs["masks"])
 
 
+def _prepare_attention(setup: TermSetup) -> dict:
+    """The attention term's layers and reduction; its class word must be one token (it replaces the placeholder)."""
+    if not setup.class_word:
+        raise ObjectiveError("loss.attention compares with the class-word prompt: set --config.data.class_word (e.g. person)")
+    for tokenizer in setup.tokenizers.values():
+        pieces = tokenizer.tokenize(setup.class_word)
+        if len(pieces) != 1:
+            raise ObjectiveError(
+                f"data.class_word {setup.class_word!r} is {len(pieces)} tokens {pieces}, not one: "
+                "set --config.data.class_word to a single-token word (e.g. person, dog)"
+            )
+    reduction = str(_option(setup, "attention", "reduction", "mean"))
+    if reduction not in ("mean", "sum"):
+        raise ObjectiveError(f"loss_options.attention.reduction={reduction!r}: use 'sum' or 'mean'")
+    return {**_prepare_maps("attention", False)(setup), "reduction": reduction}
+
+
 def _attention(outputs, prepared):
     maps = {name: outputs["attention_maps"][name] for name in prepared["layers"]}
     reference = {name: outputs["reference_maps"][name] for name in prepared["layers"]}
-    return losses.attention_match_loss(maps, reference, outputs["prompt_positions"])
+    return losses.attention_match_loss(maps, reference, outputs["prompt_positions"], prepared["reduction"])
 
 
 TERMS: dict[str, Term] = {
@@ -204,7 +228,7 @@ TERMS: dict[str, Term] = {
     "anchor": Term(_anchor, _prepare_anchor),
     "anchor_prompt": Term(_anchor_prompt, _prepare_anchor_prompt),
     "location": Term(_location, _prepare_maps("location", True), needs=("masks", "attention_maps")),
-    "attention": Term(_attention, _prepare_maps("attention", False), needs=("attention_maps", "reference_maps")),
+    "attention": Term(_attention, _prepare_attention, needs=("attention_maps", "reference_maps")),
 }
 
 
@@ -232,6 +256,27 @@ class Objective:
         values = {name: TERMS[name].loss(outputs, self.prepared.get(name, {})) for name in self.weights}
         total = sum(self.weights[name] * value for name, value in values.items())
         return total, values
+
+
+def term_cotangents(objective: "Objective", outputs: Mapping) -> dict:
+    """``{term: d(weight * term) / d outputs}``: what each term sends back into the forward pass."""
+    cotangents = {}
+    for name, weight in objective.weights.items():
+        term = lambda o, name=name, weight=weight: weight * TERMS[name].loss(o, objective.prepared.get(name, {}))
+        _, term_pullback = jax.vjp(term, outputs)
+        (cotangents[name],) = term_pullback(jnp.ones((), jnp.float32))
+    return cotangents
+
+
+def term_gradients(objective: "Objective", forward: Callable, learned) -> dict:
+    """``{term: gradient of weight * term w.r.t. learned}``, each in the shape of ``learned``.
+
+    ``forward(learned) -> outputs`` runs once (``jax.vjp``); each term then costs one pullback
+    through it (a backward pass: for terms that read the UNet's outputs, about two forwards).
+    The gradients sum to the objective's.
+    """
+    outputs, pullback = jax.vjp(forward, learned)
+    return {name: pullback(ct)[0] for name, ct in term_cotangents(objective, outputs).items()}
 
 
 def build_objective(weights: Mapping[str, float], setup: Optional[TermSetup] = None) -> Objective:

@@ -23,10 +23,16 @@ class TokenGroup:
     num_vectors: int
     initializer: str
     start: int
+    class_word: str = ""  # follows the tokens in the prompts when data.append_class_word ("" = nothing)
 
     @property
     def tokens(self) -> list[str]:
         return placeholder_string(self.placeholder, self.num_vectors).split(" ")
+
+    @property
+    def prompt_text(self) -> str:
+        """The group in a prompt: ``<c> <c>_1 ...``, then its class word if it has one (``<c> cat``)."""
+        return " ".join(self.tokens + ([self.class_word] if self.class_word else []))
 
     @property
     def stop(self) -> int:
@@ -87,15 +93,35 @@ class RunPlan:
         }
 
 
+def _class_words(data) -> tuple[str, str]:
+    """The (concept, subject) class words appended to the prompts; ("", "") unless data.append_class_word."""
+    if not data.get("append_class_word", False):
+        return "", ""
+    concept = (data.class_word or data.initializer_token).strip()
+    subject = data.subject_initializer_token.strip() if data.subject_token else ""
+    if not concept and not subject:
+        raise DataError(
+            "data.append_class_word needs a class word: set --config.data.class_word (or data.initializer_token), e.g. cat"
+        )
+    return concept, subject
+
+
 def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
-    """Token groups and phases of ``config`` (checked: one-line errors name the key to set)."""
+    """Token groups and phases of ``config`` (checked: one-line errors name the key to set).
+
+    With ``data.append_class_word`` each group's class word follows its tokens ("a photo of
+    <c> <c>_1 cat"; the concept's is ``data.class_word`` or its initializer, the subject's its
+    initializer). Lego's concept phase says "<cpt> <subj>" (``data.concept_before_subject``, the
+    default: the paper's concepts are adjectives and states, "frozen", written before the
+    subject) or "<subj> <cpt>".
+    """
     data, train = config.data, config.train
     if data.num_stages < 1:
         raise DataError(f"data.num_stages={data.num_stages} must be at least 1: set --config.data.num_stages")
-    concept_prompt = placeholder_string(data.placeholder_token, data.num_vectors)
+    concept_word, subject_word = _class_words(data)
     if not data.subject_token:
-        concept = TokenGroup(data.placeholder_token, data.num_vectors, data.initializer_token, 0)
-        phase = Phase("concept", 0, train.num_steps, data.concept_dir, data.mask_dir, concept_prompt, (0, concept.stop))
+        concept = TokenGroup(data.placeholder_token, data.num_vectors, data.initializer_token, 0, concept_word)
+        phase = Phase("concept", 0, train.num_steps, data.concept_dir, data.mask_dir, concept.prompt_text, (0, concept.stop))
         return RunPlan((concept,), (phase,), data.num_stages, bool(data.separate_kv))
     if data.subject_token == data.placeholder_token:
         raise DataError("data.subject_token equals data.placeholder_token: give the subject its own token, e.g. '<subj>'")
@@ -103,15 +129,15 @@ def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
         raise DataError("data.subject_token is set but data.subject_dir is empty: pass --config.data.subject_dir=DIR of subject-only images")
     if train.subject_steps < 0:
         raise DataError("train.subject_steps is negative: pass --config.train.subject_steps=N with N >= 0")
-    subject = TokenGroup(data.subject_token, data.subject_num_vectors, data.subject_initializer_token, 0)
-    concept = TokenGroup(data.placeholder_token, data.num_vectors, data.initializer_token, subject.stop)
-    subject_prompt = placeholder_string(data.subject_token, data.subject_num_vectors)
+    subject = TokenGroup(data.subject_token, data.subject_num_vectors, data.subject_initializer_token, 0, subject_word)
+    concept = TokenGroup(data.placeholder_token, data.num_vectors, data.initializer_token, subject.stop, concept_word)
+    pair = (concept, subject) if data.get("concept_before_subject", True) else (subject, concept)
     first = train.subject_steps
     phases = (
-        Phase("subject", 0, first, data.subject_dir, data.subject_mask_dir, subject_prompt, (subject.start, subject.stop)),
+        Phase("subject", 0, first, data.subject_dir, data.subject_mask_dir, subject.prompt_text, (subject.start, subject.stop)),
         Phase(
             "concept", first, first + train.num_steps, data.concept_dir, data.mask_dir,
-            f"{subject_prompt} {concept_prompt}", (concept.start, concept.stop),
+            " ".join(g.prompt_text for g in pair), (concept.start, concept.stop),
         ),
     )
     return RunPlan((subject, concept), phases, data.num_stages, bool(data.separate_kv))

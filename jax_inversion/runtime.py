@@ -1,4 +1,4 @@
-"""Process-level setup shared by the commands: multi-host init and one-line user errors."""
+"""Process-level setup shared by the commands: multi-host init, XLA's cache and one-line user errors."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +6,8 @@ import os
 import sys
 
 import jax
+
+from jax_inversion.errors import UserError
 
 
 def initialize_distributed() -> None:
@@ -112,19 +114,18 @@ def _tpu_pod() -> bool:
 
 @contextlib.contextmanager
 def user_errors(command: str):
-    """Our error types (bad input) become one line on stderr and exit status 1."""
-    from jax_inversion.checkpoints import CheckpointError
-    from jax_inversion.data import DataError
-    from jax_inversion.export import ExportError
-    from jax_inversion.layout import LayoutError
-    from jax_inversion.loading import ModelLoadError
-    from jax_inversion.objectives import ObjectiveError
-    from jax_inversion.sampling import SamplingError
-    from jax_inversion.tokens import TokenError
-    from jax_inversion.train import TrainError
-    from jax_inversion.toyworld import ToyWorldError
-
+    """Any :class:`~jax_inversion.errors.UserError` (bad input) becomes one line on stderr and exit status 1."""
     try:
         yield
-    except (CheckpointError, DataError, ExportError, LayoutError, ModelLoadError, ObjectiveError, SamplingError, TokenError, TrainError, ToyWorldError) as e:
+    except UserError as e:
         sys.exit(f"{command}: {e}")
+
+
+def enable_compilation_cache(workdir: str) -> None:
+    """XLA's persistent compilation cache in ``WORKDIR/xla_cache`` (unless one is set already):
+    compiled steps survive restarts (preemption, resume). A gs:// workdir keeps it on local disk
+    (``~/.cache/jax_inversion/xla_cache``): it is machine-specific and read at every compile."""
+    if jax.config.jax_compilation_cache_dir is None:
+        local = os.path.join(os.path.expanduser("~"), ".cache", "jax_inversion") if "://" in workdir else os.path.abspath(workdir)
+        jax.config.update("jax_compilation_cache_dir", os.path.join(local, "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

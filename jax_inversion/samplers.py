@@ -285,18 +285,40 @@ def make_sampler(name: str, scheduler_config: Mapping, num_inference_steps: int)
     return _BUILDERS[name](schedule, config, int(num_inference_steps), spacing)
 
 
-def sample_loop(sampler: Sampler, denoise: Callable, latents: jax.Array) -> jax.Array:
+def sample_loop(
+    sampler: Sampler,
+    denoise: Callable,
+    latents: jax.Array,
+    guide: Optional[Callable] = None,
+    extra: Any = None,
+):
     """Runs every step of ``sampler`` from ``latents`` in one ``lax.fori_loop``.
 
-    ``latents`` are the initial latents already at the first noise level (see
-    :meth:`Sampler.initial_latents`); ``denoise(x_in, t, i)`` returns the model output (with any
-    classifier-free guidance applied) for the scaled input ``x_in`` at timestep ``t`` of step ``i``.
+    Args:
+      sampler: the configured :class:`Sampler`.
+      denoise: ``denoise(x_in, t, i)`` -> the model output (any classifier-free guidance
+        applied) for the scaled input ``x_in`` at timestep ``t`` of step ``i``; with ``extra``,
+        ``(output, extra_i)``.
+      latents: the initial latents, already at the first noise level (see
+        :meth:`Sampler.initial_latents`).
+      guide: optional ``guide(x, i) -> x``, applied to the unscaled latents before step ``i``
+        (layout guidance).
+      extra: optional initial value of a quantity averaged over the steps (e.g. attention maps).
+
+    Returns:
+      The final latents; ``(latents, mean of extra_i)`` when ``extra`` is given.
     """
 
     def body(i, carry):
-        x, state = carry
+        x, state, total = carry
+        if guide is not None:
+            x = guide(x, i)
         out = denoise(sampler.scale_model_input(x, i), sampler.timestep(i), i)
-        return sampler.step(state, out, i, x)
+        if extra is not None:
+            out, step_extra = out
+            total = total + step_extra / sampler.num_steps
+        x, state = sampler.step(state, out, i, x)
+        return x, state, total
 
-    final, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (latents, sampler.init_state(latents)))
-    return final
+    final, _, total = jax.lax.fori_loop(0, sampler.num_steps, body, (latents, sampler.init_state(latents), extra))
+    return final if extra is None else (final, total)

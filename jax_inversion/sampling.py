@@ -6,10 +6,15 @@ trains works: multi-vector tokens, several concepts (Lego's ``<subj> <cpt>``), a
 per-timestep-stage key/value rows (SeFi-IDE), whose stage follows the current timestep.
 
 Layout guidance (Compositional Inversion's spatial inversion, after Chen et al.'s
-layout guidance): during the first ``guidance_steps`` steps, up to ``max_iterations``
-gradient steps on the latent lower the location loss of the guided tokens' cross-attention
-maps (16x16 layers and the mid block) against their boxes, stopping below ``threshold``;
-the step is ``grad(loss * loss_scale)``, times sigma^2 for sigma-space samplers (Euler).
+layout guidance, as their released ``layout_control.py``): during the first
+``guidance_steps`` steps, up to ``max_iterations`` gradient steps on the latent lower
+:func:`losses.layout_guidance_loss` (per head, per token ``(1 - inside/total)^2``, averaged)
+of the guided tokens' cross-attention maps in the mid block and the first up block at 16x16,
+stopping once that loss is below ``threshold`` (0.2). The code steps ``latents -= grad *
+sigma^2`` under LMS (sigma-space latents): the same here for Euler, and the equivalent
+``x -= grad * sigma^2 / (1 + sigma^2)`` (= ``1 - alpha_bar``) for DDIM and DPM-Solver, whose
+latents are ``x = z / sqrt(1 + sigma^2)``. ``LayoutGuidance(loss="location", layers="all")``
+is the earlier variant: unsquared, heads averaged, every 16x16 layer (down blocks too).
 """
 from __future__ import annotations
 
@@ -22,15 +27,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_inversion import data as data_lib, losses, tokens as tokens_lib
-from jax_inversion.extended import stage_of
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
+
+from jax_inversion import data as data_lib, layout as layout_lib, losses, tokens as tokens_lib
+from jax_inversion.checkpoints import read_run
+from jax_inversion.conditioning import encoders_of, frozen_params, input_embedding_table, run_unet, text_conditioning, vae_factor
+from jax_inversion.errors import UserError
+from jax_inversion.export import ExportError, read_embedding_file, read_tensors, run_concepts
+from jax_inversion.extended import read_extended, stage_of
+from jax_inversion.files import atomic_write
 from jax_inversion.loading import Pretrained
 from jax_inversion.models.unet import Conditioning, cross_attention_layers
 from jax_inversion.models.vae import unscale_latents
-from jax_inversion.samplers import Sampler
+from jax_inversion.samplers import Sampler, make_sampler, sample_loop
+from jax_inversion.sharding import make_mesh
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError, ValueError):
     """A sampling request that cannot be served; the message says what to do."""
 
 
@@ -54,8 +69,6 @@ class LearnedTokens:
 
 def tokens_from_checkpoint(embeddings: Mapping, meta: Mapping) -> LearnedTokens:
     """Learned tokens of a checkpoint's rows and metadata (batch-inversion concepts by their names)."""
-    from jax_inversion.export import run_concepts
-
     rows = {k: np.asarray(v, np.float32) for k, v in embeddings.items()}
     steps = int(meta.get("num_train_timesteps", 1000))
     if meta.get("concept_batch"):  # [C, n, d]: each concept becomes its own token strings
@@ -70,20 +83,14 @@ def tokens_from_checkpoint(embeddings: Mapping, meta: Mapping) -> LearnedTokens:
 
 def tokens_from_run(workdir: str, step: Optional[int] = None) -> tuple[str, LearnedTokens]:
     """``(model path, tokens)`` of a run's checkpoint (latest or ``step``)."""
-    from jax_inversion.checkpoints import read_run
-
     _, state, meta = read_run(workdir, step)
     return meta["model"], tokens_from_checkpoint(state["embeddings"], meta)
 
 
 def tokens_from_file(path: str, token: Optional[str] = None) -> LearnedTokens:
     """Tokens of an exported file (diffusers, A1111, SDXL or extended); ``token`` names a file without one."""
-    from jax_inversion.export import ExportError, _read_any, read_embedding_file
-
-    _, metadata = _read_any(path)
+    _, metadata = read_tensors(path)
     if metadata.get("format") == "jax_inversion.extended":
-        from jax_inversion.extended import read_extended
-
         parts = read_extended(path)
         placeholders, staged, plain = {}, [], []
         for name, p in parts.items():
@@ -116,9 +123,7 @@ def expand_prompt(prompt: str, learned: LearnedTokens) -> str:
 
 
 def add_tokens(model: Pretrained, learned: LearnedTokens) -> dict:
-    """Adds the learned strings to the model's tokenizer(s); ``{encoder: TokenLayout}``."""
-    from jax_inversion.train import encoders_of
-
+    """Adds the learned strings to the model's tokenizer(s); ``{encoder: PlaceholderIds}``."""
     encoders = encoders_of(model)
     missing = sorted(set(encoders) - set(learned.rows))
     if missing:
@@ -129,17 +134,17 @@ def add_tokens(model: Pretrained, learned: LearnedTokens) -> dict:
             raise SamplingError(
                 f"the learned {name} rows are {width} wide but the model's are {module.config.hidden_size}: use the model they were trained on"
             )
-    layouts = {}
+    placeholder_ids = {}
     for name, (_, tok) in encoders.items():
         vocab = tok.get_vocab()
         if all(t in vocab for t in learned.tokens):  # already added (e.g. validation inside a training run)
             first = vocab[learned.tokens[0]]
             if [vocab[t] for t in learned.tokens] != list(range(first, first + len(learned.tokens))):
                 raise SamplingError(f"the tokenizer already holds {learned.tokens} at other ids: load a fresh model")
-            layouts[name] = tokens_lib.TokenLayout(tuple(learned.tokens), first)
+            placeholder_ids[name] = tokens_lib.PlaceholderIds(tuple(learned.tokens), first)
         else:
-            layouts[name] = tokens_lib.add_placeholder_tokens(tok, learned.tokens)
-    return layouts
+            placeholder_ids[name] = tokens_lib.add_placeholder_tokens(tok, learned.tokens)
+    return placeholder_ids
 
 
 @dataclasses.dataclass
@@ -152,10 +157,8 @@ class PromptStates:
     input_ids: jax.Array  # [B, L] of the first encoder
 
 
-def encode_prompts(model: Pretrained, layouts: dict, learned: LearnedTokens, prompts: Sequence[str], resolution: int) -> PromptStates:
+def prompt_states(model: Pretrained, placeholder_ids: dict, learned: LearnedTokens, prompts: Sequence[str], resolution: int) -> PromptStates:
     """Text states of ``prompts`` (placeholders expanded) for every stage's key and value rows."""
-    from jax_inversion.train import encoders_of, frozen_params, text_conditioning
-
     prompts = [expand_prompt(p, learned) for p in prompts]
     ids = {name: jnp.asarray(data_lib.tokenize_prompts(tok, prompts)) for name, (_, tok) in encoders_of(model).items()}
     frozen = frozen_params(model)
@@ -163,7 +166,7 @@ def encode_prompts(model: Pretrained, layouts: dict, learned: LearnedTokens, pro
     for stage in range(learned.num_stages):
         for part, out in ((0, keys), (1, values)):
             rows = {e: jnp.asarray(r[stage, min(part, r.shape[1] - 1)] if r.ndim == 4 else r) for e, r in learned.rows.items()}
-            states, stage_added = text_conditioning(model, frozen, ids, rows, layouts, resolution)
+            states, stage_added = text_conditioning(model, frozen, ids, rows, placeholder_ids, resolution)
             out.append(states)
             added = added or stage_added
     return PromptStates(jnp.stack(keys), jnp.stack(values), added, ids["text_encoder"])
@@ -188,24 +191,57 @@ def token_positions(tokenizer, input_ids: np.ndarray, text: str, learned: Learne
 
 @dataclasses.dataclass(frozen=True)
 class LayoutGuidance:
-    """Boxes ``[x0, y0, x1, y1]`` for prompt positions; the defaults are Compositional Inversion's."""
+    """Boxes ``[x0, y0, x1, y1]`` for prompt positions; the defaults are the released code's."""
 
     positions: tuple  # per guided word: [B, L] bool
     boxes: tuple  # per guided word: [4] fractions
     guidance_steps: int = 10
     max_iterations: int = 5
     loss_scale: float = 30.0
-    threshold: float = 0.2
+    threshold: float = 0.2  # on the unscaled loss
     resolution: int = 16
+    loss: str = "squared"  # "squared": the code's per-head (1 - inside/total)^2; "location": the training term
+    layers: str = "code"  # "code": mid block + first up block at `resolution`; "all": every layer at it + mid
 
 
-def guidance_layers(model: Pretrained, latent_size: int, resolution: int) -> tuple[str, ...]:
-    """The cross-attention layers at ``resolution`` plus the mid block (what layout guidance reads)."""
+GUIDANCE_LOSSES = {"squared": losses.layout_guidance_loss, "location": losses.location_loss}
+
+
+def guidance_layers(model: Pretrained, latent_size: int, resolution: int, which: str = "code") -> tuple[str, ...]:
+    """The cross-attention layers layout guidance reads: the mid block's and, with ``which="code"``,
+    the first up block's at ``resolution`` (the released code's), with ``"all"`` every one at it."""
     layers = cross_attention_layers(model.unet.config, latent_size)
-    chosen = tuple(n for n, side in layers.items() if side == resolution or n.startswith("mid_block"))
-    if not any(side == resolution for side in layers.values()):
-        raise SamplingError(f"the UNet has no cross-attention layer at {resolution}x{resolution} (it has {sorted(set(layers.values()))})")
-    return chosen
+    mid = tuple(n for n in layers if n.startswith("mid_block"))
+    if which == "all":
+        at = tuple(n for n, side in layers.items() if side == resolution)
+    elif which == "code":
+        up = [n for n, side in layers.items() if side == resolution and n.startswith("up_blocks.")]
+        first = up[0].split(".attentions.")[0] + ".attentions." if up else None
+        at = tuple(n for n in up if n.startswith(first)) if up else ()
+    else:
+        raise SamplingError(f"layout guidance layers {which!r}: use 'code' (mid + first up block) or 'all'")
+    if not at or not mid:
+        where = "up block" if which == "code" else "layer"
+        raise SamplingError(
+            f"layout guidance reads the mid block and a cross-attention {where} at {resolution}x{resolution}, but this "
+            f"UNet has {'no mid-block cross-attention' if not mid else f'none at that side (it has {sorted(set(layers.values()))})'}: "
+            "sample without --layout-guidance or use a model with those layers"
+        )
+    return tuple(n for n in layers if n in at or n in mid)
+
+
+def guided_latents(x: jax.Array, loss_and_grad, max_iterations: int, threshold: float, step_scale) -> jax.Array:
+    """Up to ``max_iterations`` steps ``x -= step_scale * grad``, stopping for good once the loss is below
+    ``threshold`` (checked before each step, as the code's ``while loss / scale > threshold``).
+    ``loss_and_grad(x) -> (loss, grad)`` returns the unscaled loss and the gradient to step along."""
+
+    def body(_, carry):
+        z, active = carry
+        loss, grad = loss_and_grad(z)
+        active = active & (loss >= threshold)
+        return jnp.where(active, z - (step_scale * grad).astype(z.dtype), z), active
+
+    return jax.lax.fori_loop(0, max_iterations, body, (x, jnp.asarray(True)))[0]
 
 
 def make_sample_fn(
@@ -223,13 +259,13 @@ def make_sample_fn(
     the conditional branch's cross-attention ``[B, HW, L]`` averaged over the ``capture`` layers
     (one resolution), heads and steps; a scalar 0 when nothing is captured.
     """
-    from jax_inversion.train import run_unet
-
     params = model.unet_params
     stages = np.asarray(stage_of(np.asarray(sampler.timesteps).astype(np.int64), num_stages, num_train_timesteps), np.int32)
     sigma_space = sampler.name == "euler"  # latents carry sigma: guidance steps scale by sigma^2
     sides = cross_attention_layers(model.unet.config, model.unet.config.sample_size)
-    guided_layers = guidance_layers(model, model.unet.config.sample_size, layout.resolution) if layout else ()
+    guided_layers = guidance_layers(model, model.unet.config.sample_size, layout.resolution, layout.layers) if layout else ()
+    if layout is not None and layout.loss not in GUIDANCE_LOSSES:
+        raise SamplingError(f"layout guidance loss {layout.loss!r}: use one of {sorted(GUIDANCE_LOSSES)}")
     if capture and len({sides[name] for name in capture}) != 1:
         raise SamplingError("captured attention layers must share one resolution")
     map_side = sides[capture[0]] if capture else 0
@@ -238,20 +274,19 @@ def make_sample_fn(
         stage = jnp.asarray(stages)[i]
         return states["keys"][stage], states["values"][stage]
 
-    def denoise(x, i, cond, uncond):
-        batch = x.shape[0]
-        x_in = sampler.scale_model_input(x, i)
+    def denoise(x_in, t, i, cond, uncond):
+        batch = x_in.shape[0]
         (ck, cv), (uk, uv) = states_at(cond, i), states_at(uncond, i)
         conditioning = Conditioning(jnp.concatenate([uk, ck]), value_states=jnp.concatenate([uv, cv]), capture_maps=capture)
         added = None
         if cond["added"] is not None:
             added = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c]), uncond["added"], cond["added"])
-        timesteps = jnp.full((2 * batch,), sampler.timestep(i))
-        out, maps = run_unet(model, params, jnp.concatenate([x_in, x_in]), timesteps, conditioning, added)
+        out, maps = run_unet(model, params, jnp.concatenate([x_in, x_in]), jnp.full((2 * batch,), t), conditioning, added)
         out = out.astype(jnp.float32)
         guided = out[:batch] + guidance_scale * (out[batch:] - out[:batch])
-        mean_map = sum(m[batch:].astype(jnp.float32).mean(axis=1) for m in maps.values()) / len(maps) if capture else None
-        return guided, mean_map
+        if not capture:
+            return guided
+        return guided, sum(m[batch:].astype(jnp.float32).mean(axis=1) for m in maps.values()) / len(maps)
 
     def layout_loss(x, i, cond):
         ck, cv = states_at(cond, i)
@@ -261,37 +296,24 @@ def make_sample_fn(
         values = []
         for positions, box in zip(layout.positions, layout.boxes):
             mask = jnp.broadcast_to(jnp.asarray(data_lib.box_mask(box, x.shape[1])), x.shape[:3])
-            values.append(losses.location_loss(maps, jnp.asarray(positions), mask))
+            values.append(GUIDANCE_LOSSES[layout.loss](maps, jnp.asarray(positions), mask))
         return sum(values) / len(values)
 
     def guide(x, i, cond):
-        loss_and_grad = jax.value_and_grad(lambda z: layout.loss_scale * layout_loss(z, i, cond))
-        step_scale = sampler.sigma(i) ** 2 if sigma_space else 1.0
-
-        def body(_, carry):
-            z, active = carry
-            scaled_loss, grad = loss_and_grad(z)
-            active = active & (scaled_loss / layout.loss_scale >= layout.threshold)
-            return jnp.where(active, z - (step_scale * grad).astype(z.dtype), z), active
-
-        return jax.lax.fori_loop(0, layout.max_iterations, body, (x, jnp.asarray(True)))[0]
+        scaled = jax.value_and_grad(lambda z: layout.loss_scale * layout_loss(z, i, cond))
+        loss_and_grad = lambda z: (lambda v, g: (v / layout.loss_scale, g))(*scaled(z))
+        sigma2 = sampler.sigma(i) ** 2
+        step_scale = sigma2 if sigma_space else sigma2 / (1.0 + sigma2)  # LMS's sigma^2, in x = z / sqrt(1 + sigma^2)
+        return guided_latents(x, loss_and_grad, layout.max_iterations, layout.threshold, step_scale)
 
     def sample(noise, cond, uncond):
-        x = sampler.initial_latents(noise)
-        maps = jnp.zeros((noise.shape[0], map_side * map_side, cond["keys"].shape[2])) if capture else jnp.zeros(())
-
-        def body(i, carry):
-            x, state, maps = carry
-            if layout is not None:
-                x = jax.lax.cond(i < layout.guidance_steps, lambda z: guide(z, i, cond), lambda z: z, x)
-            out, mean_map = denoise(x, i, cond, uncond)
-            x, state = sampler.step(state, out, i, x)
-            if capture:
-                maps = maps + mean_map / sampler.num_steps
-            return x, state, maps
-
-        x, _, maps = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x), maps))
-        return x, maps
+        guide_early = None
+        if layout is not None:
+            guide_early = lambda x, i: jax.lax.cond(i < layout.guidance_steps, lambda z: guide(z, i, cond), lambda z: z, x)
+        maps = jnp.zeros((noise.shape[0], map_side * map_side, cond["keys"].shape[2])) if capture else None
+        step = lambda x_in, t, i: denoise(x_in, t, i, cond, uncond)
+        result = sample_loop(sampler, step, sampler.initial_latents(noise), guide=guide_early, extra=maps)
+        return result if capture else (result, jnp.zeros(()))
 
     return jax.jit(sample)
 
@@ -317,11 +339,6 @@ def image_grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray:
 
 def save_png(path: str, image: np.ndarray, info: Mapping[str, str]) -> str:
     """Writes ``image`` with ``info`` as PNG text chunks (prompt, seed, ...), via a temp file."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    from jax_inversion.files import atomic_write
-
     meta = PngInfo()
     for key, value in info.items():
         meta.add_text(key, str(value))
@@ -360,20 +377,24 @@ class SampleResult:
 
 
 def _layout(model: Pretrained, learned: LearnedTokens, request: SampleRequest, input_ids) -> LayoutGuidance:
-    from jax_inversion import layout as layout_lib
-    from jax_inversion.train import input_embedding_table
-
     words = list(request.layout_words) or list(learned.placeholders)
     if len(words) > 2 and not request.boxes:
         raise SamplingError("layout guidance without --boxes places two words: pass --layout-words 'A,B' or --boxes")
     boxes = [list(b) for b in request.boxes]
     if not boxes:
         table = input_embedding_table(model, "text_encoder")
-        embed = lambda word: _word_rows(model, learned, table, word)
         if len(words) == 1:
             boxes = [layout_lib.fixed_boxes()[0].tolist()]
         else:
             predictor = layout_lib.load_layout_model(request.layout_model) if request.layout_model else None
+            nouns = layout_lib.layout_nouns(predictor)
+
+            def embed(word):  # a learned token is placed as its nearest noun (the paper's mapping)
+                rows = _word_rows(model, learned, table, word)
+                if word in learned.placeholders and predictor is not None:
+                    rows = tokens_lib.word_embedding(model.tokenizer, table, layout_lib.nearest_word(rows, model.tokenizer, table, nouns))
+                return rows
+
             boxes = [b.tolist() for b in layout_lib.predict_boxes_from_embeddings(predictor, embed(words[0]), embed(words[1]))]
     if len(boxes) != len(words):
         raise SamplingError(f"{len(boxes)} boxes for {len(words)} layout words: give one box per word")
@@ -401,21 +422,16 @@ def generate(
     ``cache`` (a dict kept by the caller) reuses the compiled loop across calls without layout
     guidance, e.g. validation during training.
     """
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from jax_inversion.samplers import make_sampler
-    from jax_inversion.train import make_mesh, vae_factor
-
     if request.num_images < 1 or request.steps < 1:
         raise SamplingError("--num-images and --steps must be at least 1")
     try:
         sampler = make_sampler(request.scheduler, model.scheduler_config, request.steps)
     except ValueError as e:
         raise SamplingError(f"cannot build the {request.scheduler} sampler for this model: {e}") from None
-    layouts = add_tokens(model, learned)
+    placeholder_ids = add_tokens(model, learned)
     resolution = model.unet.config.sample_size * vae_factor(model)
-    cond = encode_prompts(model, layouts, learned, [request.prompt] * request.num_images, resolution)
-    uncond = encode_prompts(model, layouts, learned, [request.negative_prompt] * request.num_images, resolution)
+    cond = prompt_states(model, placeholder_ids, learned, [request.prompt] * request.num_images, resolution)
+    uncond = prompt_states(model, placeholder_ids, learned, [request.negative_prompt] * request.num_images, resolution)
     layout = _layout(model, learned, request, np.asarray(cond.input_ids)) if request.layout_guidance else None
     capture = ()
     if request.attention_resolution:
@@ -463,8 +479,6 @@ def _heat_colors(values: np.ndarray) -> np.ndarray:
 
 def attention_figure(tokenizer, result: SampleResult, image_index: int = 0, columns: int = 8) -> np.ndarray:
     """The image, then each prompt token's mean cross-attention map over it, labelled with the token."""
-    from PIL import Image, ImageDraw
-
     image = result.images[image_index]
     if image.shape[0] < 128:  # small models: enlarge so labels fit
         factor = -(-128 // image.shape[0])

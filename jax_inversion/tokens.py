@@ -12,13 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_inversion.errors import UserError
 
-class TokenError(ValueError):
+
+class TokenError(UserError, ValueError):
     """A placeholder or initializer token the tokenizer cannot take."""
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenLayout:
+class PlaceholderIds:
     """Which strings were added and the ids they got (contiguous, ``first_id`` onwards)."""
 
     tokens: tuple[str, ...]
@@ -33,7 +35,7 @@ def vector_tokens(placeholder: str, num_vectors: int) -> list[str]:
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
 
-def add_placeholder_tokens(tokenizer, tokens: Sequence[str]) -> TokenLayout:
+def add_placeholder_tokens(tokenizer, tokens: Sequence[str]) -> PlaceholderIds:
     """Adds ``tokens``; refuses any that already exist in the vocabulary."""
     vocab = tokenizer.get_vocab()
     for token in tokens:
@@ -50,7 +52,7 @@ def add_placeholder_tokens(tokenizer, tokens: Sequence[str]) -> TokenLayout:
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
     if list(ids) != list(range(first_id, first_id + len(tokens))):
         raise TokenError(f"placeholder tokens got non-contiguous ids {ids}")
-    return TokenLayout(tuple(tokens), first_id)
+    return PlaceholderIds(tuple(tokens), first_id)
 
 
 def initializer_id(tokenizer, word: str) -> int:
@@ -64,10 +66,33 @@ def initializer_id(tokenizer, word: str) -> int:
     return ids[0]
 
 
+def initializer_groups(tokenizer, phrase: str, num_vectors: int) -> list[tuple[int, ...]]:
+    """The token ids each of ``num_vectors`` vectors starts from, for an initializer word or phrase.
+
+    The phrase's m tokens are spread over the n vectors in order: vector i starts from the mean
+    of tokens ``[floor(i*m/n), floor((i+1)*m/n))`` (at least token ``floor(i*m/n)``). So m = n maps
+    token i to vector i; m < n repeats each token over consecutive vectors (A1111's rule, e.g.
+    "red car" over 4 vectors: red, red, car, car); m > n averages neighbouring tokens ("a red toy
+    car" over 2 vectors: mean(a, red), mean(toy, car); A1111 would drop tokens). A one-token word
+    gives every vector its row, as before.
+    """
+    ids = tokenizer.encode(phrase, add_special_tokens=False)
+    if not ids:
+        raise TokenError(f"initializer {phrase!r} has no tokens: pass a word or phrase, or leave it empty for random init")
+    m, n = len(ids), num_vectors
+    groups = []
+    for i in range(n):
+        start = i * m // n
+        stop = max((i + 1) * m // n, start + 1)
+        groups.append(tuple(ids[start:stop]))
+    return groups
+
+
 def initial_embeddings(
-    table: np.ndarray, init_ids: Sequence[Optional[int]], rng: np.random.Generator
+    table: np.ndarray, init_ids: Sequence[Optional[int] | Sequence[int]], rng: np.random.Generator
 ) -> np.ndarray:
-    """Rows to start from: the initializer's row, or random with the table's mean norm."""
+    """Rows to start from: the initializer's row (the mean of its rows for a tuple of ids), or
+    random with the table's mean norm (None)."""
     table = np.asarray(table, np.float32)
     mean_norm = float(np.linalg.norm(table, axis=-1).mean())
     rows = []
@@ -75,6 +100,8 @@ def initial_embeddings(
         if token_id is None:
             v = rng.standard_normal(table.shape[-1]).astype(np.float32)
             rows.append(v / np.linalg.norm(v) * mean_norm)
+        elif isinstance(token_id, (tuple, list)):
+            rows.append(table[np.asarray(token_id)].mean(axis=0))
         else:
             rows.append(table[token_id])
     return np.stack(rows).astype(np.float32)

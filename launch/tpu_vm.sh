@@ -31,8 +31,8 @@ CONCEPT_DIR=${CONCEPT_DIR:-}                          # gs://... or a path on th
 NUM_STEPS=${NUM_STEPS:-3000}
 BATCH_SIZE=${BATCH_SIZE:-32}                          # global batch: a multiple of the TPU chips (devices) in the slice
 TRAIN_FLAGS=${TRAIN_FLAGS:-}                          # more flags, space separated, e.g. "--config.data.placeholder_token=<cat> --config.dtype=bfloat16"
-WORKDIR_MODE=${WORKDIR_MODE:-auto}                    # sync | gcsfuse | auto (sync on one host, gcsfuse on several)
-SYNC_SECONDS=${SYNC_SECONDS:-600}                     # sync mode: copy the workdir to the bucket this often
+WORKDIR_MODE=${WORKDIR_MODE:-bucket}                  # bucket (the workdir is $BUCKET/runs/$RUN_NAME itself) | sync | gcsfuse (older workarounds)
+SYNC_SECONDS=${SYNC_SECONDS:-600}                     # sync mode only: copy the workdir to the bucket this often
 FETCH_TO=${FETCH_TO:-runs/$RUN_NAME}                  # fetch: local destination
 # ----------------------------------------------------------------------------- end of parameters
 
@@ -79,7 +79,7 @@ cmd_install() {
     export PATH=\$HOME/.local/bin:\$PATH
     [ -d ~/venv ] || uv venv -q --python $PYTHON_VERSION ~/venv
     . ~/venv/bin/activate
-    uv pip install -q -e . 'jax[tpu]'
+    uv pip install -q -e '.[gcs]' 'jax[tpu]'
     if ! command -v gcsfuse >/dev/null; then
       echo 'deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-'\$(lsb_release -cs)' main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
       curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null
@@ -115,7 +115,11 @@ sync_up() {  # workdir -> bucket (finished checkpoints only; Orbax's *.orbax-che
   gsutil -m -q rsync -r -d -x '.*orbax-checkpoint-tmp.*|.*\.write_test_.*' "$workdir" "$run_url" || echo "sync to $run_url failed (will retry)"
 }
 
-if [[ "$mode" == gcsfuse ]]; then
+if [[ "$mode" == bucket ]]; then
+  # The job writes to the bucket itself: Orbax/TensorStore natively, everything else through etils.epath
+  # (gcsfs). Every host sees the same checkpoint directory; nothing to copy, no half-copied checkpoints.
+  workdir="$run_url"
+elif [[ "$mode" == gcsfuse ]]; then
   # Several hosts: Orbax needs every process to see one checkpoint directory, so the
   # workdir is the bucket itself, mounted at the same path on every worker.
   mount_point="$HOME/gcs"
@@ -161,10 +165,8 @@ cmd_train() {
   need_bucket
   local mode=$WORKDIR_MODE workers
   workers=$(num_workers)
-  if [[ "$mode" == auto ]]; then
-    if [[ "$workers" -gt 1 ]]; then mode=gcsfuse; else mode=sync; fi
-  fi
-  [[ "$mode" == sync || "$mode" == gcsfuse ]] || die "WORKDIR_MODE must be sync, gcsfuse or auto"
+  if [[ "$mode" == auto ]]; then mode=bucket; fi
+  [[ "$mode" == bucket || "$mode" == sync || "$mode" == gcsfuse ]] || die "WORKDIR_MODE must be bucket, sync or gcsfuse"
   if [[ "$mode" == sync && "$workers" -gt 1 ]]; then
     die "WORKDIR_MODE=sync needs a one-host TPU ($TPU_NAME has $workers workers): Orbax waits forever when the hosts do not share the checkpoint directory; use WORKDIR_MODE=gcsfuse"
   fi
@@ -206,6 +208,6 @@ case "${1:-}" in
   stop) cmd_stop ;;
   fetch) cmd_fetch ;;
   delete) cmd_delete ;;
-  script) worker_script "${2:-sync}" ;;   # print what the workers would run (for review)
+  script) worker_script "${2:-bucket}" ;;   # print what the workers would run (for review)
   *) die "usage: [VAR=value ...] bash launch/tpu_vm.sh create|install|train|logs|stop|fetch|delete|script [sync|gcsfuse]" ;;
 esac

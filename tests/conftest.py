@@ -1,9 +1,34 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole test session, in a temp dir.
+
+    Set in the controlling process before xdist starts its workers, as environment
+    variables, so the workers and every `jax-inversion` subprocess share it: a program
+    compiled by one test (the tiny model's train step, its sampler) is read back by the
+    others instead of recompiled. A fresh directory each session: nothing carries over.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    directory = tempfile.mkdtemp(prefix="jax_inversion_tests_xla_")
+    config._xla_cache_dir = directory
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_unconfigure(config):
+    directory = getattr(config, "_xla_cache_dir", None)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,13 @@
 """Shared test helpers."""
+from typing import Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jax_inversion.conditioning import encode_with_rows
 from jax_inversion.configs.ti import get_config
+from jax_inversion.extended import stage_of
+from jax_inversion.models.unet import Conditioning
 
 
 def make_config(model, concept_dir, **train):
@@ -15,6 +23,28 @@ def make_config(model, concept_dir, **train):
     config.train.log_every = 3
     config.train.checkpoint_every = 3
     config.train.learning_rate = 5e-3
+    config.train.scale_lr = False  # the rates the tests give are the rates applied
     for key, value in train.items():
         config.train[key] = value
     return config
+
+
+def flax_conditioning(
+    text_encoder,
+    text_params,
+    ids: jax.Array,
+    first_id: int,
+    parts: Mapping,
+    timesteps: Optional[jax.Array] = None,
+):
+    """Our UNet's :class:`Conditioning` for prompts holding one extended token at ``first_id``..."""
+    encode = lambda rows: encode_with_rows(text_encoder, text_params, ids, jnp.asarray(rows), first_id).last_hidden_state
+    base = encode(parts["base"])
+    if parts.get("stages"):
+        stage = stage_of(timesteps, parts["stages"], parts["num_train_timesteps"])
+        keys = jnp.stack([encode(r) for r in parts["key"]])  # [S, B, L, D]
+        values = jnp.stack([encode(r) for r in parts["value"]])
+        batch = jnp.arange(ids.shape[0])
+        return Conditioning(keys[stage, batch], value_states=values[stage, batch])
+    layers = {name: (encode(rows),) * 2 for name, rows in (parts.get("layers") or {}).items()}
+    return Conditioning(base, layer_states=layers or None)

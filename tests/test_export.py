@@ -96,7 +96,8 @@ def test_extended_tokens_torch_processor_equals_flax(tiny_sd1, tmp_path):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from jax_inversion import tokens as tokens_lib
-    from jax_inversion.extended import flax_conditioning, read_extended, write_extended
+    from jax_inversion.extended import read_extended, write_extended
+    from tests.helpers import flax_conditioning
     from jax_inversion.loading import load_pretrained
     from jax_inversion.models.unet import cross_attention_layers
     from jax_inversion.torch import ExtendedTokens

@@ -12,6 +12,7 @@ from jax_inversion.losses import (
     anchor_sparse_loss,
     attention_match_loss,
     info_nce_context,
+    layout_guidance_loss,
     location_loss,
     masked_diffusion_mse,
     nonnegative_omp,
@@ -197,16 +198,38 @@ def test_anchor_sparse_loss_hand_value_codes_and_descent():
     expected_codes[0, :2] = [2.0, 1.0]
     expected_codes[1, 3] = 0.5
     np.testing.assert_allclose(np.asarray(anchor_sparse_codes(v, anchors, 5)), expected_codes, atol=1e-5)
-    first_row = (2.0 * ((2 - 1) ** 2 + 1**2) + 1.0 * (2**2 + (1 - 1) ** 2)) / 8
-    second_row = 0.5 * (0.5 - 1) ** 2 / 8
-    loss, grad = jax.value_and_grad(anchor_sparse_loss)(jnp.asarray(v), anchors, 5)
-    np.testing.assert_allclose(float(loss), (first_row + second_row) / 2, rtol=1e-5)
+    first_row = 2.0 * ((2 - 1) ** 2 + 1**2) + 1.0 * (2**2 + (1 - 1) ** 2)
+    second_row = 0.5 * (0.5 - 1) ** 2
+    elements = 77 * 16  # the rows' squared distances, summed, per prompt input element
+    loss, grad = jax.value_and_grad(anchor_sparse_loss)(jnp.asarray(v), anchors, 5, elements)
+    np.testing.assert_allclose(float(loss), (first_row + second_row) / elements, rtol=1e-5)
 
     def nearest_anchor_distance(x):
         return np.linalg.norm(np.asarray(x)[:, None] - anchors[None], axis=-1).min(axis=1)
 
     stepped = v - 0.5 * np.asarray(grad)
     assert np.all(nearest_anchor_distance(stepped) < nearest_anchor_distance(v))
+
+
+def test_anchor_variants_agree_in_scale_for_the_same_row():
+    """v = 0.7 a + 0.3 b: the paper's loss is (0.7 * 0.3^2 + 0.3 * 0.7^2) |a - b|^2 / (L d) = 0.21 |a - b|^2 / (L d),
+    the code's (anchor word a, in a prompt of L tokens) 0.3^2 |a - b|^2 / (L d): a factor 7/3 apart, where the
+    old 1/|anchors| normalisation made the paper's L d / |anchors| (740 for SD1.5) times stronger."""
+    rng = np.random.default_rng(3)
+    length, d = 77, 16
+    anchors = rng.normal(size=(6, d)).astype(np.float32)
+    a, b = anchors[0], anchors[1]
+    v = 0.7 * a + 0.3 * b
+    distance = float(np.sum((a - b) ** 2))
+    paper = float(anchor_sparse_loss(v[None], anchors, 5, length * d))
+    np.testing.assert_allclose(paper, 0.21 * distance / (length * d), rtol=1e-4)
+    prompt = np.tile(rng.normal(size=(1, length, d)).astype(np.float32), (2, 1, 1))
+    anchored = prompt.copy()
+    prompt[:, 5], anchored[:, 5] = v, a  # the placeholder at position 5; the anchor word in its place
+    code = float(anchor_prompt_loss(prompt, anchored))
+    np.testing.assert_allclose(code, 0.09 * distance / (length * d), rtol=1e-4)
+    assert 1.0 <= paper / code <= 3.0  # the stated factor: within 3x for rows between two anchors
+    np.testing.assert_allclose(paper / code, 7 / 3, rtol=1e-3)
 
 
 def test_anchor_prompt_loss_hand_value_and_constant_anchor():
@@ -295,6 +318,50 @@ def test_location_loss_rejects_non_square_maps():
         location_loss({"bad": np.ones((1, 1, 6, 1))}, np.array([[True]]), np.ones((1, 4, 4)))
 
 
+def test_layout_guidance_loss_is_squared_per_head_hand_value():
+    """One token on a 2x2 grid, box = the left column. Head 0 puts 3/4 of its mass inside, head 1 1/4:
+    the code's loss is ((1 - 3/4)^2 + (1 - 1/4)^2) / 2 = 0.3125; the location loss (heads averaged,
+    unsquared) 1 - 1/2 = 0.5. With 0.9 and 0.7 inside: 0.05, below the 0.2 threshold, where the
+    location loss, 0.2, is not."""
+    mask = np.array([[[1.0, 0.0], [1.0, 0.0]]], np.float32)  # positions 0 and 2 (row-major) inside
+
+    def maps(inside_0, inside_1):
+        head = lambda r: [r / 2, (1 - r) / 2, r / 2, (1 - r) / 2]
+        return {"l": np.array([[head(inside_0), head(inside_1)]], np.float32)[..., None]}  # [1, 2, 4, 1]
+
+    token = np.array([[True]])
+    np.testing.assert_allclose(float(layout_guidance_loss(maps(0.75, 0.25), token, mask)), 0.3125, rtol=1e-5)
+    np.testing.assert_allclose(float(location_loss(maps(0.75, 0.25), token, mask)), 0.5, rtol=1e-5)
+    near = maps(0.9, 0.7)
+    np.testing.assert_allclose(float(layout_guidance_loss(near, token, mask)), 0.05, rtol=1e-4)
+    assert float(layout_guidance_loss(near, token, mask)) < 0.2 <= float(location_loss(near, token, mask)) + 1e-6
+
+
+def test_guided_latents_stop_below_threshold_hand_steps():
+    """loss(x) = x^2 (grad 2x), step 0.25: x goes 1 -> 0.5 -> 0.25 -> 0.125; the loss before the 4th step,
+    0.015625, is below 0.02, so that step and the 5th are skipped."""
+    from jax_inversion.sampling import guided_latents
+
+    loss_and_grad = lambda x: (jnp.sum(x**2), 2 * x)
+    out = guided_latents(jnp.ones(1), loss_and_grad, 5, 0.02, 0.25)
+    np.testing.assert_allclose(np.asarray(out), [0.125])
+    out = guided_latents(jnp.ones(1), loss_and_grad, 5, 0.0, 0.25)
+    np.testing.assert_allclose(np.asarray(out), [1 / 32])
+
+
+def test_attention_match_loss_sum_reduction_hand_value():
+    """"sum": per example the squared differences over pixels and selected tokens, summed; examples averaged."""
+    rng = np.random.default_rng(8)
+    maps = {"x": rng.uniform(size=(2, 2, 4, 3)).astype(np.float32)}
+    refs = {"x": rng.uniform(size=(2, 2, 4, 3)).astype(np.float32)}
+    token_mask = np.array([[False, True, False], [True, False, True]])
+    squared = (maps["x"].mean(axis=1) - refs["x"].mean(axis=1)) ** 2  # [B, HW, L]
+    expected = (squared[0, :, 1].sum() + squared[1, :, 0].sum() + squared[1, :, 2].sum()) / 2
+    np.testing.assert_allclose(float(attention_match_loss(maps, refs, token_mask, "sum")), expected, rtol=1e-5)
+    mean = float(attention_match_loss(maps, refs, token_mask))
+    np.testing.assert_allclose(mean, (squared[0, :, 1].mean() + squared[1, :, 0].mean() + squared[1, :, 2].mean()) / 3, rtol=1e-5)
+
+
 def test_attention_match_loss_identical_maps_is_zero():
     probs = np.random.default_rng(1).uniform(size=(2, 3, 16, 5)).astype(np.float32)
     assert float(attention_match_loss({"a": probs}, {"a": probs}, np.ones((2, 5), bool))) == 0.0
@@ -380,7 +447,7 @@ def test_losses_compose_inside_an_outer_jit_with_gradients():
     def total(v, maps, latents):
         return (
             info_nce_context(v, *context)
-            + anchor_sparse_loss(v, anchors, 4)
+            + anchor_sparse_loss(v, anchors, 4, 10.0)
             + anchor_prompt_loss(v[None], v[None] * 0.5)
             + location_loss(maps, token_mask, masks)
             + attention_match_loss(maps, refs, token_mask)
@@ -390,7 +457,7 @@ def test_losses_compose_inside_an_outer_jit_with_gradients():
     value, grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))(v, maps, latents)
     expected = (
         float(info_nce_context(v, *context))
-        + float(anchor_sparse_loss(v, anchors, 4))
+        + float(anchor_sparse_loss(v, anchors, 4, 10.0))
         + float(anchor_prompt_loss(v[None], v[None] * 0.5))
         + float(location_loss(maps, token_mask, masks))
         + float(attention_match_loss(maps, refs, token_mask))

@@ -11,6 +11,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -56,7 +57,8 @@ def _small(config, model, concept_dir, steps, lr=1e-2):
     config.data.concept_dir = concept_dir
     config.train.num_steps = steps
     config.train.batch_size = 8
-    config.train.learning_rate = lr
+    config.train.learning_rate = lr  # the effective rate: not scaled by the batch
+    config.train.scale_lr = False
     config.train.log_every = 1
     config.train.checkpoint_every = steps
     config.train.max_grad_norm = 0.0
@@ -75,15 +77,23 @@ def _rows(workdir, step=None):
 
 def _evaluate(config, workdir, rows_by_name):
     """Each active term's value for the given learned rows on one fixed batch with fixed noise."""
+    objective, outputs = _probe(config, workdir)
+    evaluate = jax.jit(lambda rows: objective(outputs(rows))[1])
+    return {name: {k: float(v) for k, v in evaluate(jnp.asarray(rows)).items()} for name, rows in rows_by_name.items()}
+
+
+def _probe(config, workdir):
+    """``(objective, outputs(rows))``: the config's objective and its forward on one fixed batch with fixed noise."""
     from jax_inversion import tokens as tokens_lib
     from jax_inversion.loading import load_pretrained
     from jax_inversion.models.unet import cross_attention_layers
     from jax_inversion.objectives import TermSetup, build_objective
     from jax_inversion.phases import plan_run
     from jax_inversion.schedule import NoiseSchedule
-    from jax_inversion.train import (
-        build_dataset, class_word_ids, frozen_params, input_embedding_table, make_forward, vae_factor,
-    )
+    from jax_inversion.conditioning import frozen_params, input_embedding_table, vae_factor
+    from jax_inversion.dataset import build_dataset
+    from jax_inversion.step import make_forward
+    from jax_inversion.train import class_word_ids
 
     model = load_pretrained(config.model)
     plan = plan_run(config)
@@ -112,8 +122,8 @@ def _evaluate(config, workdir, rows_by_name):
     }
     if dataset.masks is not None:
         batch["masks"] = jnp.asarray(dataset.masks[pick])
-    evaluate = jax.jit(lambda rows: objective(forward({"text_encoder": rows}, frozen_params(model), batch, jax.random.PRNGKey(7)))[1])
-    return {name: {k: float(v) for k, v in evaluate(jnp.asarray(rows)).items()} for name, rows in rows_by_name.items()}
+    frozen = frozen_params(model)
+    return objective, lambda rows: forward({"text_encoder": rows}, frozen, batch, jax.random.PRNGKey(7))
 
 
 def _table(model_dir):
@@ -148,6 +158,7 @@ def test_lego_subject_frozen_context_moves_and_resume_across_phases(tiny_sd1, im
     records = _records(full)
     assert [r["phase"] for r in records] == ["subject"] * 4 + ["concept"] * 4
     assert all("loss/context" in r and "loss/diffusion" in r for r in records)
+    _assert_every_weighted_term_has_a_gradient(config, full, "lego")
     at_boundary, final = _rows(full, 4), _rows(full, 8)
     assert not np.array_equal(at_boundary[0], _rows(full, 4)[1])
     np.testing.assert_array_equal(final[0], at_boundary[0])  # <subj> bit-identical through phase 2
@@ -174,15 +185,22 @@ def test_compositional_anchor_and_location_move_their_way(tiny_sd1, images, tmp_
 
     config = _small(compositional.get_config("paper,location"), tiny_sd1, images["concept"], steps=6, lr=2e-2)
     config.data.placeholder_token = "<ball>"
+    config.data.class_word = "ball"  # prompts "... <ball> ball"
     config.data.mask_dir = images["masks"]
     config.location_weight = 1.0
+    # The anchor term is per prompt element (77 x 32 here): at 0.95 six steps do not show its direction
+    # through the other two, so its weight is raised to the old normalisation's strength (x 77 * 32 / 80).
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.loss.anchor = 0.95 * 77 * 32 / 80
     workdir = str(tmp_path / "run")
     train(config, workdir)
 
     records = _records(workdir)
     assert all({"loss/anchor", "loss/location", "loss/diffusion"} <= set(r) for r in records)
+    _assert_every_weighted_term_has_a_gradient(config, workdir, "compositional:paper,location")
     assert records[0]["loss"] == pytest.approx(
-        0.05 * records[0]["loss/diffusion"] + 0.95 * records[0]["loss/anchor"] + 1.0 * records[0]["loss/location"], rel=1e-5
+        0.05 * records[0]["loss/diffusion"] + config.loss.anchor * records[0]["loss/anchor"] + 1.0 * records[0]["loss/location"],
+        rel=1e-5,
     )
     initial, final = _rows(workdir, 6), None
     from jax_inversion.loading import load_pretrained
@@ -209,6 +227,7 @@ def test_compositional_code_variant_with_masked_reconstruction(tiny_sd1, images,
     config.data.placeholder_token = "<ball>"
     config.data.initializer_token = ""
     config.loss_options.anchor_prompt.word = "ball"
+    config.data.class_word = "ball"  # prompts "... <ball> ball"
     config.data.mask_dir = images["masks"]
     config.loss.diffusion = 0.0
     config.loss.masked_diffusion = 0.05
@@ -218,6 +237,7 @@ def test_compositional_code_variant_with_masked_reconstruction(tiny_sd1, images,
     records = _records(workdir)
     assert all({"loss/anchor_prompt", "loss/masked_diffusion"} <= set(r) for r in records)
     assert "loss/diffusion" not in records[0]
+    _assert_every_weighted_term_has_a_gradient(config, workdir, "compositional:code")
 
     from jax_inversion.loading import load_pretrained
     from jax_inversion.phases import plan_run
@@ -246,6 +266,7 @@ def test_sefi_stage_kv_rows_attention_loss_and_export(tiny_sd1, images, tmp_path
     train(config, workdir)
     records = _records(workdir)
     assert all({"loss/attention", "loss/diffusion"} <= set(r) for r in records)
+    _assert_every_weighted_term_has_a_gradient(config, workdir, "sefi")
     rows = _rows(workdir)
     assert rows.shape == (5, 2, 1, 32)
     assert not np.array_equal(rows[:, 0], rows[:, 1])  # keys and values learned separately
@@ -304,7 +325,65 @@ def test_method_configs_declare_their_terms():
 
     config = sefi.get_config()
     assert (config.data.num_stages, config.data.separate_kv, config.loss.attention) == (5, True, 0.003)
-    assert config.loss_options.attention.resolution == 16
+    assert config.loss_options.attention.resolution == 16 and config.loss_options.attention.reduction == "sum"
+
+
+def test_method_recipes():
+    """Each config's optimisation recipe: base lr 5e-3 times the global batch (0.04 at batch 8), no clipping;
+    TI and Compositional Inversion 5,000 steps; Compositional Inversion's prompts say "S* <class>"."""
+    from jax_inversion.configs import compositional, lego, sefi, ti
+    from jax_inversion.optim import make_optimizer
+
+    for module in (ti, lego, sefi, compositional):
+        train = module.get_config().train
+        assert (train.learning_rate, train.scale_lr, train.max_grad_norm) == (5e-3, True, 0.0), module.__name__
+        _, schedule = make_optimizer(train, 8)
+        assert float(schedule(0)) == pytest.approx(0.04)
+    assert ti.get_config().train.num_steps == compositional.get_config().train.num_steps == 5000
+    assert compositional.get_config().data.append_class_word and not ti.get_config().data.append_class_word
+
+
+def test_class_word_prompts_hand_written(tmp_path):
+    """data.append_class_word: the class word follows each group's tokens, multi-vector and Lego's two tokens too."""
+    from transformers import CLIPTokenizer
+
+    from jax_inversion.configs import compositional, lego
+    from jax_inversion.data import DataError, templates_for, tokenize_prompts
+    from jax_inversion.phases import plan_run
+    from jax_inversion.tokenizer_files import write_clip_tokenizer
+    from jax_inversion.tokens import add_placeholder_tokens
+
+    config = compositional.get_config()
+    config.data.placeholder_token, config.data.num_vectors, config.data.initializer_token = "<c>", 3, "cat"
+    (phase,) = plan_run(config).phases
+    assert phase.prompt_text == "<c> <c>_1 <c>_2 cat"
+    assert templates_for("object")[0].format(phase.prompt_text) == "a photo of a <c> <c>_1 <c>_2 cat"
+    config.data.class_word = "dog"  # the class word wins over the initializer
+    assert plan_run(config).phases[0].prompt_text == "<c> <c>_1 <c>_2 dog"
+    config.data.class_word = "teddy bear"  # only text: several tokens are fine here
+    assert plan_run(config).phases[0].prompt_text == "<c> <c>_1 <c>_2 teddy bear"
+    config.data.class_word, config.data.initializer_token = "", ""
+    with pytest.raises(DataError, match="append_class_word needs a class word.*data.class_word"):
+        plan_run(config)
+
+    config = lego.get_config()
+    config.data.append_class_word = True
+    config.data.subject_dir, config.data.subject_initializer_token, config.data.num_vectors = "/subject", "dog", 2
+    subject, concept = plan_run(config).phases
+    assert subject.prompt_text == "<subj> dog"
+    assert concept.prompt_text == "<cpt> <cpt>_1 <subj> dog"  # the concept has no class word (no initializer)
+    config.data.initializer_token, config.data.concept_before_subject = "frozen", False
+    assert plan_run(config).phases[1].prompt_text == "<subj> dog <cpt> <cpt>_1 frozen"
+
+    # Tokenized: the ids of a training prompt, by hand.
+    write_clip_tokenizer(str(tmp_path), ["a", "photo", "of", "cat"])
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    ids = add_placeholder_tokens(tokenizer, ["<c>", "<c>_1"])
+    vocab = tokenizer.get_vocab()
+    (row,) = tokenize_prompts(tokenizer, ["a photo of <c> <c>_1 cat"], max_length=10)
+    word = lambda w: vocab[w + "</w>"]
+    expected = [tokenizer.bos_token_id, word("a"), word("photo"), word("of"), ids.first_id, ids.first_id + 1, word("cat")]
+    assert row[:7].tolist() == expected and set(row[7:].tolist()) == {tokenizer.pad_token_id}
 
 
 def test_lego_plan_phases():
@@ -322,7 +401,10 @@ def test_lego_plan_phases():
     subject, concept = plan.phases
     assert (subject.start, subject.stop, subject.trainable, subject.image_dir) == (0, 10, (0, 1), "/subject")
     assert (concept.start, concept.stop, concept.trainable, concept.image_dir) == (10, 30, (1, 3), "/concept")
-    assert concept.prompt_text == "<subj> <cpt> <cpt>_1" and subject.prompt_text == "<subj>"
+    assert concept.prompt_text == "<cpt> <cpt>_1 <subj>" and subject.prompt_text == "<subj>"  # the concept (a state) first
+    config.data.concept_before_subject = False
+    assert plan_run(config).phases[1].prompt_text == "<subj> <cpt> <cpt>_1"
+    config.data.concept_before_subject = True
     assert plan.phase_at(9) is subject and plan.phase_at(10) is concept
 
     config.data.subject_dir = ""
@@ -420,3 +502,37 @@ def test_cli_missing_masks_is_one_line_and_leaves_workdir_alone(tiny_sd1, images
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "mask_dir" in lines[0] and "data.box" in lines[0], done.stderr[-1500:]
     assert not os.path.exists(workdir / "checkpoints")
+
+
+def _assert_every_weighted_term_has_a_gradient(config, workdir, label):
+    """metrics.jsonl holds grad_norm/<term> for every term with a non-zero weight, each > 0 (printed as shares)."""
+    last = _records(workdir)[-1]
+    terms = [k for k, v in config.loss.items() if v]
+    norms = {t: last[f"grad_norm/{t}"] for t in terms}
+    total = sum(norms.values())
+    print(f"\n{label} grad_norm shares: " + ", ".join(f"{t} {n:.3g} ({n / total:.1%})" for t, n in norms.items()))
+    assert all(n > 0 for n in norms.values()), norms
+    if len(terms) == 1:
+        assert norms[terms[0]] == last["grad_norm"]
+    else:  # the norm of a sum is at most the sum of the norms
+        assert last["grad_norm"] <= total * (1 + 1e-5)
+
+
+def test_term_gradients_sum_to_the_objective_gradient(tiny_sd1, images, tmp_path):
+    """objectives.term_gradients: one shared forward, one pullback per term; the parts add up to jax.grad of the total."""
+    from jax_inversion.configs import compositional
+    from jax_inversion.loading import load_pretrained
+    from jax_inversion.objectives import term_gradients
+    from jax_inversion.phases import plan_run
+    from jax_inversion.train import initial_rows
+
+    config = _small(compositional.get_config("paper,location"), tiny_sd1, images["concept"], steps=1)
+    config.data.placeholder_token, config.data.initializer_token, config.data.class_word = "<ball>", "", "ball"
+    config.data.mask_dir = images["masks"]
+    objective, outputs = _probe(config, str(tmp_path))
+    rows = jnp.asarray(initial_rows(config, load_pretrained(tiny_sd1), plan_run(config))["text_encoder"])
+    parts = jax.jit(lambda r: term_gradients(objective, outputs, r))(rows)
+    total = jax.jit(jax.grad(lambda r: objective(outputs(r))[0]))(rows)
+    assert set(parts) == {"diffusion", "anchor", "location"}
+    np.testing.assert_allclose(np.asarray(sum(parts.values())), np.asarray(total), rtol=1e-4, atol=1e-7)
+    assert all(float(jnp.linalg.norm(g)) > 0 for g in parts.values())

@@ -1,4 +1,5 @@
 """Sampling with learned tokens: per-stage rows against PyTorch diffusers, layout guidance, PNG outputs."""
+import io
 import json
 import os
 import subprocess
@@ -123,7 +124,9 @@ def test_layout_guidance_moves_attention_into_the_box(tiny_sd1):
     assert positions.sum() == 2
     inside_without = _inside_mass(without, positions, box)
     inside_with = _inside_mass(with_guidance, positions, box)
-    assert inside_with > inside_without + 0.01, (inside_with, inside_without)
+    # Measured over every 16x16 layer, of which guidance (the released code's choice) steers the first up
+    # block's (and the mid block): the down-block maps follow only through the latent.
+    assert inside_with > inside_without + 0.005, (inside_with, inside_without)
     assert with_guidance.boxes == (box,)
     assert not np.allclose(with_guidance.latents, without.latents)
 
@@ -176,7 +179,32 @@ def test_validation_grids_during_training(tiny_sd1, tmp_path):
     train(config, workdir)
     image = Image.open(os.path.join(workdir, "validation", "step_000002.png"))
     assert image.size == (2 * 32, 2 * 32)  # one row per prompt, one column per image
-    assert np.asarray(image).std() > 5
     assert json.loads(json.dumps(image.text))["prompts"] == "a photo of <ball> | <ball> on the beach"
-    events = os.listdir(os.path.join(workdir, "tensorboard"))
-    assert events
+    grid = np.asarray(image.convert("RGB"))
+
+    # The grid is what sampling the step-2 checkpoint with the same settings draws, on a freshly loaded model.
+    from jax_inversion.loading import load_pretrained
+    from jax_inversion.sampling import SampleRequest, generate, image_grid, tokens_from_run
+
+    model_path, learned = tokens_from_run(workdir, step=2)
+    model = load_pretrained(model_path)
+    rows = [image_grid(generate(model, learned, SampleRequest(prompt, num_images=2, steps=3, seed=config.seed)).images, columns=2)
+            for prompt in config.train.validation_prompts]
+    np.testing.assert_array_equal(grid, np.concatenate(rows))
+    assert grid[:32].std() > 5 and not np.array_equal(grid[:32], grid[32:])  # images, and the prompts differ
+
+    # TensorBoard holds the same grid under "validation" at step 2.
+    from tensorboardX.proto import event_pb2
+
+    (events,) = [os.path.join(workdir, "tensorboard", f) for f in os.listdir(os.path.join(workdir, "tensorboard"))]
+    logged = {}
+    with open(events, "rb") as f:
+        while header := f.read(12):  # TFRecord: uint64 length, uint32 crc, data, uint32 crc
+            data = f.read(int.from_bytes(header[:8], "little"))
+            f.read(4)
+            event = event_pb2.Event.FromString(data)
+            for value in event.summary.value:
+                if value.tag == "validation":
+                    logged[event.step] = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)).convert("RGB"))
+    assert list(logged) == [2]
+    np.testing.assert_array_equal(logged[2], grid)

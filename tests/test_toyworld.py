@@ -6,11 +6,9 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
 
-from jax_inversion.toyworld import concepts, detector as detector_lib, world
-from jax_inversion.toyworld.evaluate import SHIPPED_DETECTOR, SHIPPED_MODEL
+from jax_inversion.toyworld import SHIPPED_DETECTOR, SHIPPED_MODEL, concepts, detector as detector_lib, evaluate as ev, world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,8 +140,6 @@ def test_shipped_detector_reads_fresh_scenes_and_the_held_out_concepts(tmp_path)
 def test_shipped_model_follows_seen_prompts():
     """The issue's bar, on a small sample: the detector finds the prompted objects in >= 80 % of samples
     (measured when shipped, 16 samples at 10 DDIM steps: 1.0, and no unprompted object)."""
-    from jax_inversion.toyworld import evaluate as ev
-
     model, detector = ev.load_model(SHIPPED_MODEL), detector_lib.load_detector(SHIPPED_DETECTOR)
     result = ev.prompt_following(model, detector, num_prompts=8, images_per_prompt=2,
                                  settings=ev.EvalSettings(images_per_prompt=2, steps=10), seed=4321)
@@ -155,8 +151,6 @@ def test_prompt_following_counts_prompted_and_unprompted_objects(monkeypatch):
     """A stand-in model drawing exactly each caption's scene follows every prompt and shows nothing else;
     one drawing the next caption's scene is read as not following (and as showing unprompted objects)."""
     from types import SimpleNamespace
-
-    from jax_inversion.toyworld import evaluate as ev
 
     scene_list = world.scenes(77, 12, world.SEEN)
     images, _ = world.render_all(scene_list, seed=0)
@@ -223,7 +217,26 @@ def test_default_train_then_toyworld_eval(tmp_path):
     lines = [line for line in done.stdout.splitlines() if line.startswith("|")]
     assert len(lines) == 2 + 2 * (4 + 1)  # header, rule; 4 prompts + a mean, for the learned and the random token
     assert "a <concept> and a red square" in done.stdout and "shape:star" in done.stdout
-    assert os.path.exists(run / "toyworld_eval" / "samples.png") and os.path.exists(run / "toyworld_eval" / "table.md")
+    table = open(run / "toyworld_eval" / "table.md").read()
+    assert table.strip() == "\n".join(lines)
+
+    # The table's learned rows are what the shipped detector reads in samples.png, row by row (the PNG is lossless).
+    concept = concepts.read_concept(str(run / "default_concept" / "images"))
+    grid = np.asarray(Image.open(run / "toyworld_eval" / "samples.png").convert("RGB"))
+    side = world.SIZE
+    detector = detector_lib.load_detector(SHIPPED_DETECTOR)
+    reference = ev.reference_features(detector, concept["images"])
+    learned_rows = [line.split("|")[2:6] for line in lines[2:6]]
+    companions = [None] + list(concept["companions"])
+    assert len(learned_rows) == len(companions) == grid.shape[0] // side
+    for row, (cells, companion) in enumerate(zip(learned_rows, companions)):
+        images = np.stack([grid[row * side : (row + 1) * side, col * side : (col + 1) * side] for col in range(2)])
+        probs, features = detector(images)
+        concept_found = np.mean(probs[:, detector.index(concept["label"])] > 0.5)
+        assert cells[1].strip() == f"{concept_found:.2f}", (row, cells)
+        if companion is not None:
+            assert cells[2].strip() == f"{np.mean(probs[:, detector.index(ev.object_label(companion))] > 0.5):.2f}"
+        assert abs(float(cells[3]) - ev._cosine(features, reference)) <= 0.0051, (row, cells)
 
 
 def test_toyworld_bad_input_is_one_line(tmp_path, tiny_sd1):

@@ -8,6 +8,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from jax_inversion.checkpoints import CheckpointManager
@@ -35,7 +36,7 @@ def test_latent_cache_follows_the_vae_weights_not_only_the_model_path(tiny_sd1, 
     import dataclasses
 
     from jax_inversion.phases import plan_run
-    from jax_inversion.train import build_dataset
+    from jax_inversion.dataset import build_dataset
 
     config = make_config(tiny_sd1, concept_dir, num_steps=1)
     config.data.flip_probability = 0.0
@@ -58,7 +59,7 @@ def test_loss_decreases_and_frozen_rows_identical(tiny_sd1, concept_dir, tmp_pat
     """Fixed concept, fixed noise: the denoising loss on a fixed evaluation batch falls over 50 steps."""
     import jax.numpy as jnp
 
-    from jax_inversion.train import encode_prompts
+    from jax_inversion.conditioning import encode_with_rows
 
     config = make_config(tiny_sd1, concept_dir, num_steps=50, learning_rate=2e-2, checkpoint_every=50, log_every=10)
     config.data.flip_probability = 0.0
@@ -77,7 +78,7 @@ def test_loss_decreases_and_frozen_rows_identical(tiny_sd1, concept_dir, tmp_pat
     from jax_inversion import tokens as tokens_lib
     from jax_inversion.schedule import NoiseSchedule, add_noise, training_target
     from jax_inversion.phases import plan_run
-    from jax_inversion.train import build_dataset
+    from jax_inversion.dataset import build_dataset
 
     layout = tokens_lib.add_placeholder_tokens(model.tokenizer, ["<ball>", "<ball>_1"])
     dataset = build_dataset(config, model, plan_run(config).phases[0], str(tmp_path))
@@ -90,11 +91,14 @@ def test_loss_decreases_and_frozen_rows_identical(tiny_sd1, concept_dir, tmp_pat
     t = jnp.asarray(rng.integers(100, 900, n))
     ids = jnp.asarray(dataset.input_ids["text_encoder"][rng.integers(0, dataset.num_prompts, n)])
 
-    def eval_loss(learned):
-        states = encode_prompts(model.text_encoder, model.text_encoder_params, ids, learned, layout.first_id).last_hidden_state
+    @jax.jit
+    def mean_loss(learned):
+        states = encode_with_rows(model.text_encoder, model.text_encoder_params, ids, learned, layout.first_id).last_hidden_state
         noisy = add_noise(schedule, jnp.asarray(latents), jnp.asarray(noise), t)
         pred = model.unet.apply({"params": model.unet_params}, noisy, t, states)
-        return float(jnp.mean((pred - training_target(schedule, jnp.asarray(latents), jnp.asarray(noise), t)) ** 2))
+        return jnp.mean((pred - training_target(schedule, jnp.asarray(latents), jnp.asarray(noise), t)) ** 2)
+
+    eval_loss = lambda learned: float(mean_loss(learned))
 
     init_id = model.tokenizer.encode("ball", add_special_tokens=False)[0]
     initial = jnp.stack([table_before[init_id]] * 2)
@@ -104,6 +108,9 @@ def test_loss_decreases_and_frozen_rows_identical(tiny_sd1, concept_dir, tmp_pat
     _, records = final_rows(str(tmp_path))
     assert [r["step"] for r in records] == list(range(1, 51))
     assert all(np.isfinite(r["loss"]) for r in records)
+    # One term: its gradient norm is the whole gradient's, logged at the log_every steps only.
+    assert [r["step"] for r in records if "grad_norm/diffusion" in r] == [10, 20, 30, 40, 50]
+    assert all(r["grad_norm/diffusion"] == r["grad_norm"] > 0 for r in records if "grad_norm/diffusion" in r)
 
 
 def test_one_device_equals_eight(tiny_sd1, concept_dir, tmp_path):
@@ -130,7 +137,8 @@ def test_resume_after_kill_equals_uninterrupted(tiny_sd1, concept_dir, tmp_path)
     resumed = train(config, str(tmp_path / "killed"))
     assert int(resumed.step) == 9
     np.testing.assert_array_equal(np.asarray(resumed.embeddings["text_encoder"]), np.asarray(straight.embeddings["text_encoder"]))
-    np.testing.assert_array_equal(np.asarray(resumed.opt_state[1][0].mu["text_encoder"]), np.asarray(straight.opt_state[1][0].mu["text_encoder"]))
+    first_moment = lambda state: np.asarray(optax.tree_utils.tree_get(state.opt_state, "mu")["text_encoder"])
+    np.testing.assert_array_equal(first_moment(resumed), first_moment(straight))
 
 
 def _cli(*args, env=None, **kwargs):
@@ -185,7 +193,6 @@ BAD_INPUTS = [
     ("corrupt image", ["--config.data.concept_dir={corrupt}"], ["cannot read image", "broken.png"]),
     ("unknown model", ["--config.model={tmp}/no-model"], ["does not exist"]),
     ("placeholder in vocab", ["--config.data.placeholder_token=cat"], ["already exists"]),
-    ("multi-token initializer", ["--config.data.initializer_token=xyzzy"], ["not one"]),
     ("batch not divisible", ["--config.train.batch_size=3"], ["multiple of the 2 devices"]),
 ]
 
@@ -223,7 +230,7 @@ def test_unknown_config_key_and_unwritable_workdir(tiny_sd1, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd1, concept_dir, tmp_path):
-    from jax_inversion.train import TrainError
+    from jax_inversion.errors import TrainError
 
     workdir = str(tmp_path)
     train(make_config(tiny_sd1, concept_dir, num_steps=3), workdir)
@@ -238,7 +245,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd1, concept_dir, tm
     from jax_inversion.checkpoints import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not fit"):
-        train(make_config(tiny_sd1, concept_dir, num_steps=9, max_grad_norm=0.0), workdir)
+        other_clipping = 0.0 if config.train.max_grad_norm > 0 else 1.0  # adds or drops the clipping state
+        train(make_config(tiny_sd1, concept_dir, num_steps=9, max_grad_norm=other_clipping), workdir)
 
 
 def test_remat_policies_give_the_same_gradient(tiny_sd1):
@@ -250,7 +258,8 @@ def test_remat_policies_give_the_same_gradient(tiny_sd1):
     from jax_inversion.loading import load_pretrained
     from jax_inversion.objectives import build_objective
     from jax_inversion.schedule import NoiseSchedule
-    from jax_inversion.train import frozen_params, make_forward
+    from jax_inversion.conditioning import frozen_params
+    from jax_inversion.step import make_forward
 
     model = load_pretrained(tiny_sd1)
     layout = tokens_lib.add_placeholder_tokens(model.tokenizer, ["<ball>"])

@@ -62,12 +62,13 @@ def _concepts() -> None:
 
 
 def _eval() -> None:
+    from jax_inversion import toyworld
     from jax_inversion.toyworld import evaluate as ev
 
     settings = ev.EvalSettings(images_per_prompt=_IMAGES.value, steps=_STEPS.value, guidance=_GUIDANCE.value)
-    detector = ev.detector_or_error(_DETECTOR.value or ev.SHIPPED_DETECTOR)
+    detector = ev.detector_or_error(_DETECTOR.value or toyworld.SHIPPED_DETECTOR)
     if not _WORKDIR.value:
-        model = ev.load_model(_MODEL.value or ev.SHIPPED_MODEL)
+        model = ev.load_model(_MODEL.value or toyworld.SHIPPED_MODEL)
         result = ev.prompt_following(model, detector, num_prompts=_PROMPTS.value, images_per_prompt=_IMAGES.value, settings=settings)
         print(f"model {model.path}: {result['samples']} samples of {_PROMPTS.value} seen-vocabulary captions")
         print(f"  prompted object found (per object): {result['prompted_object_found']:.3f}")

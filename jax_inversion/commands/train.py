@@ -19,12 +19,17 @@ def main(argv) -> None:
         sys.exit(f"train: unexpected arguments {argv[1:]}; pass options as --flags")
     if not _WORKDIR.value:
         sys.exit("train: --workdir is required: pass --workdir=DIR (a new or an existing run directory)")
-    from jax_inversion.runtime import initialize_distributed, user_errors
+    from jax_inversion import default_job
+    from jax_inversion.runtime import enable_compilation_cache, initialize_distributed, user_errors
+    from jax_inversion.train import check_writable, train
 
     initialize_distributed()
     config = _CONFIG.value
-    from jax_inversion.train import train
-
     with user_errors("train"):
+        check_writable(_WORKDIR.value)
+        if not config.get("concepts"):
+            config = default_job.fill_defaults(config, _WORKDIR.value)
+        if config.train.compilation_cache:
+            enable_compilation_cache(_WORKDIR.value)
         state = train(config, _WORKDIR.value)
     print(f"trained to step {int(state.step)}; checkpoints in {os.path.join(_WORKDIR.value, 'checkpoints')}")

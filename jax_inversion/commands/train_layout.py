@@ -37,6 +37,7 @@ def main(argv) -> None:
             records, model.tokenizer, table, _STEPS.value, _LEARNING_RATE.value, _SEED.value, _HIDDEN.value
         )
         meta = {"model": _MODEL.value, "data": _DATA.value, "pairs": len(records), "steps": _STEPS.value,
-                "final_loss": float(history[-1])}
+                "final_loss": float(history[-1]),
+                "words": sorted({w for r in records for w in r["words"]})}  # the nouns a learned token maps to
         layout.save_layout_model(_OUT.value, params, meta, overwrite=_OVERWRITE.value)
     print(f"wrote {_OUT.value}: {len(records)} pairs, {_STEPS.value} steps, loss {history[0]:.4f} -> {history[-1]:.4f}")

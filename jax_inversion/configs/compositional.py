@@ -1,7 +1,11 @@
 """Compositional Inversion (Zhang et al., AAAI 2024): anchor loss, attention-location loss.
 
 The objective is ``(1 - lambda) * L_rec + lambda * L_anc`` (lambda = ``anchor_lambda``, 0.95,
-the released code's 0.05 / 0.95). Variants, chosen after a colon (comma separated):
+the released code's 0.05 / 0.95). The recipe is the released code's: prompts "S* <class>"
+(``data.append_class_word``, the class word ``data.class_word`` or the initializer), base lr
+0.005 scaled by the batch (0.04 at batch 8), 5,000 steps, no gradient clipping. Both anchor
+losses are normalised per prompt input element (77 x d), so lambda means the same in both.
+Variants, chosen after a colon (comma separated):
 
 - ``paper`` (default): L_anc is the paper's semantic inversion: a non-negative sparse code
   (at most ``loss_options.anchor.max_atoms`` = 5 anchors of ``loss_options.anchor.words``,
@@ -37,4 +41,9 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     config.loss[anchor] = lam
     config.loss.location = config.get_ref("location_weight")
     config.loss_options.anchor.max_atoms = 5
+    config.data.append_class_word = True  # "S* cat"
+    config.train.learning_rate = 5e-3
+    config.train.scale_lr = True
+    config.train.num_steps = 5000
+    config.train.max_grad_norm = 0.0
     return config

@@ -1,5 +1,9 @@
 """Textual Inversion (Gal et al. 2022): learn the placeholder's embedding(s) by denoising.
 
+The recipe is the original one: base learning rate 5e-3 scaled by the global batch
+(``train.scale_lr``: 0.04 at batch 8, as the LDM code's ``scale_lr`` and diffusers'
+``--scale_lr``), 5,000 steps, AdamW, no gradient clipping.
+
     jax-inversion train --config configs/ti.py --workdir DIR \
         --config.model=PATH --config.data.concept_dir=DIR \
         --config.data.placeholder_token='<cat>' --config.data.initializer_token=cat
@@ -11,17 +15,19 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = ""  # diffusers-format directory or hub id; "" = the shipped toy-world model
     config.seed = 0
-    config.dtype = "float32"  # compute dtype of the frozen models ("bfloat16" on accelerators)
+    config.dtype = "auto"  # frozen models' dtype: auto = bfloat16 on GPU/TPU, float32 on CPU; or float32, bfloat16, float16
+    config.attention_backend = "auto"  # auto, xla, chunked, cudnn or pallas (jax_inversion/platform.py)
     config.concepts = ""  # batch inversion: concepts.yaml or a folder of concept folders ("" = one concept)
     config.init_from = ""  # an exported embedding file (diffusers / A1111 / extended) to start from
 
     config.data = ml_collections.ConfigDict()
     config.data.concept_dir = ""  # "" with model "" = the toy world's held-out star
     config.data.placeholder_token = "<concept>"
-    config.data.initializer_token = ""  # one-token word; "" = random init
+    config.data.initializer_token = ""  # a word or phrase spread over the vectors in order (see tokens.initializer_groups); "" = random init
     config.data.num_vectors = 1
     config.data.learnable_property = "object"  # "object" | "style"
     config.data.templates = ml_collections.config_dict.placeholder(tuple)  # custom templates with one "{}"
+    config.data.caption_extension = ""  # e.g. ".txt": a caption file beside an image (holding "{}" or the placeholder) is its prompt; images without one use the templates
     config.data.resolution = 0  # 0 = the model's native resolution
     config.data.center_crop = True
     config.data.random_crops_per_image = 4  # cached crops per image when center_crop is False
@@ -29,40 +35,48 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.mask_dir = ""  # concept masks named like the images (white = concept), for masked/location losses
     config.data.box = ml_collections.config_dict.placeholder(tuple)  # [x0, y0, x1, y1] mask for every image when no mask_dir
     config.data.class_word = ""  # the concept's class word for reference prompts; "" = initializer_token
+    config.data.append_class_word = False  # prompts say "<concept> <class word>" (Compositional Inversion's "S* cat")
     # Subject separation (Lego): a subject token learned first on subject-only images, then frozen.
     config.data.subject_token = ""  # "" = no subject phase
     config.data.subject_dir = ""
     config.data.subject_mask_dir = ""
     config.data.subject_initializer_token = ""
     config.data.subject_num_vectors = 1
+    config.data.concept_before_subject = True  # phase 2 prompts "<cpt> <subj>" (an adjective/state first); False: "<subj> <cpt>"
     # Per-timestep-stage tokens (SeFi-IDE): rows per stage of num_train_timesteps / num_stages.
     config.data.num_stages = 1
     config.data.separate_kv = False  # separate rows feeding cross-attention keys and values
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 3000  # steps of the concept phase
+    config.train.num_steps = 5000  # steps of the concept phase
     config.train.subject_steps = 0  # steps of the subject phase before it (with data.subject_token)
     config.train.batch_size = 8  # global batch, split over all devices
-    config.train.learning_rate = 5e-3
-    config.train.scale_lr = False  # multiply the learning rate by the global batch size
-    config.train.lr_schedule = "constant"  # "constant" | "cosine"
+    config.train.learning_rate = 5e-3  # base rate: times the global batch with scale_lr (0.04 at batch 8)
+    config.train.scale_lr = True  # multiply the learning rate by the global batch size
+    config.train.lr_schedule = "constant"  # "constant" | "cosine" | "linear" | "cosine_restarts" | A1111 piecewise "5e-3:200, 1e-3:1000" (rates as written)
+    config.train.lr_cycles = 1  # cosine_restarts: cosine cycles after warmup, each restarting at the full rate
     config.train.warmup_steps = 0
     config.train.adam_b1 = 0.9
     config.train.adam_b2 = 0.999
     config.train.adam_eps = 1e-8
     config.train.weight_decay = 1e-2  # applies to the learned rows only; frozen rows never move
-    config.train.max_grad_norm = 1.0  # 0 = no clipping
+    config.train.max_grad_norm = 0.0  # 0 = no clipping (the original recipes clip nothing)
     config.train.min_snr_gamma = 0.0  # 0 = off; 5.0 is the usual Min-SNR value
+    config.train.noise_offset = 0.0  # diffusers' --noise_offset: noise += offset * N(0, 1) per example and channel (0 = off)
+    config.train.gradient_accumulation = 1  # k: each step's batch_size examples run as k sequential micro-batches (same step, less memory)
     config.train.remat = "none"  # "none" | "dots" | "full": recompute UNet activations to fit bigger batches
     config.train.compilation_cache = True  # XLA's persistent compilation cache in WORKDIR/xla_cache
     config.train.log_every = 10
     config.train.checkpoint_every = 500
+    config.train.export_every = 0  # also write WORKDIR/embeddings/<token>_step_NNNNNN.safetensors every N steps (0 = off); never deleted
     config.train.keep_checkpoints = 3
     config.train.validation_every = 0  # steps between validation grids (0 = off)
     config.train.validation_prompts = ml_collections.config_dict.placeholder(tuple)  # e.g. ("a photo of <concept>",)
     config.train.validation_images = 2  # per prompt
     config.train.validation_steps = 25
     config.train.validation_scheduler = "ddim"
+    config.train.wandb = False  # also log metrics to Weights & Biases (pip install wandb; WANDB_MODE=offline works)
+    config.train.wandb_project = "jax-inversion"
 
     # The objective: a weighted sum of pure loss terms (see jax_inversion/objectives.py).
     # Weights of 0 are off; any mix works (e.g. TI + anchor + location).
@@ -91,4 +105,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss_options.attention = ml_collections.ConfigDict()
     config.loss_options.attention.resolution = 16
     config.loss_options.attention.include_mid = False
+    config.loss_options.attention.reduction = "sum"  # per example: "sum" over pixels and prompt tokens; "mean" averages them
     return config

@@ -7,6 +7,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_inversion.platform import (
+    CHUNK_QUERIES,
+    attention_kernel_fits,
+    current_platform,
+    max_cudnn_head_dim,
+    select_attention_backend,
+)
+
 Dtype = Any
 
 
@@ -70,6 +78,61 @@ class Upsample2D(nn.Module):
         return conv(self.out_channels, 3, self.dtype, "conv")(x)
 
 
+def chunked_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, causal: bool = False, block: int = CHUNK_QUERIES):
+    """Softmax attention over ``[B, T, heads, dim]``, heads-major, ``block`` queries at a time.
+
+    Each block's logits (``[B, heads, block, S]``, float32) are recomputed in the backward pass
+    instead of stored, so no ``[B, heads, T, S]`` array outlives its block. On XLA:CPU this runs
+    the tiny-head-dim attention of small UNets several times faster than
+    ``jax.nn.dot_product_attention``'s unfused path (see :mod:`jax_inversion.platform`).
+    """
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (qh, kh, vh))  # [B, heads, T, dim]
+    batch, heads, q_len, dim = q.shape
+    keys = jnp.arange(k.shape[2])
+
+    def attend(q_block, first_query):
+        logits = jnp.matmul(q_block, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32) * dim ** -0.5
+        if causal:
+            queries = first_query + jnp.arange(q_block.shape[2])
+            logits = jnp.where(keys[None, :] <= queries[:, None], logits, jnp.finfo(logits.dtype).min)
+        return jnp.matmul(jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+    if q_len <= block or q_len % block:
+        out = attend(q, 0)
+    else:
+        blocks = jnp.moveaxis(q.reshape(batch, heads, q_len // block, block, dim), 2, 0)
+        out = jax.lax.map(lambda args: jax.checkpoint(attend)(*args), (blocks, jnp.arange(q_len // block) * block))
+        out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, q_len, dim)
+    return jnp.swapaxes(out, 1, 2)
+
+
+def fused_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, backend: str, causal: bool = False) -> jax.Array:
+    """Softmax attention over ``[B, T, heads, dim]`` by ``backend`` (``xla``, ``chunked``, ``cudnn`` or ``pallas``).
+
+    ``pallas`` is the TPU flash-attention kernel (``[B, heads, T, dim]`` layout, hence the
+    transposes); under ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` it runs in
+    Pallas' interpreter, which is how it is tested on a CPU.
+    """
+    if backend == "pallas":
+        from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+
+        heads_major = lambda t: jnp.swapaxes(t, 1, 2)
+        out = flash_attention(heads_major(qh), heads_major(kh), heads_major(vh), causal=causal, sm_scale=qh.shape[-1] ** -0.5)
+        return heads_major(out)
+    if backend == "chunked":
+        return chunked_attention(qh, kh, vh, causal)
+    return jax.nn.dot_product_attention(qh, kh, vh, is_causal=causal, implementation=backend)
+
+
+def attention_backend_for(requested: str, dtype, q_len: int, kv_len: int, head_dim: int) -> str:
+    """The kernel one attention call uses: the platform's choice for ``requested`` (an error if it
+    cannot run here) where the kernel takes these shapes, XLA's attention where it does not."""
+    platform = current_platform()
+    backend = select_attention_backend(requested, platform, dtype)
+    limit = max_cudnn_head_dim() if backend == "cudnn" else 256
+    return backend if attention_kernel_fits(backend, q_len, kv_len, head_dim, limit) else "xla"
+
+
 def multi_head_attention(
     q: jax.Array,
     k: jax.Array,
@@ -79,27 +142,26 @@ def multi_head_attention(
     return_probs: bool = False,
     upcast: bool = False,
     causal: bool = False,
+    backend: str = "xla",
 ):
     """Scaled dot-product attention over ``[B, T, heads*dim]`` inputs.
 
-    Without ``return_probs`` it calls ``jax.nn.dot_product_attention`` (fused kernel on GPU).
-    With it, the softmax is computed explicitly and ``(out, probs)`` is returned, ``probs``
-    of shape ``[B, heads, T_q, T_k]`` (rows sum to one). ``upcast`` computes scores and
+    Without ``return_probs`` it runs ``backend``'s kernel (see :mod:`jax_inversion.platform`:
+    ``auto``, ``xla``, ``chunked``, ``cudnn`` or ``pallas``). With it, the softmax is computed explicitly
+    and ``(out, probs)`` is returned, ``probs`` of shape ``[B, heads, T_q, T_k]`` (rows sum to
+    one): the fused kernels never materialise the probabilities. ``upcast`` computes scores and
     softmax in float32 (diffusers ``upcast_attention``/``upcast_softmax``).
     """
     batch, q_len, inner = q.shape
     head_dim = inner // heads
     split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, head_dim)
     qh, kh, vh = split(q), split(k), split(v)
-    if not return_probs:
-        if upcast and q.dtype != jnp.float32:
-            out = jax.nn.dot_product_attention(
-                qh.astype(jnp.float32), kh.astype(jnp.float32), vh.astype(jnp.float32), is_causal=causal
-            ).astype(q.dtype)
-        else:
-            out = jax.nn.dot_product_attention(qh, kh, vh, is_causal=causal)
-        return out.reshape(batch, q_len, inner)
     compute_dtype = jnp.float32 if upcast else q.dtype
+    if not return_probs:
+        kernel = attention_backend_for(backend, compute_dtype, q_len, kh.shape[1], head_dim)
+        cast = lambda t: t.astype(compute_dtype)
+        out = fused_attention(cast(qh), cast(kh), cast(vh), kernel, causal=causal).astype(q.dtype)
+        return out.reshape(batch, q_len, inner)
     scores = jnp.einsum("bqhd,bkhd->bhqk", qh.astype(compute_dtype), kh.astype(compute_dtype))
     scores = scores * (head_dim ** -0.5)
     if causal:

@@ -4,7 +4,9 @@ Module names mirror diffusers' so checkpoints convert by name (see ``convert.py`
 Layout is NHWC. Cross-attention takes a :class:`Conditioning`, which lets callers give
 keys and values separate encoder states, override them per layer, and ask for the
 attention probability maps of chosen layers (returned via the ``attention_maps``
-collection; off by default, and layers not asked for use the fused attention kernel).
+collection; off by default). Layers not asked for maps run the kernel of the module's
+``attention_backend`` (``auto``: cuDNN flash attention on GPU in bf16/fp16, Pallas flash attention
+on TPU, query-chunked XLA attention on CPU, XLA's attention otherwise; see :mod:`jax_inversion.platform`).
 """
 from __future__ import annotations
 
@@ -167,6 +169,7 @@ class Attention(nn.Module):
     cross: bool
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention_backend: str = "auto"  # see jax_inversion.platform
 
     @nn.compact
     def __call__(self, x: jax.Array, conditioning: Optional[Conditioning] = None) -> jax.Array:
@@ -186,7 +189,7 @@ class Attention(nn.Module):
             out, probs = multi_head_attention(q, k, v, self.heads, return_probs=True, upcast=self.upcast)
             self.sow("attention_maps", "probs", probs)
         else:
-            out = multi_head_attention(q, k, v, self.heads, upcast=self.upcast)
+            out = multi_head_attention(q, k, v, self.heads, upcast=self.upcast, backend=self.attention_backend)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -216,11 +219,12 @@ class BasicTransformerBlock(nn.Module):
     head_dim: int
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention_backend: str = "auto"
 
     @nn.compact
     def __call__(self, x, conditioning: Conditioning):
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, use_fast_variance=False, name=name)
-        attn = lambda name, cross: Attention(self.heads, self.head_dim, cross, self.upcast, self.dtype, name=name)
+        attn = lambda name, cross: Attention(self.heads, self.head_dim, cross, self.upcast, self.dtype, self.attention_backend, name=name)
         x = x + attn("attn1", False)(norm("norm1")(x))
         x = x + attn("attn2", True)(norm("norm2")(x), conditioning)
         return x + FeedForward(self.dtype, name="ff")(norm("norm3")(x))
@@ -233,6 +237,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention_backend: str = "auto"
 
     @nn.compact
     def __call__(self, x, conditioning: Conditioning):
@@ -244,9 +249,10 @@ class Transformer2DModel(nn.Module):
         else:
             h = conv(channels, 1, self.dtype, "proj_in")(h).reshape(batch, height * width, channels)
         for i in range(self.num_layers):
-            h = BasicTransformerBlock(self.heads, head_dim, self.upcast, self.dtype, name=f"transformer_blocks_{i}")(
-                h, conditioning
+            block = BasicTransformerBlock(
+                self.heads, head_dim, self.upcast, self.dtype, self.attention_backend, name=f"transformer_blocks_{i}"
             )
+            h = block(h, conditioning)
         if self.use_linear_projection:
             h = nn.Dense(channels, dtype=self.dtype, name="proj_out")(h).reshape(batch, height, width, channels)
         else:
@@ -254,9 +260,9 @@ class Transformer2DModel(nn.Module):
         return h + x
 
 
-def _transformer(cfg: UNet2DConditionConfig, heads: int, layers: int, name: str, dtype) -> Transformer2DModel:
+def _transformer(cfg: UNet2DConditionConfig, heads: int, layers: int, name: str, dtype, backend: str) -> Transformer2DModel:
     return Transformer2DModel(
-        heads, layers, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention, dtype, name=name
+        heads, layers, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention, dtype, backend, name=name
     )
 
 
@@ -268,6 +274,7 @@ class DownBlock(nn.Module):
     config: UNet2DConditionConfig
     index: int
     dtype: Dtype = jnp.float32
+    attention_backend: str = "auto"
 
     @nn.compact
     def __call__(self, x, temb, conditioning):
@@ -279,7 +286,7 @@ class DownBlock(nn.Module):
             x = _resnet(cfg, out, f"resnets_{j}", self.dtype)(x, temb)
             if has_attention:
                 layers = cfg.transformer_layers_per_block[i]
-                x = _transformer(cfg, cfg.num_attention_heads[i], layers, f"attentions_{j}", self.dtype)(
+                x = _transformer(cfg, cfg.num_attention_heads[i], layers, f"attentions_{j}", self.dtype, self.attention_backend)(
                     x, conditioning
                 )
             skips.append(x)
@@ -292,6 +299,7 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     config: UNet2DConditionConfig
     dtype: Dtype = jnp.float32
+    attention_backend: str = "auto"
 
     @nn.compact
     def __call__(self, x, temb, conditioning):
@@ -300,7 +308,8 @@ class MidBlock(nn.Module):
         scale = cfg.mid_block_scale_factor
         x = _resnet(cfg, out, "resnets_0", self.dtype, scale)(x, temb)
         layers = cfg.transformer_layers_per_block[-1]
-        x = _transformer(cfg, cfg.num_attention_heads[-1], layers, "attentions_0", self.dtype)(x, conditioning)
+        transformer = _transformer(cfg, cfg.num_attention_heads[-1], layers, "attentions_0", self.dtype, self.attention_backend)
+        x = transformer(x, conditioning)
         return _resnet(cfg, out, "resnets_1", self.dtype, scale)(x, temb)
 
 
@@ -308,6 +317,7 @@ class UpBlock(nn.Module):
     config: UNet2DConditionConfig
     index: int
     dtype: Dtype = jnp.float32
+    attention_backend: str = "auto"
 
     @nn.compact
     def __call__(self, x, skips, temb, conditioning):
@@ -322,7 +332,7 @@ class UpBlock(nn.Module):
             if has_attention:
                 heads = rev(cfg.num_attention_heads)[i]
                 layers = rev(cfg.transformer_layers_per_block)[i]
-                x = _transformer(cfg, heads, layers, f"attentions_{j}", self.dtype)(x, conditioning)
+                x = _transformer(cfg, heads, layers, f"attentions_{j}", self.dtype, self.attention_backend)(x, conditioning)
         if i < len(cfg.block_out_channels) - 1:
             x = Upsample2D(out, self.dtype, name="upsamplers_0")(x)
         return x
@@ -337,6 +347,7 @@ class UNet2DConditionModel(nn.Module):
 
     config: UNet2DConditionConfig
     dtype: Dtype = jnp.float32
+    attention_backend: str = "auto"  # auto, xla, chunked, cudnn or pallas: see jax_inversion.platform
 
     @nn.compact
     def __call__(
@@ -368,12 +379,12 @@ class UNet2DConditionModel(nn.Module):
         x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, self.dtype, "conv_in")(x)
         skips = [x]
         for i in range(len(cfg.down_block_types)):
-            x, block_skips = DownBlock(cfg, i, self.dtype, name=f"down_blocks_{i}")(x, temb, conditioning)
+            x, block_skips = DownBlock(cfg, i, self.dtype, self.attention_backend, name=f"down_blocks_{i}")(x, temb, conditioning)
             skips += block_skips
-        x = MidBlock(cfg, self.dtype, name="mid_block")(x, temb, conditioning)
+        x = MidBlock(cfg, self.dtype, self.attention_backend, name="mid_block")(x, temb, conditioning)
         for i in range(len(cfg.up_block_types)):
             n = tuple(reversed(cfg.layers_per_block))[i] + 1
-            x = UpBlock(cfg, i, self.dtype, name=f"up_blocks_{i}")(x, skips[-n:], temb, conditioning)
+            x = UpBlock(cfg, i, self.dtype, self.attention_backend, name=f"up_blocks_{i}")(x, skips[-n:], temb, conditioning)
             skips = skips[:-n]
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, "conv_norm_out")(x))
         return conv(cfg.out_channels, cfg.conv_out_kernel, self.dtype, "conv_out")(x)

@@ -1,5 +1,12 @@
 """The offline toy world: scenes, held-out concepts, a pretrained model and detector, evaluation."""
+import os
+
+from jax_inversion.errors import UserError
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+SHIPPED_MODEL = os.path.join(PACKAGE_DIR, "pretrained", "model")  # the embedded default's model
+SHIPPED_DETECTOR = os.path.join(PACKAGE_DIR, "pretrained", "detector")
 
 
-class ToyWorldError(ValueError):
+class ToyWorldError(UserError, ValueError):
     """A toy-world input that cannot be used (one line, with the fix)."""

@@ -22,6 +22,7 @@ import optax
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from jax_inversion.loading import load_pretrained
 from jax_inversion.toyworld import world
 
 FEATURES = 128
@@ -105,8 +106,6 @@ def _augment(images: jax.Array, rng: jax.Array) -> jax.Array:
 
 def vae_roundtrip(model_dir: str) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 images -> the same images encoded (posterior mean) and decoded by ``model_dir``'s VAE."""
-    from jax_inversion.loading import load_pretrained
-
     model = load_pretrained(model_dir, components=("vae",))
     roundtrip = jax.jit(lambda x: model.vae.apply({"params": model.vae_params}, model.vae.apply(
         {"params": model.vae_params}, x.astype(jnp.float32) / 127.5 - 1.0, method="encode")[0], method="decode"))

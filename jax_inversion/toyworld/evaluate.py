@@ -20,15 +20,16 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
-from jax_inversion import tokens as tokens_lib
-from jax_inversion.sampling import LearnedTokens, SampleRequest, generate
+from jax_inversion.checkpoints import read_run
+from jax_inversion.conditioning import input_embedding_table
+from jax_inversion.data import list_concept_images
+from jax_inversion.loading import load_pretrained
+from jax_inversion.sampling import LearnedTokens, SampleRequest, generate, tokens_from_run
 from jax_inversion.toyworld import ToyWorldError, world
+from jax_inversion.toyworld.concepts import read_concept
 from jax_inversion.toyworld.detector import Detector, load_detector
-
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-SHIPPED_MODEL = os.path.join(PACKAGE_DIR, "pretrained", "model")
-SHIPPED_DETECTOR = os.path.join(PACKAGE_DIR, "pretrained", "detector")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +63,6 @@ def object_label(phrase: str) -> str:
 
 
 def reference_features(detector: Detector, image_dir: str) -> np.ndarray:
-    from jax_inversion.data import list_concept_images
-    from PIL import Image
-
     images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((world.SIZE, world.SIZE))) for p in list_concept_images(image_dir)])
     return detector(images)[1]
 
@@ -90,8 +88,6 @@ def score_concept(model, detector: Detector, learned: LearnedTokens, token_text:
 
 def random_tokens(model, learned: LearnedTokens, seed: int = 0) -> LearnedTokens:
     """The same placeholders with random rows of the vocabulary's mean norm: the baseline."""
-    from jax_inversion.train import input_embedding_table
-
     table = input_embedding_table(model, "text_encoder")
     n = len(learned.tokens)
     rows = np.random.default_rng(seed).standard_normal((n, table.shape[1])).astype(np.float32)
@@ -110,10 +106,6 @@ def summary(scores: Sequence[PromptScore]) -> dict:
 
 def run_concept(workdir: str) -> tuple[str, LearnedTokens, dict, str]:
     """(model path, learned tokens, concept info, prompt text of the tokens) of a toy-world run."""
-    from jax_inversion.sampling import tokens_from_run
-    from jax_inversion.checkpoints import read_run
-    from jax_inversion.toyworld.concepts import read_concept
-
     _, _, meta = read_run(workdir)
     if meta.get("concept_batch"):
         raise ToyWorldError(f"{workdir} is a batch-inversion run: evaluate one concept per run (train each with its own --workdir)")
@@ -184,8 +176,6 @@ def markdown_table(rows: Sequence[tuple[str, Sequence[PromptScore]]]) -> str:
 
 
 def load_model(path: str):
-    from jax_inversion.loading import load_pretrained
-
     return load_pretrained(path)
 
 

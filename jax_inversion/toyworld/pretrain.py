@@ -21,11 +21,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from jax_inversion.loading import load_pretrained
 from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
 from jax_inversion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps
 from jax_inversion.tiny import TINY_SCHEDULER, tiny_text_config, write_component, write_scheduler_and_index
 from jax_inversion.tokenizer_files import write_clip_tokenizer
-from jax_inversion.toyworld import ToyWorldError, world
+from jax_inversion.toyworld import ToyWorldError, detector, world
 
 MAX_LENGTH = 24  # tokens per prompt: the world's longest caption is 14 with BOS/EOS
 TOY_VAE = {
@@ -224,8 +225,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, log: Callable = No
     if "model" in stages:
         out["model"] = pretrain_model(config, os.path.join(workdir, "model"), log)
     if "detector" in stages:
-        from jax_inversion.toyworld import detector
-
         out["detector"] = detector.train_detector(config, os.path.join(workdir, "detector"), log)
     log("done", 0, {"minutes": (time.time() - started) / 60})
     return out
@@ -241,8 +240,6 @@ def pretrain_model(config: ml_collections.ConfigDict, model_dir: str, log: Calla
 
     init_params = None
     if config.init_from:  # continue a model this command wrote: its VAE as it is, text encoder + UNet trained on
-        from jax_inversion.loading import load_pretrained
-
         base = load_pretrained(config.init_from)
         vae_module, vae_params = base.vae, base.vae_params
         init_params = {"text_encoder": base.text_encoder_params, "unet": base.unet_params}

@@ -1,0 +1,46 @@
+"""``python -m tests.gcs_emulator PORT BUCKET``: gcp-storage-emulator, plus the two GCS behaviours of
+media downloads that TensorStore's OCDBT (Orbax's checkpoint format) relies on and the emulator lacks.
+
+Real GCS answers ``GET ...?alt=media`` with an ``x-goog-generation`` header and honours
+``ifGenerationNotMatch`` (304) / ``ifGenerationMatch`` (412) on it; TensorStore re-reads an OCDBT
+manifest with ``ifGenerationNotMatch=<cached generation>`` and, without the header, fails with
+"Malformed StorageGeneration". Everything else is the emulator as installed.
+"""
+import sys
+from http import HTTPStatus
+
+from gcp_storage_emulator import server
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects
+
+_download = objects.download
+
+
+def download(request, response, storage, *args, **kwargs):
+    try:
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except NotFound:
+        return _download(request, response, storage, *args, **kwargs)
+    generation = str(obj["generation"])
+    response["x-goog-generation"] = generation
+    response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+    query = request.query
+    if query.get("ifGenerationNotMatch", [None])[0] == generation:
+        response.status = HTTPStatus.NOT_MODIFIED
+        return None
+    match = query.get("ifGenerationMatch", [None])[0]
+    if match is not None and match != generation:
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        return None
+    return _download(request, response, storage, *args, **kwargs)
+
+
+objects.download = download  # objects.get (alt=media) calls it by name
+server.HANDLERS = tuple(
+    (regex, {method: download if handler is _download else handler for method, handler in handlers.items()})
+    for regex, handlers in server.HANDLERS
+)
+
+if __name__ == "__main__":
+    port, bucket = int(sys.argv[1]), sys.argv[2]
+    server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
