@@ -365,6 +365,7 @@ class SampleRequest:
     boxes: tuple = ()  # one [x0, y0, x1, y1] per layout word; default: layout model or fixed boxes
     layout_model: str = ""
     attention_resolution: int = 0  # > 0: also return the mean cross-attention maps at this side
+    attention_layers: tuple = ()  # with attention_resolution: only layers whose names start with one of these
 
 
 @dataclasses.dataclass
@@ -436,7 +437,8 @@ def generate(
     capture = ()
     if request.attention_resolution:
         layers = cross_attention_layers(model.unet.config, model.unet.config.sample_size)
-        capture = tuple(n for n, side in layers.items() if side == request.attention_resolution)
+        capture = tuple(n for n, side in layers.items() if side == request.attention_resolution
+                        and (not request.attention_layers or n.startswith(tuple(request.attention_layers))))
         if not capture:
             raise SamplingError(f"no cross-attention layer at {request.attention_resolution}x{request.attention_resolution} (the UNet has {sorted(set(layers.values()))})")
     key = (request.scheduler, request.steps, request.guidance, learned.num_train_timesteps, learned.num_stages, capture)

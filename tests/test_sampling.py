@@ -116,7 +116,8 @@ def test_layout_guidance_moves_attention_into_the_box(tiny_sd1):
     rows = np.random.default_rng(2).standard_normal((1, 32)).astype(np.float32) * 0.3
     learned = _learned(rows)
     box = (0.0, 0.0, 0.5, 1.0)
-    base = dict(num_images=2, steps=20, scheduler="euler", seed=5, attention_resolution=16)
+    # Measured on the 16x16 layers guidance steers (the released code's: the first up block's; the mid block is 8x8).
+    base = dict(num_images=2, steps=20, scheduler="euler", seed=5, attention_resolution=16, attention_layers=("up_blocks",))
     without = sampling.generate(model, learned, sampling.SampleRequest("a photo of <ball> and a cube", **base))
     with_guidance = sampling.generate(model, learned, sampling.SampleRequest(
         "a photo of <ball> and a cube", layout_guidance=True, layout_words=("<ball>",), boxes=(box,), **base))
@@ -124,9 +125,7 @@ def test_layout_guidance_moves_attention_into_the_box(tiny_sd1):
     assert positions.sum() == 2
     inside_without = _inside_mass(without, positions, box)
     inside_with = _inside_mass(with_guidance, positions, box)
-    # Measured over every 16x16 layer, of which guidance (the released code's choice) steers the first up
-    # block's (and the mid block): the down-block maps follow only through the latent.
-    assert inside_with > inside_without + 0.005, (inside_with, inside_without)
+    assert inside_with > inside_without + 0.01, (inside_with, inside_without)
     assert with_guidance.boxes == (box,)
     assert not np.allclose(with_guidance.latents, without.latents)
 
