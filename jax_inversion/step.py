@@ -234,6 +234,7 @@ def train_step(
         step_rng = jax.vmap(lambda key: jax.random.fold_in(key, state.step))(concept_keys)
     else:
         step_rng = jax.random.fold_in(rng, state.step)
+    learned_rows_only = lambda tree: jax.tree_util.tree_map(lambda g: jnp.where(row_mask, g, 0.0), tree)
     term_norms = {}
     if accumulation > 1:
         (loss, terms), grads = _accumulated_grads(frozen, state.embeddings, batch, step_rng, forward, objective, accumulation)
@@ -246,12 +247,12 @@ def train_step(
         (grads,) = pullback(objective_pullback(jnp.ones_like(loss))[0])
 
         def norms_of_terms():
-            masked = lambda g: jax.tree_util.tree_map(lambda x: jnp.where(row_mask, x, 0.0), g)
-            return {name: optax.tree.norm(masked(pullback(ct)[0])) for name, ct in term_cotangents(term_objective, outputs).items()}
+            cotangents = term_cotangents(term_objective, outputs)
+            return {name: optax.tree.norm(learned_rows_only(pullback(ct)[0])) for name, ct in cotangents.items()}
 
         skipped = lambda: {name: jnp.zeros((), jnp.float32) for name in term_objective.weights}
         term_norms = jax.lax.cond((state.step + 1) % log_every == 0, norms_of_terms, skipped)
-    grads = jax.tree_util.tree_map(lambda g: jnp.where(row_mask, g, 0.0), grads)
+    grads = learned_rows_only(grads)
     finite = jnp.isfinite(loss) & _all_finite(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.embeddings)
     embeddings = optax.apply_updates(state.embeddings, updates)

@@ -140,7 +140,7 @@ def run_metadata(config, placeholder_ids: dict, model: Pretrained, plan: RunPlan
     return {
         "model": model.path,
         "layout": placeholder_ids["text_encoder"].to_dict(),
-        "placeholder_ids": {name: layout.to_dict() for name, layout in placeholder_ids.items()},
+        "layouts": {name: ids.to_dict() for name, ids in placeholder_ids.items()},  # key kept: checkpoints read alike
         "placeholder_token": config.data.placeholder_token,
         "num_vectors": config.data.num_vectors,
         "concepts": plan.concepts_metadata(),
