@@ -1,10 +1,12 @@
 """Each loss term's share of the learned rows' gradient, per method, at the first and last step.
 
     python -m benchmarks.grad_shares [--steps 30] [--concept star] [--before] [--methods ti,sefi]
+    python -m benchmarks.grad_shares --arch sd15 --resolution 512 --batch 1 --steps 3 --methods sefi --class_word circle [--before]
 
 Trains every method's own config (:func:`benchmarks.quality.method_config`) on the shipped toy
-model for ``--steps`` steps with ``train.log_every=1`` and reads ``grad_norm/<term>`` from
-metrics.jsonl. ``--before`` emulates the recipes as they were before issue 16: lr 5e-3 unscaled,
+model (or, with ``--arch sd15``, on random weights of the SD1.5 architecture written once to
+``WORKDIR/sd15``, the concept's images resized to ``--resolution``) for ``--steps`` steps with
+``train.log_every=1`` and reads ``grad_norm/<term>`` from metrics.jsonl. ``--before`` emulates the recipes as they were before issue 16: lr 5e-3 unscaled,
 clipping 1.0, placeholder-only prompts, the anchor loss divided by the 80 anchors (the new one
 per L x d prompt elements: its weight times L x d / 80 reproduces it), the attention loss a mean
 over pixels and tokens, and Lego's "<subj> <cpt>".
@@ -50,6 +52,10 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--before", action="store_true", help="the recipes before issue 16")
     parser.add_argument("--workdir", default="/tmp/grad_shares")
+    parser.add_argument("--arch", default="toy", help="toy: the shipped toy model; sd15: random SD1.5-architecture weights")
+    parser.add_argument("--resolution", type=int, default=0, help="training images' side (0: the model's own)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--class_word", default="", help="instead of the concept's own (sd15's small tokenizer: e.g. circle)")
     args = parser.parse_args()
 
     from benchmarks.quality import method_config
@@ -58,14 +64,25 @@ def main() -> None:
     from jax_inversion.train import train
 
     concept = write_concept(args.concept, os.path.join(args.workdir, "concepts", args.concept))
+    if args.class_word:
+        concept["class_word"] = args.class_word
+    model = SHIPPED_MODEL
+    if args.arch == "sd15":
+        from benchmarks.train_step import write_model
+
+        model = os.path.join(args.workdir, "sd15")
+        if not os.path.exists(os.path.join(model, "model_index.json")):
+            write_model("sd15", model)
     label = "before" if args.before else "after"
     print("| method | step | term: norm (share) |")
     for method in args.methods.split(","):
-        config = method_config(method, concept, SHIPPED_MODEL, args.steps, 0, 5e-3)
+        config = method_config(method, concept, model, args.steps, 0, 5e-3)
         config.train.log_every = 1
+        config.train.batch_size = args.batch
+        config.data.resolution = args.resolution
         if args.before:
-            config = before_config(config, SHIPPED_MODEL)
-        workdir = os.path.join(args.workdir, label, method)
+            config = before_config(config, model)
+        workdir = os.path.join(args.workdir, args.arch, label, method)
         if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
             train(config, workdir)
         for step, norms in shares(workdir).items():

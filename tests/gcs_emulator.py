@@ -4,14 +4,20 @@ media downloads that TensorStore's OCDBT (Orbax's checkpoint format) relies on a
 Real GCS answers ``GET ...?alt=media`` with an ``x-goog-generation`` header and honours
 ``ifGenerationNotMatch`` (304) / ``ifGenerationMatch`` (412) on it; TensorStore re-reads an OCDBT
 manifest with ``ifGenerationNotMatch=<cached generation>`` and, without the header, fails with
-"Malformed StorageGeneration". Everything else is the emulator as installed.
+"Malformed StorageGeneration". Everything else is the emulator as installed, except that it is served
+threaded: the emulator's own server is single-threaded, so one client that opens a connection and
+stalls before sending (seen: a train process blocked writing its stderr) held every other client.
 """
 import sys
+import threading
+from functools import partial
 from http import HTTPStatus
+from http.server import ThreadingHTTPServer
 
 from gcp_storage_emulator import server
 from gcp_storage_emulator.exceptions import NotFound
-from gcp_storage_emulator.handlers import objects
+from gcp_storage_emulator.handlers import buckets, objects
+from gcp_storage_emulator.storage import Storage
 
 _download = objects.download
 
@@ -35,12 +41,31 @@ def download(request, response, storage, *args, **kwargs):
     return _download(request, response, storage, *args, **kwargs)
 
 
+_lock = threading.Lock()  # the emulator's in-memory storage is not thread-safe
+
+
+def _serialized(handler):
+    def locked(request, response, storage, *args, **kwargs):
+        request.data  # reads the request body (if any) outside the lock
+        with _lock:
+            return handler(request, response, storage, *args, **kwargs)
+    return locked
+
+
 objects.download = download  # objects.get (alt=media) calls it by name
 server.HANDLERS = tuple(
-    (regex, {method: download if handler is _download else handler for method, handler in handlers.items()})
+    (regex, {method: _serialized(download if handler is _download else handler)
+             for method, handler in handlers.items()})
     for regex, handlers in server.HANDLERS
 )
 
+
+class _Handler(server.RequestHandler):
+    timeout = 60  # seconds a connection may sit idle mid-request before it is dropped
+
+
 if __name__ == "__main__":
     port, bucket = int(sys.argv[1]), sys.argv[2]
-    server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
+    storage = Storage(use_memory_fs=True)
+    buckets.create_bucket(bucket, storage)
+    ThreadingHTTPServer(("127.0.0.1", port), partial(_Handler, storage)).serve_forever()  # daemon threads

@@ -9,6 +9,7 @@ import pytest
 
 from jax_inversion.checkpoints import read_run
 from jax_inversion.default_job import write_concept_images
+from tests.xla_flags import xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_joint_training_equals_each_concept_alone(tiny_sd1, concept_root, tmp_pa
         np.testing.assert_allclose(rows[index], expected, atol=1e-5 * initial_moved, rtol=1e-4, err_msg=name)
 
     # One file per concept, exported by a 1-device process from the 8-device run's checkpoint.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     done = subprocess.run([sys.executable, "-m", "jax_inversion.cli", "export", f"--workdir={tmp_path / 'joint'}",
                            f"--out={tmp_path / 'exported'}", "--all"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

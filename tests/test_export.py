@@ -13,6 +13,7 @@ from jax_inversion.default_job import write_concept_images
 from jax_inversion.export import ExportError, export_run, read_embedding_file
 from jax_inversion.train import train
 from tests.helpers import make_config
+from tests.xla_flags import xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,7 @@ def test_export_on_another_device_count(run, tmp_path):
     from jax_inversion.export import read_embedding_file
 
     workdir, rows, _ = run
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     done = subprocess.run([sys.executable, "-m", "jax_inversion.cli", "export", f"--workdir={workdir}",
                            f"--out={tmp_path}/one.safetensors"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

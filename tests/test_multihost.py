@@ -16,6 +16,7 @@ import pytest
 from jax_inversion import runtime
 from jax_inversion.checkpoints import CheckpointManager, read_run
 from jax_inversion.default_job import write_concept_images
+from tests.xla_flags import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.py")
@@ -56,7 +57,7 @@ def runs(tiny_sd1, tmp_path_factory):
     # Both jobs at once (the machine has few cores; neither needs all of them).
     one = subprocess.Popen(
         [sys.executable, "-m", "jax_inversion.cli", *_train_args(tiny_sd1, concept_dir, one_dir)],
-        env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(env, XLA_FLAGS=xla_flags(8)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )
     two = _launch(_train_args(tiny_sd1, concept_dir, two_dir), env)

@@ -16,6 +16,7 @@ from jax_inversion.default_job import write_concept_images
 from jax_inversion.loading import load_pretrained
 from jax_inversion.train import train
 from tests.helpers import make_config
+from tests.xla_flags import xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def _cli(*args, env=None, **kwargs):
 
 def test_sigterm_saves_and_resumes(tiny_sd1, concept_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     args = [f"--workdir={workdir}", f"--config.model={tiny_sd1}", f"--config.data.concept_dir={concept_dir}",
             "--config.data.placeholder_token=<ball>", "--config.data.initializer_token=ball",
             "--config.train.batch_size=2", "--config.train.checkpoint_every=100000", "--config.train.log_every=1"]
@@ -209,7 +210,7 @@ def test_bad_input_is_one_line_and_keeps_workdir(name, extra, needles, existing_
             "--config.data.placeholder_token=<ball>", "--config.data.initializer_token=ball", "--config.data.num_vectors=2",
             "--config.train.batch_size=8", "--config.train.num_steps=6"]
     args = base + [a.format(tmp=tmp_path, empty=empty, corrupt=corrupt) for a in extra]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     if name != "batch not divisible":
         args.append("--config.train.batch_size=2")
     _one_line_error(_cli(*args, env=env), *needles)

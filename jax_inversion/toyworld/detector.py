@@ -128,9 +128,9 @@ def train_detector(config, directory: str, log: Callable) -> str:
     reconstructed = jnp.asarray(roundtrip(images)) if roundtrip else data
     net = DetectorNet(len(LABELS))
     rng = jax.random.PRNGKey(config.seed + 2)
-    params = net.init(rng, jnp.zeros((1, world.SIZE, world.SIZE, 3)))["params"]
+    params = jax.jit(net.init)(rng, jnp.zeros((1, world.SIZE, world.SIZE, 3)))["params"]  # one compile, not one per op
     optimizer = optax.adamw(optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps, alpha=0.05), weight_decay=1e-4)
-    opt_state = optimizer.init(params)
+    opt_state = jax.jit(optimizer.init)(params)
 
     @jax.jit
     def step(params, opt_state, rng):

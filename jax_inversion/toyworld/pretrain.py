@@ -80,10 +80,10 @@ def train_vae(config, images: np.ndarray, log: Callable) -> tuple[vae_lib.Autoen
     """
     module = vae_lib.AutoencoderKL(vae_lib.AutoencoderKLConfig.from_dict(TOY_VAE))
     rng = jax.random.PRNGKey(config.seed)
-    params = module.init(rng, jnp.zeros((1, world.SIZE, world.SIZE, 3)))["params"]
+    params = jax.jit(module.init)(rng, jnp.zeros((1, world.SIZE, world.SIZE, 3)))["params"]  # one compile, not one per op
     schedule = optax.cosine_decay_schedule(config.vae.learning_rate, config.vae.steps, alpha=0.1)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-    opt_state = optimizer.init(params)
+    opt_state = jax.jit(optimizer.init)(params)
     data = jnp.asarray(images)
 
     def loss_fn(params, x, rng):
@@ -143,9 +143,9 @@ def train_text_to_image(config, tokenizer, input_ids: np.ndarray, latent_mean: n
     rng_text, rng_unet, rng = jax.random.split(jax.random.PRNGKey(config.seed + 1), 3)
     side = TOY_UNET["sample_size"]
     params = init_params or {
-        "text_encoder": text_encoder.init(rng_text, jnp.zeros((1, MAX_LENGTH), jnp.int32))["params"],
-        "unet": unet.init(rng_unet, jnp.zeros((1, side, side, 4)), jnp.zeros((1,)),
-                          jnp.zeros((1, MAX_LENGTH, TOY_UNET["cross_attention_dim"])))["params"],
+        "text_encoder": jax.jit(text_encoder.init)(rng_text, jnp.zeros((1, MAX_LENGTH), jnp.int32))["params"],
+        "unet": jax.jit(unet.init)(rng_unet, jnp.zeros((1, side, side, 4)), jnp.zeros((1,)),
+                                   jnp.zeros((1, MAX_LENGTH, TOY_UNET["cross_attention_dim"])))["params"],
     }
     if init_params:
         rng = jax.random.fold_in(rng, 1)  # a continuation draws fresh batches and noise
@@ -153,7 +153,7 @@ def train_text_to_image(config, tokenizer, input_ids: np.ndarray, latent_mean: n
     warmup = min(cfg.warmup_steps, cfg.steps // 10)
     lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, cfg.steps, end_value=0.1 * cfg.learning_rate)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=1e-2))
-    opt_state = optimizer.init(params)
+    opt_state = jax.jit(optimizer.init)(params)
     schedule = NoiseSchedule.from_config(TOY_SCHEDULER)
     ids_all, mean_all, std_all = jnp.asarray(input_ids), jnp.asarray(latent_mean), jnp.asarray(latent_std)
     empty = jnp.asarray(tokenizer([""], padding="max_length", max_length=MAX_LENGTH).input_ids[0], jnp.int32)
