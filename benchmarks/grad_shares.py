@@ -6,10 +6,11 @@
 Trains every method's own config (:func:`benchmarks.quality.method_config`) on the shipped toy
 model (or, with ``--arch sd15``, on random weights of the SD1.5 architecture written once to
 ``WORKDIR/sd15``, the concept's images resized to ``--resolution``) for ``--steps`` steps with
-``train.log_every=1`` and reads ``grad_norm/<term>`` from metrics.jsonl. ``--before`` emulates the recipes as they were before issue 16: lr 5e-3 unscaled,
-clipping 1.0, placeholder-only prompts, the anchor loss divided by the 80 anchors (the new one
-per L x d prompt elements: its weight times L x d / 80 reproduces it), the attention loss a mean
-over pixels and tokens, and Lego's "<subj> <cpt>".
+``train.log_every=1`` and reads ``grad_norm/<term>`` from metrics.jsonl. ``--before`` emulates
+the recipes as they were before issue 16: lr 5e-3 unscaled, clipping 1.0, placeholder-only
+prompts, the anchor loss divided by the 80 anchors (the new one per L x d prompt elements: its
+weight times L x d / 80 reproduces it), the attention loss a mean over pixels and tokens, and
+Lego's "<subj> <cpt>".
 """
 from __future__ import annotations
 

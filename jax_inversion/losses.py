@@ -203,11 +203,19 @@ def _head_mean(probs: jax.Array) -> jax.Array:
 
 
 def _map_side(name: str, probs: jax.Array) -> int:
-    positions = probs.shape[2]
+    positions = probs.shape[-2]
     side = math.isqrt(positions)
     if side * side != positions:
         raise ValueError(f"attention map {name!r} has {positions} positions, not a square grid")
     return side
+
+
+def _share_inside(name: str, attention: jax.Array, masks: jax.Array) -> jax.Array:
+    """Share of each token's attention inside the mask: attention [B, ..., HW, L] (HW a square
+    grid), masks [B, H, W] in [0, 1] resized to that grid -> [B, ..., L]."""
+    region = resize_mask(masks, _map_side(name, attention))
+    inside = jnp.einsum("bp,b...pl->b...l", region, attention)
+    return inside / (jnp.sum(attention, axis=-2) + RATIO_EPS)
 
 
 def _require_layers(attention_maps: Mapping[str, jax.Array]) -> None:
@@ -232,11 +240,7 @@ def location_loss(
     token_mask = jnp.asarray(token_mask, bool)
     layer_losses = []
     for name, probs in attention_maps.items():
-        attention = _head_mean(probs)
-        region = resize_mask(masks, _map_side(name, probs))
-        inside = jnp.einsum("bp,bpl->bl", region, attention)
-        ratio = inside / (jnp.sum(attention, axis=1) + RATIO_EPS)
-        layer_losses.append(_masked_mean(1.0 - ratio, token_mask))
+        layer_losses.append(_masked_mean(1.0 - _share_inside(name, _head_mean(probs), masks), token_mask))
     return jnp.mean(jnp.stack(layer_losses))
 
 
@@ -256,10 +260,7 @@ def layout_guidance_loss(
     token_mask = jnp.asarray(token_mask, bool)
     layer_losses = []
     for name, probs in attention_maps.items():
-        probs = _f32(probs)
-        region = resize_mask(masks, _map_side(name, probs))
-        inside = jnp.einsum("bp,bhpl->bhl", region, probs)
-        ratio = inside / (jnp.sum(probs, axis=2) + RATIO_EPS)
+        ratio = _share_inside(name, _f32(probs), masks)  # per head
         layer_losses.append(_masked_mean(jnp.mean((1.0 - ratio) ** 2, axis=1), token_mask))
     return jnp.mean(jnp.stack(layer_losses))
 
