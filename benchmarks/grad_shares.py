@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--before", action="store_true", help="the recipes before issue 16")
     parser.add_argument("--workdir", default="/tmp/grad_shares")
-    parser.add_argument("--arch", default="toy", help="toy: the shipped toy model; sd15: random SD1.5-architecture weights")
+    parser.add_argument("--arch", default="toy", choices=("toy", "sd15"), help="toy: the shipped toy model; sd15: random SD1.5-architecture weights")
     parser.add_argument("--resolution", type=int, default=0, help="training images' side (0: the model's own)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--class_word", default="", help="instead of the concept's own (sd15's small tokenizer: e.g. circle)")
