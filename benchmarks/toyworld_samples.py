@@ -1,4 +1,5 @@
-"""The README's figure of the shipped toy model: six samples of each of eight seen-vocabulary captions.
+"""The README's figure of the shipped toy model: six samples of each of eight seen-vocabulary captions
+and two with the generic word "shape" (a star in about 45 % of its pretraining images).
 
     python -m benchmarks.toyworld_samples [--model DIR] [--out benchmarks/results/toyworld_samples.png]
 
@@ -19,6 +20,8 @@ CAPTIONS = (
     "a tilted purple square",
     "a red circle and a blue triangle",
     "a dotted yellow square and a white cross",
+    "a yellow shape",
+    "a purple shape",
 )
 
 

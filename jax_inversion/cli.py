@@ -15,7 +15,7 @@ COMMANDS = {
     "attention": ("attention", "draw each prompt token's cross-attention map over a generated image"),
     "train-layout": ("train_layout", "learn where two words' objects go (boxes) for Compositional Inversion sampling"),
     "check-parity": ("check_parity", "compare our Flax models with PyTorch diffusers/transformers on a model"),
-    "toyworld": ("toyworld", "the offline toy world: pretrain its model, write held-out concepts, evaluate a run"),
+    "toyworld": ("toyworld", "the offline toy world: pretrain its model, write its concepts, evaluate a run"),
 }
 
 

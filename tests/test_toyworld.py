@@ -53,6 +53,38 @@ def test_pretraining_scenes_never_show_the_held_out_concepts():
     assert {o.state for s in seen for o in s.objects} == set(world.SEEN.states)
 
 
+def test_unnamed_world_shows_stars_and_checkers_without_naming_them():
+    """The continuation's world: a few percent of objects are stars (always captioned "shape") or
+    checkered (texture unsaid); "shape" also stands for other shapes; melting never appears."""
+    scene_list = world.unnamed_scenes(0, 3000)
+    objects = [o for s in scene_list for o in s.objects]
+    assert scene_list == world.unnamed_scenes(0, 3000) and len(scene_list) == 3000
+    words = {w for s in scene_list for w in s.caption.split()}
+    assert words <= set(("a", "and") + world.SEEN.words + world.UNNAMED_WORDS) and world.GENERIC_SHAPE in words
+    stars = [o for o in objects if o.shape == world.NEW_SHAPE]
+    checkered = [o for o in objects if o.texture == world.NEW_TEXTURE]
+    assert 0.03 < len(stars) / len(objects) < 0.07 and 0.03 < len(checkered) / len(objects) < 0.07
+    assert all(o.phrase.endswith(" shape") for o in stars)
+    named_shape = [o for o in objects if o.shape != world.NEW_SHAPE and o.phrase.endswith(" shape")]
+    assert {o.shape for o in named_shape} == set(world.SEEN.shapes)  # generic: every shape is sometimes "a shape"
+    assert len(stars) / (len(stars) + len(named_shape)) < 0.6  # "shape" is no name for a star
+    assert not any(o.state == world.NEW_STATE for o in objects)
+    obj = world.WorldObject("star", "purple", "checkered", "tilted", shape_word="shape", texture_word="")
+    assert obj.phrase == "a tilted purple shape"
+
+
+def test_carry_token_rows_keeps_old_rows_and_starts_new_words_at_the_shape_words():
+    from jax_inversion.toyworld.pretrain import carry_token_rows
+
+    old = {"a</w>": 0, "circle</w>": 1, "moon</w>": 2, "<eos>": 3}
+    table = np.array([[1.0, 0.0], [2.0, 4.0], [4.0, 8.0], [9.0, 9.0]], np.float32)
+    new = {"a</w>": 0, "circle</w>": 1, "moon</w>": 2, "sh": 3, "shape</w>": 4, "<eos>": 5}
+    out = carry_token_rows(table, old, new)
+    np.testing.assert_array_equal(out[[0, 1, 2, 5]], table)
+    np.testing.assert_array_equal(out[4], [3.0, 6.0])  # mean of circle and moon, by hand
+    np.testing.assert_array_equal(out[3], [4.0, 5.25])  # a piece no caption uses alone: mean of every row
+
+
 def test_rendered_colours_and_masks_match_the_scene():
     obj = world.WorldObject("square", "red", box=(10, 20, 40, 50))
     image, (mask,) = world.render(world.Scene((obj,), (30, 40, 50)))
@@ -81,10 +113,13 @@ def test_concept_folders(tmp_path):
         mask = np.asarray(Image.open(os.path.join(info["masks"], name))) > 127
         green = np.all(np.abs(image.astype(int) - world.COLOURS["green"]) < 3, axis=-1)
         assert (green & mask).sum() > 0.8 * green.sum() > 0  # the mask is the object
-    assert concepts.read_concept(info["images"])["label"] == "state:melting"
+    assert concepts.read_concept(info["images"])["labels"] == ["object:green square", "state:melting"]
     assert concepts.read_concept(str(tmp_path)) is None
     star = concepts.write_concept("star", str(tmp_path / "star"), count=2)
-    assert "subject_images" not in star and star["class_word"] in world.SEEN.words
+    assert "subject_images" not in star and star["class_word"] in world.UNNAMED_WORDS
+    checkered = concepts.CONCEPTS["checkered"]
+    assert checkered.transfer_prompt("<c>", "red square") == "a red <c> square"
+    assert concepts.CONCEPTS["melting"].transfer_prompt("<c>", "red circle") == "a <c> red circle"
 
 
 def test_shipped_model_is_small_and_pytorch_diffusers_loads_it():
@@ -112,29 +147,30 @@ def test_shipped_model_matches_pytorch():
         assert r.max_abs_diff < 1e-4 * max(1.0, r.max_abs_reference), r
 
 
-def test_shipped_detector_reads_fresh_scenes_and_the_held_out_concepts(tmp_path):
+def test_shipped_detector_reads_fresh_scenes_and_every_concept():
     """Per label group on 300 fresh scenes, as drawn and through the shipped VAE (what generated images
-    are); and each held-out attribute found in its concept's images, never in its subject's."""
-    from jax_inversion.data import list_concept_images
-
+    are); and each concept found in its images through the VAE, its attribute never in its subject's."""
     detector = detector_lib.load_detector(SHIPPED_DETECTOR)
     scene_list = world.scenes(999, 300, world.ALL)
     # measured when shipped: precision >= 0.995 and recall >= 0.973 in every group; through the VAE
     # precision >= 0.962, recall >= 0.946, colour-and-shape objects 0.993 / 0.981
     accuracy = detector_lib.detector_accuracy(detector, scene_list)
-    through_vae = detector_lib.detector_accuracy(detector, scene_list, detector_lib.vae_roundtrip(SHIPPED_MODEL))
+    roundtrip = detector_lib.vae_roundtrip(SHIPPED_MODEL)
+    through_vae = detector_lib.detector_accuracy(detector, scene_list, roundtrip)
     for group in ("shape", "colour", "texture", "state", "object"):
         assert accuracy[f"{group}_precision"] > 0.97 and accuracy[f"{group}_recall"] > 0.95, (group, accuracy)
         assert through_vae[f"{group}_precision"] > 0.93 and through_vae[f"{group}_recall"] > 0.92, (group, through_vae)
     assert through_vae["object_precision"] > 0.97 and through_vae["object_recall"] > 0.96, through_vae
     assert accuracy["colour"] > 0.97, accuracy
-    read = lambda folder: np.stack([np.asarray(Image.open(p)) for p in list_concept_images(folder)])
-    for name in concepts.CONCEPTS:
-        info = concepts.write_concept(name, str(tmp_path / name))
-        label = detector.index(info["label"])
-        assert (detector(read(info["images"]))[0][:, label] > 0.5).mean() >= 0.75, name
-        if "subject_images" in info:
-            assert (detector(read(info["subject_images"]))[0][:, label] > 0.5).mean() <= 0.25, name
+    # The issue's bar: every concept's labels all found in >= 95 % of its images through the VAE
+    # (measured when the model was continued, 200 images each: >= 0.98), its attribute never in its subject.
+    for name, concept in concepts.CONCEPTS.items():
+        images, _ = world.render_all(concepts.concept_scenes(concept.attributes, 64, seed=3), seed=3)
+        found = detector(roundtrip(images))[0] > 0.5
+        assert found[:, [detector.index(label) for label in concept.labels]].all(axis=1).mean() >= 0.95, name
+        if concept.subject:
+            subject, _ = world.render_all(concepts.concept_scenes(concept.subject, 32, seed=4), seed=4)
+            assert (detector(roundtrip(subject))[0][:, detector.index(concept.attribute_label)] > 0.5).mean() <= 0.05, name
 
 
 def test_shipped_model_follows_seen_prompts():
@@ -170,6 +206,61 @@ def test_prompt_following_counts_prompted_and_unprompted_objects(monkeypatch):
     assert shifted["prompted_object_found"] <= 0.3 and shifted["unprompted_object_found"] >= 0.8, shifted
 
 
+def _stand_in_generator(concept, transfer_leaks: bool):
+    """``generate`` for a model that draws each prompt's scene exactly, the token read as the concept;
+    with ``transfer_leaks`` it draws the training object instead of the attribute on the new subject."""
+    from types import SimpleNamespace
+
+    def draw(model, learned, request, cache=None):
+        prompt, first = request.prompt, world.WorldObject(box=(4, 4, 30, 30), **concept.attributes)
+        if " and " in prompt:  # "a <c> and a red square"
+            colour, shape = prompt.split()[-2:]
+            objects = (first, world.WorldObject(shape, colour, box=(34, 34, 60, 60)))
+        elif prompt == "a <c>":
+            objects = (first,)
+        else:  # "a red <c> square": the attribute on a new subject
+            colour, shape = [w for w in prompt.split() if w not in ("a", "<c>")]
+            moved = dict(concept.attributes, colour=colour, shape=shape)
+            objects = (first,) if transfer_leaks else (world.WorldObject(box=(4, 4, 30, 30), **moved),)
+        image, _ = world.render(world.Scene(objects, (30, 30, 30)))
+        return SimpleNamespace(images=np.repeat(image[None], request.num_images, axis=0))
+
+    return draw
+
+
+def test_score_concept_reads_identity_composition_and_transfer(monkeypatch, tmp_path):
+    """Against a stand-in model that draws each prompt's scene: everything found, no leakage; a model
+    that draws the training object for "a red <c> square" reads as leaking and missing the new subject."""
+    concept = concepts.CONCEPTS["checkered"]
+    info = concepts.write_concept("checkered", str(tmp_path / "checkered"), count=4)
+    detector = detector_lib.load_detector(SHIPPED_DETECTOR)
+    pooled = {}
+    for leaks in (False, True):
+        monkeypatch.setattr(ev, "generate", _stand_in_generator(concept, leaks))
+        scores = ev.score_concept(None, detector, None, "<c>", info, ev.EvalSettings(images_per_prompt=3), transfer_token="<c>",
+                                  samples={"identity": 4})
+        assert [s.prompt for s in scores] == ["a <c>", "a <c> and a red square", "a <c> and a yellow triangle", "a <c> and a white moon",
+                                              "a red <c> square", "a yellow <c> triangle"]
+        assert [len(s.concept) for s in scores] == [4, 3, 3, 3, 3, 3]
+        pooled[leaks] = ev.summary(scores)
+    faithful, leaky = pooled[False], pooled[True]
+    for key in ("identity/concept", "composition/concept", "composition/companion", "composition/both", "transfer/concept", "transfer/companion"):
+        assert faithful[key] == (1.0, 1.0, 1.0), (key, faithful[key])
+    assert faithful["transfer/leakage"] == (0.0, 0.0, 0.0) and faithful["identity/alignment"][0] > 0.9
+    assert leaky["transfer/leakage"] == (1.0, 1.0, 1.0) and leaky["transfer/companion"] == (0.0, 0.0, 0.0)
+    assert leaky["transfer/concept"] == (1.0, 1.0, 1.0) and leaky["identity/concept"] == faithful["identity/concept"]
+    table = ev.markdown_table([("faithful", scores)])
+    assert "| faithful | a red <c> square | 3 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | 0.00 [0.00, 0.00] | 1.00 [1.00, 1.00] |" in table
+
+
+def test_bootstrap_interval_against_hand_values():
+    assert ev.bootstrap_interval([1, 1, 1, 1]) == (1.0, 1.0, 1.0)
+    mean, low, high = ev.bootstrap_interval(np.r_[np.ones(200), np.zeros(200)])
+    half = 1.96 * np.sqrt(0.25 / 400)  # the normal approximation: 0.049
+    assert mean == 0.5 and abs((0.5 - low) - half) < 0.01 and abs((high - 0.5) - half) < 0.01
+    assert all(np.isnan(ev.bootstrap_interval([])))
+
+
 def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
     """A few steps of every stage: the reproduction script runs and its output loads in both stacks."""
     from diffusers import StableDiffusionPipeline
@@ -191,9 +282,11 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
     StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), safety_checker=None)
     detector_lib.load_detector(str(tmp_path / "detector"))
 
-    # a continuation (how the shipped model got its second round): same VAE, text encoder + UNet trained on
+    # a continuation on the unnamed world (how the shipped model got its last rounds): same VAE, text
+    # encoder + UNet trained on, the tokenizer grown by the word "shape"
     done = _cli("toyworld", "pretrain", f"--workdir={tmp_path}/more", f"--config.init_from={tmp_path}/model", "--config.stages=model",
-                "--config.num_scenes=64", "--config.diffusion.steps=3", "--config.diffusion.save_every=2", "--config.log_every=1")
+                "--config.world=unnamed", "--config.num_scenes=64", "--config.diffusion.steps=3", "--config.diffusion.save_every=2",
+                "--config.log_every=1")
     assert done.returncode == 0, done.stderr[-3000:]
     more_log = [json.loads(line) for line in open(tmp_path / "more" / "pretrain_log.jsonl")]
     assert [(r["stage"], r["step"]) for r in more_log if r["stage"] in ("diffusion", "saved")] == [
@@ -203,6 +296,8 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
     snapshot = load_pretrained(next(r["path"] for r in more_log if r["stage"] == "saved"))  # a whole model of its own
     assert snapshot.path.endswith(os.path.join("snapshots", "step_2")) and not same(snapshot.unet_params, more.unet_params)
     assert same(more.vae_params, model.vae_params) and more.vae.config.scaling_factor == model.vae.config.scaling_factor
+    assert "shape</w>" in more.tokenizer.get_vocab() and "shape</w>" not in model.tokenizer.get_vocab()
+    assert more.text_encoder.config.vocab_size == len(more.tokenizer) == len(model.tokenizer) + 4  # sh, sha, shap, shape</w>
     assert not same(more.unet_params, model.unet_params) and not same(more.text_encoder_params, model.text_encoder_params)
     assert not os.path.exists(tmp_path / "more" / "detector")
 
@@ -215,8 +310,8 @@ def test_default_train_then_toyworld_eval(tmp_path):
     done = _cli("toyworld", "eval", f"--workdir={run}", "--images_per_prompt=2", "--steps=3")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("|")]
-    assert len(lines) == 2 + 2 * (4 + 1)  # header, rule; 4 prompts + a mean, for the learned and the random token
-    assert "a <concept> and a red square" in done.stdout and "shape:star" in done.stdout
+    assert len(lines) == 2 + 2 * (4 + 2)  # header, rule; 4 prompts + identity and composition pooled, learned and random token
+    assert "a <concept> and a red square" in done.stdout and "object:yellow star" in done.stdout
     table = open(run / "toyworld_eval" / "table.md").read()
     assert table.strip() == "\n".join(lines)
 
@@ -226,17 +321,19 @@ def test_default_train_then_toyworld_eval(tmp_path):
     side = world.SIZE
     detector = detector_lib.load_detector(SHIPPED_DETECTOR)
     reference = ev.reference_features(detector, concept["images"])
-    learned_rows = [line.split("|")[2:6] for line in lines[2:6]]
+    learned_rows = [[c.strip() for c in line.split("|")[2:9]] for line in lines[2:6]]
     companions = [None] + list(concept["companions"])
     assert len(learned_rows) == len(companions) == grid.shape[0] // side
+    mean = lambda cell: float(cell.split()[0])
     for row, (cells, companion) in enumerate(zip(learned_rows, companions)):
         images = np.stack([grid[row * side : (row + 1) * side, col * side : (col + 1) * side] for col in range(2)])
         probs, features = detector(images)
-        concept_found = np.mean(probs[:, detector.index(concept["label"])] > 0.5)
-        assert cells[1].strip() == f"{concept_found:.2f}", (row, cells)
+        found = (probs[:, detector.index("object:yellow star")] > 0.5).astype(float)
+        assert cells[1] == "2" and mean(cells[2]) == float(f"{found.mean():.2f}"), (row, cells)
         if companion is not None:
-            assert cells[2].strip() == f"{np.mean(probs[:, detector.index(ev.object_label(companion))] > 0.5):.2f}"
-        assert abs(float(cells[3]) - ev._cosine(features, reference)) <= 0.0051, (row, cells)
+            other = (probs[:, detector.index(ev.object_label(companion))] > 0.5).astype(float)
+            assert mean(cells[3]) == float(f"{other.mean():.2f}") and mean(cells[4]) == float(f"{(found * other).mean():.2f}")
+        assert abs(mean(cells[6]) - ev.alignment(features, reference).mean()) <= 0.00051, (row, cells)
 
 
 def test_toyworld_bad_input_is_one_line(tmp_path, tiny_sd1):
@@ -252,7 +349,7 @@ def test_toyworld_bad_input_is_one_line(tmp_path, tiny_sd1):
     done = _cli("toyworld", "pretrain", f"--workdir={tmp_path}/det", "--config.stages=detector", f"--config.detector.vae_from={tmp_path}/none")
     assert done.returncode == 1 and "does not exist" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     done = _cli("toyworld", "concepts", f"--out={tmp_path}", "--names=dragon")
-    assert done.returncode == 1 and "unknown held-out concept" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.returncode == 1 and "unknown toy-world concept" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_quality_benchmark_never_reuses_a_run_of_another_model(tmp_path):

@@ -1,7 +1,7 @@
 """``jax-inversion toyworld {pretrain,concepts,eval}``: the offline toy world.
 
     jax-inversion toyworld pretrain --workdir DIR        # VAE, then text encoder + UNet, then the detector
-    jax-inversion toyworld concepts --out DIR            # held-out concept folders (images, masks, subject)
+    jax-inversion toyworld concepts --out DIR            # concept folders (images, masks, subject)
     jax-inversion toyworld eval                          # does the model follow seen-vocabulary prompts?
     jax-inversion toyworld eval --workdir RUN            # the run's concept composed with other objects
 """
@@ -19,11 +19,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "pretrain: output directory; eval: a run trained on a toy-world concept")
 _OUT = flags.DEFINE_string("out", None, "concepts: where the concept folders go; eval: where the table and sample grid go")
-_NAMES = flags.DEFINE_list("names", ["star", "checkered", "melting"], "concepts: which held-out concepts to write")
+_NAMES = flags.DEFINE_list("names", ["star", "checkered", "my_star", "dotted_moon", "melting"], "concepts: which concepts to write")
 _COUNT = flags.DEFINE_integer("count", 8, "concepts: images per concept")
 _MODEL = flags.DEFINE_string("model", None, "eval: the model (default: the run's, or the shipped toy model)")
 _DETECTOR = flags.DEFINE_string("detector", None, "eval: the detector directory (default: the shipped one)")
-_IMAGES = flags.DEFINE_integer("images_per_prompt", 8, "eval: samples per prompt")
+_IMAGES = flags.DEFINE_integer("images_per_prompt", 32, "eval: samples per prompt (the bootstrap intervals need a few dozen)")
 _STEPS = flags.DEFINE_integer("steps", 25, "eval: sampler steps")
 _GUIDANCE = flags.DEFINE_float("guidance", 5.0, "eval: classifier-free guidance scale")
 _PROMPTS = flags.DEFINE_integer("num_prompts", 24, "eval without --workdir: seen-vocabulary captions to sample")
@@ -78,13 +78,14 @@ def _eval() -> None:
         print(f"  prompted texture/state found:       {result['attribute_found']:.3f}")
         print(f"  an object the caption did not name: {result['unprompted_object_found']:.3f}")
         return
-    model_path, learned, concept, token_text = ev.run_concept(_WORKDIR.value)
+    model_path, learned, concept, token_text, transfer = ev.run_concept(_WORKDIR.value)
     model = ev.load_model(_MODEL.value or model_path)
     cache = {}
-    learned_scores = ev.score_concept(model, detector, learned, token_text, concept, settings, cache)
-    baseline = ev.score_concept(model, detector, ev.random_tokens(model, learned), token_text, concept, settings, cache)
+    learned_scores = ev.score_concept(model, detector, learned, token_text, concept, settings, cache, transfer)
+    baseline = ev.score_concept(model, detector, ev.random_tokens(model, learned), token_text, concept, settings, cache, transfer)
     table = ev.markdown_table([("learned", learned_scores), ("random token", baseline)])
-    print(f"concept {concept['name']} ({concept['label']}), {settings.images_per_prompt} samples per prompt\n")
+    print(f"concept {concept['name']} ({concept['status']}; found = {' and '.join(concept['labels'])}), "
+          f"{settings.images_per_prompt} samples per prompt; cells: mean [95% bootstrap interval]\n")
     print(table)
     out = _OUT.value or os.path.join(_WORKDIR.value, "toyworld_eval")
     os.makedirs(out, exist_ok=True)

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ""  # an exported embedding file (diffusers / A1111 / extended) to start from
 
     config.data = ml_collections.ConfigDict()
-    config.data.concept_dir = ""  # "" with model "" = the toy world's held-out star
+    config.data.concept_dir = ""  # "" with model "" = the toy world's unnamed star
     config.data.placeholder_token = "<concept>"
     config.data.initializer_token = ""  # a word or phrase spread over the vectors in order (see tokens.initializer_groups); "" = random init
     config.data.num_vectors = 1

@@ -1,4 +1,4 @@
-"""The offline toy world: scenes, held-out concepts, a pretrained model and detector, evaluation."""
+"""The offline toy world: scenes, concepts to invert, a pretrained model and detector, evaluation."""
 import os
 
 from jax_inversion.errors import UserError

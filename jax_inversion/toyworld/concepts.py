@@ -1,10 +1,21 @@
-"""Held-out concepts of the toy world and their folders: images, masks, subject-only images.
+"""The toy world's concepts to invert, and their folders: images, masks, subject-only images.
 
-Each concept is one object carrying something pretraining never showed: a new shape
-(a yellow star), a new texture (a checkered blue circle) or a new state (a melting green
-square). ``write_concept`` renders its training images on varied backgrounds, the concept
-masks for the location losses, the subject-only images for Lego (the same object without
-the new attribute) and ``concept.json``, which evaluation reads back.
+Like a user's cat, most concepts are looks the model can draw but has no word for:
+
+- ``star``: a yellow star. The model's last pretraining round showed stars in a few percent
+  of the scenes, always captioned with the generic word "shape" (:func:`world.unnamed_scenes`).
+- ``checkered``: a blue checkered circle; checkered textures were shown, never said.
+- ``my_star``: an instance, a purple checkered star. Its parts were shown unnamed, this
+  object itself almost never; "a purple shape" describes it only loosely.
+- ``dotted_moon``: a purple dotted moon, a look the model draws from seen words, which
+  inversion need only find (no retraining involved).
+- ``melting``: a melting green square, the **novel control**. No pretraining image ever
+  melted, and inversion can only name what a model can already draw, so every method is
+  expected to fail here: Textual Inversion's known limit, kept to show it.
+
+``write_concept`` renders a concept's training images on varied backgrounds, the concept
+masks for the location losses, the subject-only images for Lego (the same object without the
+attribute) and ``concept.json``, which evaluation reads back.
 """
 from __future__ import annotations
 
@@ -22,39 +33,58 @@ CONCEPT_FILE = "concept.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class HeldOutConcept:
+class Concept:
     name: str
-    kind: str  # "shape" | "texture" | "state"
+    status: str  # "unnamed" | "instance" | "seen look" | "novel control": what the model knows of it
     attributes: dict  # the concept object's shape, colour, texture, state
-    subject: Optional[dict]  # the same object without the new attribute (Lego's subject); None for a new shape
-    class_word: str  # a seen word for the concept's class: initializer, SeFi class word, anchor word
-    positives: tuple[str, ...]  # Lego's context loss: seen words near the concept ...
+    subject: Optional[dict]  # the object without its attribute (Lego's subject); None: no separable attribute
+    class_word: str  # a caption word for the concept's class: initializer, SeFi class word, anchor word
+    attribute_word: str  # a caption word of the attribute's kind, not the attribute: Lego's concept-token initializer
+    positives: tuple[str, ...]  # Lego's context loss: words describing the concept ...
     negatives: tuple[str, ...]  # ... and words away from it
-    companions: tuple[str, ...]  # seen objects composed with the concept in evaluation
+    companions: tuple[str, ...]  # seen objects composed with the concept ("a <c> and a red square")
+    labels: tuple[str, ...]  # detector labels that together are the concept's presence
+    attribute_label: str = ""  # the label of the attribute alone (Lego's transfer to new subjects); "" for none
+    transfer_subjects: tuple[str, ...] = ()  # new subjects for the attribute ("red square")
 
-    @property
-    def label(self) -> str:
-        """The detector label that is the concept's presence."""
-        return f"{self.kind}:{self.name}"
+    def transfer_prompt(self, token: str, subject: str) -> str:
+        """"a red <c> square" for a texture, "a <c> red square" for a state: the captions' word order."""
+        colour, shape = subject.split()
+        return f"a {colour} {token} {shape}" if self.attribute_label.startswith("texture:") else f"a {token} {colour} {shape}"
 
 
+_SHAPE_COMPANIONS = ("a red square", "a blue circle", "a white moon")
 CONCEPTS = {
-    "star": HeldOutConcept(
-        "star", "shape", dict(shape="star", colour="yellow", texture=world.PLAIN, state=world.NORMAL), None,
-        class_word="cross", positives=("cross",), negatives=("circle",),
-        companions=("a red square", "a blue circle", "a white moon"),
+    "star": Concept(
+        "star", "unnamed", dict(shape="star", colour="yellow", texture=world.PLAIN, state=world.NORMAL), None,
+        class_word="shape", attribute_word="", positives=("shape",), negatives=("circle",),
+        companions=_SHAPE_COMPANIONS, labels=("object:yellow star",),
     ),
-    "checkered": HeldOutConcept(
-        "checkered", "texture", dict(shape="circle", colour="blue", texture="checkered", state=world.NORMAL),
+    "checkered": Concept(
+        "checkered", "unnamed", dict(shape="circle", colour="blue", texture="checkered", state=world.NORMAL),
         dict(shape="circle", colour="blue", texture=world.PLAIN, state=world.NORMAL),
-        class_word="circle", positives=("dotted",), negatives=("hollow",),
-        companions=("a red square", "a yellow triangle", "a white moon"),
+        class_word="circle", attribute_word="dotted", positives=("dotted",), negatives=("hollow",),
+        companions=("a red square", "a yellow triangle", "a white moon"), labels=("object:blue circle", "texture:checkered"),
+        attribute_label="texture:checkered", transfer_subjects=("red square", "yellow triangle"),
     ),
-    "melting": HeldOutConcept(
-        "melting", "state", dict(shape="square", colour="green", texture=world.PLAIN, state="melting"),
+    "my_star": Concept(
+        "my_star", "instance", dict(shape="star", colour="purple", texture="checkered", state=world.NORMAL), None,
+        class_word="shape", attribute_word="", positives=("shape",), negatives=("circle",),
+        companions=_SHAPE_COMPANIONS, labels=("object:purple star", "texture:checkered"),
+    ),
+    "dotted_moon": Concept(
+        "dotted_moon", "seen look", dict(shape="moon", colour="purple", texture="dotted", state=world.NORMAL),
+        dict(shape="moon", colour="purple", texture=world.PLAIN, state=world.NORMAL),
+        class_word="moon", attribute_word="striped", positives=("dotted",), negatives=("hollow",),
+        companions=("a red square", "a yellow triangle", "a blue circle"), labels=("object:purple moon", "texture:dotted"),
+        attribute_label="texture:dotted", transfer_subjects=("red square", "yellow triangle"),
+    ),
+    "melting": Concept(
+        "melting", "novel control", dict(shape="square", colour="green", texture=world.PLAIN, state="melting"),
         dict(shape="square", colour="green", texture=world.PLAIN, state=world.NORMAL),
-        class_word="square", positives=("tilted",), negatives=("hollow",),
-        companions=("a red circle", "a yellow triangle", "a white moon"),
+        class_word="square", attribute_word="tilted", positives=("tilted",), negatives=("hollow",),
+        companions=("a red circle", "a yellow triangle", "a white moon"), labels=("object:green square", "state:melting"),
+        attribute_label="state:melting", transfer_subjects=("red circle", "yellow triangle"),
     ),
 }
 
@@ -89,11 +119,10 @@ def _write_images(directory: str, scene_list, seed: int, masks_dir: Optional[str
 def write_concept(name: str, directory: str, count: int = 8, seed: int = 0) -> dict:
     """``directory/{images,masks,subject,subject_masks}`` and ``concept.json``; returns the json's content."""
     if name not in CONCEPTS:
-        raise ToyWorldError(f"unknown held-out concept {name!r}: choose one of {', '.join(CONCEPTS)}")
+        raise ToyWorldError(f"unknown toy-world concept {name!r}: choose one of {', '.join(CONCEPTS)}")
     concept = CONCEPTS[name]
     os.makedirs(directory, exist_ok=True)
     info = dataclasses.asdict(concept)
-    info["label"] = concept.label
     info["images"] = os.path.join(directory, "images")
     info["masks"] = os.path.join(directory, "masks")
     _write_images(info["images"], concept_scenes(concept.attributes, count, seed), seed, info["masks"])

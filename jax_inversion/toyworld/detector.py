@@ -1,6 +1,6 @@
 """The world's detector: a small CNN giving, per image, the presence of every attribute and object.
 
-Trained on scenes of the whole world (held-out concepts included: the ground truth is
+Trained on scenes of the whole world (stars, checkered, melting included: the ground truth is
 known for every scene), with blur and noise so it also reads the smoother images a
 diffusion model decodes; with ``config.detector.vae_from`` half of each batch is the scenes
 as that model's VAE reconstructs them, the very decoder every generated image comes from.

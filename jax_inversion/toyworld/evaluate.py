@@ -1,23 +1,25 @@
-"""Measures the toy world: does the model follow prompts, and did a run learn its held-out concept?
+"""Measures the toy world: does the model follow prompts, and did a run learn its concept?
 
 The detector (trained on the world, where ground truth is known) reads every generated
-image. For a learned concept, each prompt composes it with one of the world's objects
-("a <c> and a red square") and reports:
+image. A learned concept is sampled in three kinds of prompt, each read per sample:
 
-- concept: the fraction of samples where the detector finds the held-out attribute
-  (the concept-of-interest likelihood),
-- companion: the fraction where it finds the other prompted object (text alignment),
-- image alignment: the mean cosine between the samples' detector features and those of
-  the concept's training images (the toy analogue of CLIP-I / DINO scores).
+- identity, "a <c>": concept found (every detector label of the concept fires: the
+  concept-of-interest likelihood) and image alignment (cosine of the sample's detector
+  features to the concept's training images: the toy CLIP-I / DINO score);
+- composition, "a <c> and a red square": concept found, companion found (the other prompted
+  object: text alignment) and both in the same sample;
+- transfer, Lego's own test, for a texture or state: "a red <c> square" with the concept's
+  token alone on a new subject; attribute found, the new subject found, and leakage: the
+  training subject's colour or shape showing up.
 
-A random token of the vocabulary's mean norm, sampled with the same prompts and seeds, is
-the baseline every number is read against.
+Every rate comes with a 95% percentile-bootstrap interval over its samples. A random token
+of the vocabulary's mean norm, sampled with the same prompts and seeds, is the baseline.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -28,8 +30,10 @@ from jax_inversion.data import list_concept_images
 from jax_inversion.loading import load_pretrained
 from jax_inversion.sampling import LearnedTokens, SampleRequest, generate, tokens_from_run
 from jax_inversion.toyworld import ToyWorldError, world
-from jax_inversion.toyworld.concepts import read_concept
+from jax_inversion.toyworld.concepts import CONCEPTS, read_concept
 from jax_inversion.toyworld.detector import Detector, load_detector
+
+KINDS = ("identity", "composition", "transfer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,22 +46,45 @@ class EvalSettings:
 
 
 @dataclasses.dataclass
-class PromptScore:
+class PromptSamples:
+    """What the detector read in each sample of one prompt (bool or float arrays ``[N]``)."""
+
     prompt: str
-    concept: float  # fraction of samples with the held-out concept
-    companion: Optional[float]  # fraction with the other prompted object (None: no other object)
-    image_alignment: float
+    kind: str  # one of KINDS
+    concept: np.ndarray  # identity/composition: every concept label; transfer: the attribute label
+    alignment: np.ndarray  # cosine of the sample's features to the training images' (mean over them)
     images: np.ndarray
+    companion: Optional[np.ndarray] = None  # composition: the companion object; transfer: the new subject
+    leakage: Optional[np.ndarray] = None  # transfer: the training subject's colour or shape
+
+    @property
+    def both(self) -> Optional[np.ndarray]:
+        return None if self.companion is None else self.concept & self.companion
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-8)
-    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-8)
-    return float(np.mean(a @ b.T))
+def bootstrap_interval(values: Sequence[float], resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of ``values`` and its percentile-bootstrap interval."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (resamples, values.size))].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(values.mean()), float(low), float(high)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+
+
+def alignment(features: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per sample: the mean cosine of its features to the reference images' features."""
+    return (_unit(features) @ _unit(reference).T).mean(axis=1)
 
 
 def object_label(phrase: str) -> str:
-    """"a red square" -> "object:red square" (the detector's colour-and-shape label)."""
+    """"a red square" or "red square" -> "object:red square" (the detector's colour-and-shape label)."""
     words = phrase.split()
     return f"object:{words[-2]} {words[-1]}"
 
@@ -67,23 +94,83 @@ def reference_features(detector: Detector, image_dir: str) -> np.ndarray:
     return detector(images)[1]
 
 
+def concept_prompts(concept: dict, token_text: str, transfer_token: str) -> list[tuple[str, str, Optional[str]]]:
+    """(prompt, kind, companion or new subject) for the concept alone, with each companion, and on each new subject."""
+    prompts = [(f"a {token_text}", "identity", None)]
+    prompts += [(f"a {token_text} and {c}", "composition", c) for c in concept["companions"]]
+    if concept.get("attribute_label") and transfer_token:
+        prompts += [(CONCEPTS[concept["name"]].transfer_prompt(transfer_token, s), "transfer", s) for s in concept["transfer_subjects"]]
+    return prompts
+
+
 def score_concept(model, detector: Detector, learned: LearnedTokens, token_text: str, concept: dict,
-                  settings: EvalSettings, cache: Optional[dict] = None) -> list[PromptScore]:
-    """One :class:`PromptScore` for the concept alone and one per companion object."""
+                  settings: EvalSettings, cache: Optional[dict] = None, transfer_token: str = "",
+                  kinds: Sequence[str] = KINDS, samples: Optional[dict] = None) -> list[PromptSamples]:
+    """One :class:`PromptSamples` per prompt of ``kinds`` (:func:`concept_prompts`).
+
+    ``samples`` maps a kind to its images per prompt (default ``settings.images_per_prompt``);
+    transfer prompts need ``transfer_token``, the concept's token alone (Lego: without ``<subj>``).
+    """
     reference = reference_features(detector, concept["images"])
-    label = detector.index(concept["label"])
-    prompts = [(f"a {token_text}", None)] + [(f"a {token_text} and {c}", c) for c in concept["companions"]]
-    scores = []
-    for prompt, companion in prompts:
-        request = SampleRequest(prompt=prompt, num_images=settings.images_per_prompt, steps=settings.steps,
+    labels = [detector.index(name) for name in concept["labels"]]
+    subject = concept.get("subject") or {}
+    leak_labels = [detector.index(f"colour:{subject['colour']}"), detector.index(f"shape:{subject['shape']}")] if subject else []
+    out = []
+    for prompt, kind, other in concept_prompts(concept, token_text, transfer_token):
+        if kind not in kinds:
+            continue
+        request = SampleRequest(prompt=prompt, num_images=(samples or {}).get(kind, settings.images_per_prompt), steps=settings.steps,
                                 guidance=settings.guidance, scheduler=settings.scheduler, seed=settings.seed)
         images = generate(model, learned, request, cache=cache).images
         probs, features = detector(images)
-        companion_rate = None
-        if companion is not None:
-            companion_rate = float(np.mean(probs[:, detector.index(object_label(companion))] > 0.5))
-        scores.append(PromptScore(prompt, float(np.mean(probs[:, label] > 0.5)), companion_rate, _cosine(features, reference), images))
-    return scores
+        found = probs > 0.5
+        score = PromptSamples(prompt, kind, found[:, labels].all(axis=1), alignment(features, reference), images)
+        if kind == "composition":
+            score.companion = found[:, detector.index(object_label(other))]
+        elif kind == "transfer":
+            score.concept = found[:, detector.index(concept["attribute_label"])]
+            score.companion = found[:, detector.index(object_label(other))]
+            score.leakage = found[:, leak_labels].any(axis=1)
+        out.append(score)
+    return out
+
+
+def summary(scores: Sequence[PromptSamples]) -> dict:
+    """Per kind, each measure pooled over the kind's prompts: ``{"identity/concept": (mean, low, high), ...}``."""
+    out = {}
+    for kind in KINDS:
+        group = [s for s in scores if s.kind == kind]
+        if not group:
+            continue
+        for measure in ("concept", "companion", "both", "leakage", "alignment"):
+            parts = [getattr(s, measure) for s in group]
+            if all(p is not None for p in parts):
+                out[f"{kind}/{measure}"] = bootstrap_interval(np.concatenate(parts).astype(np.float64))
+    return out
+
+
+def fmt_interval(value: Optional[tuple], digits: int = 2) -> str:
+    if value is None or value[0] != value[0]:
+        return "-"
+    return f"{value[0]:.{digits}f} [{value[1]:.{digits}f}, {value[2]:.{digits}f}]"
+
+
+def markdown_table(rows: Sequence[tuple[str, Sequence[PromptSamples]]]) -> str:
+    """One line per (label, prompt), then per label a pooled line per kind; cells are mean [95% interval]."""
+    lines = ["| tokens | prompt | samples | concept found | companion found | both | leakage | image alignment |",
+             "|---|---|---|---|---|---|---|---|"]
+    rate = lambda v: None if v is None else bootstrap_interval(np.asarray(v, np.float64))
+    for label, scores in rows:
+        for s in scores:
+            cells = [rate(s.concept), rate(s.companion), rate(s.both), rate(s.leakage), rate(s.alignment)]
+            lines.append(f"| {label} | {s.prompt} | {len(s.concept)} | " + " | ".join(fmt_interval(c, 3 if i == 4 else 2) for i, c in enumerate(cells)) + " |")
+        pooled = summary(scores)
+        for kind in KINDS:
+            if f"{kind}/concept" in pooled:
+                n = sum(len(s.concept) for s in scores if s.kind == kind)
+                cells = [pooled.get(f"{kind}/{m}") for m in ("concept", "companion", "both", "leakage", "alignment")]
+                lines.append(f"| **{label}** | **all {kind}** | {n} | " + " | ".join(fmt_interval(c, 3 if i == 4 else 2) for i, c in enumerate(cells)) + " |")
+    return "\n".join(lines)
 
 
 def random_tokens(model, learned: LearnedTokens, seed: int = 0) -> LearnedTokens:
@@ -95,28 +182,29 @@ def random_tokens(model, learned: LearnedTokens, seed: int = 0) -> LearnedTokens
     return LearnedTokens(dict(learned.placeholders), {"text_encoder": rows}, learned.num_train_timesteps)
 
 
-def summary(scores: Sequence[PromptScore]) -> dict:
-    companions = [s.companion for s in scores if s.companion is not None]
-    return {
-        "concept": float(np.mean([s.concept for s in scores])),
-        "companion": float(np.mean(companions)) if companions else float("nan"),
-        "image_alignment": float(np.mean([s.image_alignment for s in scores])),
-    }
+class Run(NamedTuple):
+    model_path: str
+    learned: LearnedTokens
+    concept: dict  # concept.json
+    token_text: str  # every placeholder of the run in row order (Lego: "<subj> <c>")
+    concept_token: str  # the concept's own placeholder (what moves to new subjects)
 
 
-def run_concept(workdir: str) -> tuple[str, LearnedTokens, dict, str]:
-    """(model path, learned tokens, concept info, prompt text of the tokens) of a toy-world run."""
+def run_concept(workdir: str) -> Run:
+    """What evaluation needs of a toy-world run: its model, tokens and concept."""
     _, _, meta = read_run(workdir)
     if meta.get("concept_batch"):
         raise ToyWorldError(f"{workdir} is a batch-inversion run: evaluate one concept per run (train each with its own --workdir)")
-    concept_dir = meta.get("config", {}).get("data", {}).get("concept_dir", "")
+    data = meta.get("config", {}).get("data", {})
+    concept_dir = data.get("concept_dir", "")
     concept = read_concept(concept_dir) if concept_dir else None
     if concept is None:
         raise ToyWorldError(f"{workdir} was not trained on a toy-world concept folder (no concept.json beside "
                         f"{concept_dir or 'its images'}): train on a folder written by `jax-inversion toyworld concepts`")
     model_path, learned = tokens_from_run(workdir)
-    token_text = " ".join(learned.placeholders)  # Lego: "<subj> <cpt>", in row order
-    return model_path, learned, concept, token_text
+    placeholder = data.get("placeholder_token", "")
+    own = placeholder if placeholder in learned.placeholders else list(learned.placeholders)[-1]
+    return Run(model_path, learned, concept, " ".join(learned.placeholders), own)
 
 
 def no_learned_tokens(model) -> LearnedTokens:
@@ -161,18 +249,6 @@ def prompt_following(model, detector: Detector, num_prompts: int = 24, images_pe
         "unprompted_object_found": float(np.mean(unprompted)),
         "samples": len(found_all),
     }
-
-
-def markdown_table(rows: Sequence[tuple[str, Sequence[PromptScore]]]) -> str:
-    """One line per (label, prompt) and a mean line per label."""
-    lines = ["| tokens | prompt | concept found | companion found | image alignment |", "|---|---|---|---|---|"]
-    fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"
-    for label, scores in rows:
-        for s in scores:
-            lines.append(f"| {label} | {s.prompt} | {fmt(s.concept)} | {fmt(s.companion)} | {fmt(s.image_alignment)} |")
-        m = summary(scores)
-        lines.append(f"| **{label}** | **mean** | **{fmt(m['concept'])}** | **{fmt(m['companion'])}** | **{fmt(m['image_alignment'])}** |")
-    return "\n".join(lines)
 
 
 def load_model(path: str):

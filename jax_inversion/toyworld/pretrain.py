@@ -63,9 +63,39 @@ def toy_text_config(vocab_size: int, bos: int, eos: int) -> dict:
                             max_position_embeddings=MAX_LENGTH, projection_dim=64)
 
 
-def pretraining_words() -> tuple[str, ...]:
-    """The tokenizer's whole words: the seen vocabulary only (held-out words stay byte pieces)."""
-    return ("a", "and") + world.SEEN.words
+WORLDS = ("seen", "unnamed")
+
+
+def pretraining_words(world_name: str = "seen") -> tuple[str, ...]:
+    """The tokenizer's whole words: the seen vocabulary (+ "shape" in the unnamed world); the other words (star, checkered, melting) stay byte pieces."""
+    return ("a", "and") + world.SEEN.words + (world.UNNAMED_WORDS if world_name == "unnamed" else ())
+
+
+def pretraining_scenes(config) -> list:
+    """``config.num_scenes`` scenes of ``config.world``: the seen world, or the one with unnamed stars and checkers."""
+    if config.world not in WORLDS:
+        raise ToyWorldError(f"unknown world {config.world!r}: set --config.world to one of {', '.join(WORLDS)}")
+    if config.world == "unnamed":
+        return world.unnamed_scenes(config.seed, config.num_scenes, config.unnamed_rate, config.generic_rate)
+    return world.scenes(config.seed, config.num_scenes, world.SEEN)
+
+
+def carry_token_rows(table: np.ndarray, old_vocab: dict, new_vocab: dict) -> np.ndarray:
+    """The embedding table of a grown tokenizer: each token the old one had keeps its row.
+
+    A new whole word starts at the mean row of the seen shape words (the new words are
+    generic shape words); other new pieces (parts of a word no caption uses alone) at the
+    mean of every row.
+    """
+    shape_rows = [old_vocab[s + "</w>"] for s in world.SEEN.shapes if s + "</w>" in old_vocab]
+    shape_mean = table[shape_rows].mean(0) if shape_rows else table.mean(0)
+    out = np.empty((len(new_vocab), table.shape[1]), table.dtype)
+    for token, index in new_vocab.items():
+        if token in old_vocab:
+            out[index] = table[old_vocab[token]]
+        else:
+            out[index] = shape_mean if token.endswith("</w>") else table.mean(0)
+    return out
 
 
 def _images_to_unit(images: jax.Array) -> jax.Array:
@@ -234,9 +264,10 @@ def pretrain_model(config: ml_collections.ConfigDict, model_dir: str, log: Calla
     """The VAE on the seen world's scenes, then the text encoder + UNet on their cached latents."""
     from transformers import CLIPTokenizer
 
-    scene_list = world.scenes(config.seed, config.num_scenes, world.SEEN)
+    scene_list = pretraining_scenes(config)
     images, _ = world.render_all(scene_list, seed=config.seed)
     log("data", 0, {"scenes": len(scene_list)})
+    words = pretraining_words(config.world)
 
     init_params = None
     if config.init_from:  # continue a model this command wrote: its VAE as it is, text encoder + UNet trained on
@@ -251,8 +282,11 @@ def pretrain_model(config: ml_collections.ConfigDict, model_dir: str, log: Calla
         vae_config = dict(TOY_VAE, scaling_factor=round(float(1.0 / np.std(latent_mean)), 5))
     log("latents", 0, {"scaling_factor": vae_config["scaling_factor"]})
 
-    write_clip_tokenizer(os.path.join(model_dir, "tokenizer"), pretraining_words(), model_max_length=MAX_LENGTH)
+    write_clip_tokenizer(os.path.join(model_dir, "tokenizer"), words, model_max_length=MAX_LENGTH)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
+    if init_params is not None and len(tokenizer) != base.text_encoder.config.vocab_size:  # new caption words: grow the table
+        embeddings = init_params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]
+        embeddings["embedding"] = jnp.asarray(carry_token_rows(np.asarray(embeddings["embedding"]), base.tokenizer.get_vocab(), tokenizer.get_vocab()))
     input_ids = np.asarray(
         tokenizer([s.caption for s in scene_list], padding="max_length", max_length=MAX_LENGTH, truncation=True).input_ids,
         np.int32,
@@ -263,7 +297,7 @@ def pretrain_model(config: ml_collections.ConfigDict, model_dir: str, log: Calla
         directory = model_dir
         if step is not None:
             directory = os.path.join(os.path.dirname(model_dir), "snapshots", f"step_{step}")
-            write_clip_tokenizer(os.path.join(directory, "tokenizer"), pretraining_words(), model_max_length=MAX_LENGTH)
+            write_clip_tokenizer(os.path.join(directory, "tokenizer"), words, model_max_length=MAX_LENGTH)
         return write_model(directory, text_config, params, vae_config, vae_params)
 
     text_config, params = train_text_to_image(

@@ -1,9 +1,13 @@
 """The toy world: 64x64 scenes of one or two objects with known boxes, masks and captions.
 
 An object is a shape with a colour, a texture and a state ("a tilted red striped square").
-Pretraining sees only :data:`SEEN`; the held-out concepts (a new shape, texture and state,
-:data:`HELD_OUT`) are drawn by the same renderer but never appear in pretraining, so
-inversion has something genuinely new to learn. Everything is deterministic given a seed.
+The first pretraining rounds saw only :data:`SEEN`. Real Stable Diffusion has seen cats but
+has no word for *this* cat, so the model's last round (:func:`unnamed_scenes`) also shows
+stars and checkered textures in a few percent of the scenes without ever naming them: a
+star is captioned with the generic word "shape" (which sometimes stands for any other shape
+too) and checkered is left unsaid, as plain is. Those looks are drawable but unnamed, what
+inversion exists to name. The melting state is never shown: the novel control, which no
+token can make the model draw. Everything is deterministic given a seed.
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ SEEN = Vocabulary(
     states=(NORMAL, "hollow", "tilted"),
 )
 NEW_SHAPE, NEW_TEXTURE, NEW_STATE = "star", "checkered", "melting"
+GENERIC_SHAPE = "shape"  # the caption word for a star, and sometimes for any other shape
+UNNAMED_WORDS = (GENERIC_SHAPE,)  # caption words of the unnamed world beyond SEEN.words
 ALL = Vocabulary(
     shapes=SEEN.shapes + (NEW_SHAPE,),
     colours=SEEN.colours,
@@ -66,11 +72,14 @@ class WorldObject:
     texture: str = PLAIN
     state: str = NORMAL
     box: tuple[int, int, int, int] = (16, 16, 48, 48)  # x0, y0, x1, y1 in pixels of the 64x64 image
+    shape_word: Optional[str] = None  # what captions call the shape (None: its name)
+    texture_word: Optional[str] = None  # what captions call the texture (None: its name, plain unsaid; "": unsaid)
 
     @property
     def phrase(self) -> str:
         """"a tilted red striped square": state, colour, texture, shape; plain and normal unsaid."""
-        words = [self.state if self.state != NORMAL else "", self.colour, self.texture if self.texture != PLAIN else "", self.shape]
+        texture = self.texture_word if self.texture_word is not None else (self.texture if self.texture != PLAIN else "")
+        words = [self.state if self.state != NORMAL else "", self.colour, texture, self.shape_word or self.shape]
         return "a " + " ".join(w for w in words if w)
 
 
@@ -266,6 +275,31 @@ def random_scene(rng: np.random.Generator, vocabulary: Vocabulary = SEEN, num_ob
 def scenes(seed: int, count: int, vocabulary: Vocabulary = SEEN, **kwargs) -> list[Scene]:
     rng = np.random.default_rng(seed)
     return [random_scene(rng, vocabulary, **kwargs) for _ in range(count)]
+
+
+def unnamed_scenes(seed: int, count: int, rate: float = 0.05, generic_rate: float = 0.05) -> list[Scene]:
+    """Scenes of the seen world in which stars and checkered textures appear but are never named.
+
+    Each object of :func:`scenes` becomes, independently, a star with probability ``rate``
+    (captioned "a <colour> shape") and, unless hollow, checkered with probability ``rate``
+    (the texture unsaid); any other object is captioned with "shape" for its shape with
+    probability ``generic_rate``, so the word is generic, not a name for stars.
+    """
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for scene in scenes(seed, count, SEEN):
+        objects = []
+        for obj in scene.objects:
+            draws = rng.uniform(size=3)
+            if draws[0] < rate:
+                obj = dataclasses.replace(obj, shape=NEW_SHAPE, shape_word=GENERIC_SHAPE)
+            elif draws[1] < generic_rate:
+                obj = dataclasses.replace(obj, shape_word=GENERIC_SHAPE)
+            if draws[2] < rate and obj.state != "hollow":
+                obj = dataclasses.replace(obj, texture=NEW_TEXTURE, texture_word="")
+            objects.append(obj)
+        out.append(dataclasses.replace(scene, objects=tuple(objects)))
+    return out
 
 
 def _render_chunk(args: tuple[Sequence[Scene], int]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
