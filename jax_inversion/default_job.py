@@ -23,7 +23,7 @@ from jax_inversion.toyworld.concepts import CONCEPTS, write_concept
 DEFAULT_CONCEPT = "star"  # the toy world's unnamed shape: drawn in pretraining, only ever captioned "shape"
 TOY_TEMPLATES = ("a {}",)  # the toy world's captions name objects plainly
 DEFAULT_STEPS = 2000  # the embedded default's length when num_steps is left at the config's value (lr 0.04: 5e-3 x batch 8)
-DEFAULT_VECTORS = 4  # vectors of <concept> when num_vectors is left at 1 (star found, 32 samples: 1 vector x 400 steps 0.41; 4 x 400 0.56, x 1000 0.69, x 2000 0.75)
+DEFAULT_VECTORS = 4  # vectors of <concept> when num_vectors is left at 1 (star found, 32 samples: 1 vector x 400 steps 0.41; 4 x 400 0.56, x 1000 0.69, x 2000 0.75, x 3500 0.75)
 
 
 def write_concept_images(directory: str, count: int = 6, size: int = 64, seed: int = 0) -> str:
