@@ -72,7 +72,6 @@ def method_config(method: str, concept: dict, model: str, steps: int, seed: int,
     from jax_inversion.configs import compositional, lego, sefi, ti
     from jax_inversion.default_job import TOY_TEMPLATES
     from jax_inversion.toyworld import world
-    from jax_inversion.toyworld.pretrain import pretraining_words
 
     if method == "ti":
         config = ti.get_config()
@@ -89,7 +88,7 @@ def method_config(method: str, concept: dict, model: str, steps: int, seed: int,
         config.loss_options.context.negatives = [list(concept["negatives"])]
     elif method.startswith("compositional"):
         config = compositional.get_config("paper,location" if method.endswith("location") else "paper")
-        config.loss_options.anchor.words = tuple(w for w in pretraining_words("unnamed") if w in world.SEEN.words + world.UNNAMED_WORDS)
+        config.loss_options.anchor.words = world.SEEN.words + world.UNNAMED_WORDS  # every caption word of the shipped model's world
         config.data.mask_dir = concept["masks"]
     elif method == "sefi":
         config = sefi.get_config()
@@ -241,11 +240,7 @@ def main() -> None:
         if random_baseline:
             learned = ev.random_tokens(model, learned, seed=args.seed)
         scores = ev.score_concept(model, detector, learned, token_text, concept, settings, cache, own, samples=SAMPLES)
-        reads = {}
-        for s in scores:
-            for measure in ("concept", "companion", "both", "leakage", "alignment"):
-                if getattr(s, measure) is not None:
-                    reads.setdefault(f"{s.kind}/{measure}", []).extend(np.asarray(getattr(s, measure), float).round(4).tolist())
+        reads = {key: values.round(4).tolist() for key, values in ev.pooled_reads(scores).items()}
         first = {}
         for s in scores:
             first.setdefault(s.kind, s.images[:4].tolist())

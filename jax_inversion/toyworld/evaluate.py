@@ -34,6 +34,7 @@ from jax_inversion.toyworld.concepts import CONCEPTS, read_concept
 from jax_inversion.toyworld.detector import Detector, load_detector
 
 KINDS = ("identity", "composition", "transfer")
+MEASURES = ("concept", "companion", "both", "leakage", "alignment")  # what PromptSamples reads per sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +106,8 @@ def concept_prompts(concept: dict, token_text: str, transfer_token: str) -> list
 
 def score_concept(model, detector: Detector, learned: LearnedTokens, token_text: str, concept: dict,
                   settings: EvalSettings, cache: Optional[dict] = None, transfer_token: str = "",
-                  kinds: Sequence[str] = KINDS, samples: Optional[dict] = None) -> list[PromptSamples]:
-    """One :class:`PromptSamples` per prompt of ``kinds`` (:func:`concept_prompts`).
+                  samples: Optional[dict] = None) -> list[PromptSamples]:
+    """One :class:`PromptSamples` per prompt of :func:`concept_prompts`.
 
     ``samples`` maps a kind to its images per prompt (default ``settings.images_per_prompt``);
     transfer prompts need ``transfer_token``, the concept's token alone (Lego: without ``<subj>``).
@@ -117,8 +118,6 @@ def score_concept(model, detector: Detector, learned: LearnedTokens, token_text:
     leak_labels = [detector.index(f"colour:{subject['colour']}"), detector.index(f"shape:{subject['shape']}")] if subject else []
     out = []
     for prompt, kind, other in concept_prompts(concept, token_text, transfer_token):
-        if kind not in kinds:
-            continue
         request = SampleRequest(prompt=prompt, num_images=(samples or {}).get(kind, settings.images_per_prompt), steps=settings.steps,
                                 guidance=settings.guidance, scheduler=settings.scheduler, seed=settings.seed)
         images = generate(model, learned, request, cache=cache).images
@@ -135,18 +134,21 @@ def score_concept(model, detector: Detector, learned: LearnedTokens, token_text:
     return out
 
 
-def summary(scores: Sequence[PromptSamples]) -> dict:
-    """Per kind, each measure pooled over the kind's prompts: ``{"identity/concept": (mean, low, high), ...}``."""
+def pooled_reads(scores: Sequence[PromptSamples]) -> dict:
+    """Per kind, each measure's per-sample reads over the kind's prompts: ``{"identity/concept": float64 [N], ...}``."""
     out = {}
     for kind in KINDS:
         group = [s for s in scores if s.kind == kind]
-        if not group:
-            continue
-        for measure in ("concept", "companion", "both", "leakage", "alignment"):
+        for measure in MEASURES:
             parts = [getattr(s, measure) for s in group]
-            if all(p is not None for p in parts):
-                out[f"{kind}/{measure}"] = bootstrap_interval(np.concatenate(parts).astype(np.float64))
+            if parts and all(p is not None for p in parts):
+                out[f"{kind}/{measure}"] = np.concatenate(parts).astype(np.float64)
     return out
+
+
+def summary(scores: Sequence[PromptSamples]) -> dict:
+    """Each of :func:`pooled_reads` as its (mean, low, high) bootstrap interval."""
+    return {key: bootstrap_interval(values) for key, values in pooled_reads(scores).items()}
 
 
 def fmt_interval(value: Optional[tuple], digits: int = 2) -> str:
@@ -159,17 +161,17 @@ def markdown_table(rows: Sequence[tuple[str, Sequence[PromptSamples]]]) -> str:
     """One line per (label, prompt), then per label a pooled line per kind; cells are mean [95% interval]."""
     lines = ["| tokens | prompt | samples | concept found | companion found | both | leakage | image alignment |",
              "|---|---|---|---|---|---|---|---|"]
-    rate = lambda v: None if v is None else bootstrap_interval(np.asarray(v, np.float64))
+    line = lambda label, prompt, n, cells: f"| {label} | {prompt} | {n} | " + " | ".join(
+        fmt_interval(c, 3 if m == "alignment" else 2) for m, c in zip(MEASURES, cells)) + " |"
     for label, scores in rows:
         for s in scores:
-            cells = [rate(s.concept), rate(s.companion), rate(s.both), rate(s.leakage), rate(s.alignment)]
-            lines.append(f"| {label} | {s.prompt} | {len(s.concept)} | " + " | ".join(fmt_interval(c, 3 if i == 4 else 2) for i, c in enumerate(cells)) + " |")
+            reads = [getattr(s, m) for m in MEASURES]
+            lines.append(line(label, s.prompt, len(s.concept), [None if v is None else bootstrap_interval(v) for v in reads]))
         pooled = summary(scores)
         for kind in KINDS:
             if f"{kind}/concept" in pooled:
                 n = sum(len(s.concept) for s in scores if s.kind == kind)
-                cells = [pooled.get(f"{kind}/{m}") for m in ("concept", "companion", "both", "leakage", "alignment")]
-                lines.append(f"| **{label}** | **all {kind}** | {n} | " + " | ".join(fmt_interval(c, 3 if i == 4 else 2) for i, c in enumerate(cells)) + " |")
+                lines.append(line(f"**{label}**", f"**all {kind}**", n, [pooled.get(f"{kind}/{m}") for m in MEASURES]))
     return "\n".join(lines)
 
 
