@@ -346,6 +346,9 @@ def test_toyworld_bad_input_is_one_line(tmp_path, tiny_sd1):
     done = _cli("toyworld", "pretrain", f"--workdir={tmp_path}/pre", "--config.stages=vae")
     assert done.returncode == 1 and "unknown pretraining stages ['vae']" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "pre").exists()
+    done = _cli("toyworld", "pretrain", f"--workdir={tmp_path}/mars", "--config.stages=model", "--config.world=mars")
+    assert done.returncode == 1 and "unknown world 'mars'" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mars").exists()
     done = _cli("toyworld", "pretrain", f"--workdir={tmp_path}/det", "--config.stages=detector", f"--config.detector.vae_from={tmp_path}/none")
     assert done.returncode == 1 and "does not exist" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     done = _cli("toyworld", "concepts", f"--out={tmp_path}", "--names=dragon")

@@ -72,9 +72,7 @@ def pretraining_words(world_name: str = "seen") -> tuple[str, ...]:
 
 
 def pretraining_scenes(config) -> list:
-    """``config.num_scenes`` scenes of ``config.world``: the seen world, or the one with unnamed stars and checkers."""
-    if config.world not in WORLDS:
-        raise ToyWorldError(f"unknown world {config.world!r}: set --config.world to one of {', '.join(WORLDS)}")
+    """``config.num_scenes`` scenes of ``config.world`` (checked by :func:`pretrain`): the seen world, or the one with unnamed stars and checkers."""
     if config.world == "unnamed":
         return world.unnamed_scenes(config.seed, config.num_scenes, config.unnamed_rate, config.generic_rate)
     return world.scenes(config.seed, config.num_scenes, world.SEEN)
@@ -239,6 +237,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, log: Callable = No
     unknown = set(stages) - {"model", "detector"}
     if unknown or not stages:
         raise ToyWorldError(f"unknown pretraining stages {sorted(unknown) or stages}: set --config.stages to model, detector or model,detector")
+    if "model" in stages and config.world not in WORLDS:
+        raise ToyWorldError(f"unknown world {config.world!r}: set --config.world to one of {', '.join(WORLDS)}")
     os.makedirs(workdir, exist_ok=True)
     log_path = os.path.join(workdir, "pretrain_log.jsonl")
     started = time.time()
