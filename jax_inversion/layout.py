@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_inversion.files import atomic_write
-from jax_inversion.tokens import word_embedding
 from jax_inversion.errors import UserError
+from jax_inversion.files import atomic_write
+from jax_inversion.objectives import COCO_CLASSES
+from jax_inversion.tokens import word_embedding
 
 FORMAT = "jax_inversion.layout"
 FIXED_BOXES = ([0.1, 0.2, 0.5, 0.8], [0.6, 0.2, 0.95, 0.8])
@@ -294,8 +295,6 @@ def nearest_word(rows, tokenizer, table, words: Sequence[str]) -> str:
 def layout_nouns(predictor: Optional["LayoutPredictor"]) -> tuple[str, ...]:
     """The nouns a learned token may map to: the layout model's training words (``meta["words"]``),
     else the 80 COCO classes (Compositional Inversion's anchor vocabulary)."""
-    from jax_inversion.objectives import COCO_CLASSES
-
     words = (predictor.meta or {}).get("words") if predictor is not None else None
     return tuple(words) if words else COCO_CLASSES
 

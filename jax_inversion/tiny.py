@@ -128,20 +128,20 @@ def make_tiny_model(directory: str, seed: int = 0) -> str:
 
     text_config = tiny_text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     text_encoder = clip.CLIPTextTransformer(clip.CLIPTextConfig.from_dict(text_config))
-    text_params = text_encoder.init(keys[0], jnp.zeros((1, 77), jnp.int32))["params"]
+    text_params = jax.jit(text_encoder.init)(keys[0], jnp.zeros((1, 77), jnp.int32))["params"]
     write_component(os.path.join(directory, "text_encoder"), text_config, text_params, "model.safetensors")
 
     unet_config = unet_lib.UNet2DConditionConfig.from_dict(TINY_UNET)
     unet = unet_lib.UNet2DConditionModel(unet_config)
     size = TINY_UNET["sample_size"]
-    unet_params = unet.init(
+    unet_params = jax.jit(unet.init)(
         keys[1], jnp.zeros((1, size, size, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, TINY_UNET["cross_attention_dim"]))
     )["params"]
     write_component(os.path.join(directory, "unet"), TINY_UNET, unet_params, "diffusion_pytorch_model.safetensors")
 
     vae = vae_lib.AutoencoderKL(vae_lib.AutoencoderKLConfig.from_dict(TINY_VAE))
     image = TINY_VAE["sample_size"]
-    vae_params = vae.init(keys[2], jnp.zeros((1, image, image, 3)))["params"]
+    vae_params = jax.jit(vae.init)(keys[2], jnp.zeros((1, image, image, 3)))["params"]
     write_component(os.path.join(directory, "vae"), TINY_VAE, vae_params, "diffusion_pytorch_model.safetensors")
 
     write_scheduler_and_index(directory, TINY_SCHEDULER)

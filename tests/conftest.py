@@ -27,6 +27,12 @@ def pytest_configure(config):
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``heavy`` first, the rest in file order: with ``-n 2`` a long test handed out
+    last keeps one worker busy while the other sits idle (longest-first is the classic remedy)."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 def pytest_unconfigure(config):
     directory = getattr(config, "_xla_cache_dir", None)
     if directory:
@@ -52,3 +58,11 @@ def tiny_sdxl(tmp_path_factory):
     from tests.torch_models import build_pipeline
 
     return build_pipeline(str(tmp_path_factory.mktemp("tiny_sdxl")), "sdxl")
+
+
+@pytest.fixture(scope="session")
+def one_level_sd1(tmp_path_factory):
+    """SD1 style at one UNet level: the model of the tests that train or sample, not of the parity tests."""
+    from tests.torch_models import build_pipeline
+
+    return build_pipeline(str(tmp_path_factory.mktemp("one_level_sd1")), "sd1_one_level")

@@ -31,14 +31,15 @@ def _config(model, steps):
     return config
 
 
-def test_joint_training_equals_each_concept_alone(tiny_sd1, concept_root, tmp_path):
+@pytest.mark.heavy
+def test_joint_training_equals_each_concept_alone(one_level_sd1, concept_root, tmp_path):
     """4 concepts x batch 2 on 8 devices vs each concept alone (batch 2 on 2 devices, its seed):
     same rows after 3 steps. Clipping is per concept and tight enough (0.05) to act."""
     from jax_inversion.export import read_embedding_file
     from jax_inversion.train import train
 
     steps = 3
-    joint = _config(tiny_sd1, steps)
+    joint = _config(one_level_sd1, steps)
     joint.concepts = concept_root
     train(joint, str(tmp_path / "joint"))
     _, state, meta = read_run(str(tmp_path / "joint"))
@@ -55,7 +56,7 @@ def test_joint_training_equals_each_concept_alone(tiny_sd1, concept_root, tmp_pa
     assert record["loss"] == pytest.approx(sum(record[f"concept/{n}"] for n in names), rel=1e-5)
 
     for index, name in enumerate(names):
-        alone = _config(tiny_sd1, steps)
+        alone = _config(one_level_sd1, steps)
         alone.seed = 3 + index  # the seed the batch gave this concept
         alone.data.concept_dir = os.path.join(concept_root, name.strip("<>"))
         train(alone, str(tmp_path / name.strip("<>")), devices=jax.devices()[:2])

@@ -17,22 +17,22 @@ from tests.xla_flags import xla_flags
 
 
 @pytest.fixture(scope="module")
-def run(tiny_sd1, tmp_path_factory):
+def run(one_level_sd1, tmp_path_factory):
     concept = write_concept_images(str(tmp_path_factory.mktemp("concept")), count=2)
     workdir = str(tmp_path_factory.mktemp("run"))
-    config = make_config(tiny_sd1, concept, num_steps=4, checkpoint_every=2)
+    config = make_config(one_level_sd1, concept, num_steps=4, checkpoint_every=2)
     train(config, workdir)
     _, state, _ = read_run(workdir)
     return workdir, np.asarray(state["embeddings"]["text_encoder"]), config
 
 
 @pytest.fixture(scope="module")
-def pipeline_factory(tiny_sd1):
+def pipeline_factory(one_level_sd1):
     import torch
     from diffusers import StableDiffusionPipeline
 
     def make():
-        return StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None, torch_dtype=torch.float32)
+        return StableDiffusionPipeline.from_pretrained(one_level_sd1, safety_checker=None, torch_dtype=torch.float32)
 
     return make
 
@@ -90,7 +90,7 @@ def test_import_shape_checked(run, tmp_path):
         initial_rows_from_file(wide, {"text_encoder": 768}, 3)
 
 
-def test_extended_tokens_torch_processor_equals_flax(tiny_sd1, tmp_path):
+def test_extended_tokens_torch_processor_equals_flax(one_level_sd1, tmp_path):
     """Per-stage K/V rows and per-layer rows: diffusers UNet + our processor == our Flax UNet."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -105,20 +105,20 @@ def test_extended_tokens_torch_processor_equals_flax(tiny_sd1, tmp_path):
 
     rng = np.random.default_rng(0)
     n, d, stages = 2, 32, 5
-    layer = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"
+    layer = "up_blocks.0.attentions.1.transformer_blocks.0.attn2"
     path_kv, path_layer = str(tmp_path / "kv.safetensors"), str(tmp_path / "layer.safetensors")
     rows = lambda *shape: rng.standard_normal(shape).astype(np.float32)
     write_extended(path_kv, {"<subj>": {"base": rows(n, d), "key": rows(stages, n, d), "value": rows(stages, n, d)}})
     write_extended(path_layer, {"<subj>": {"base": rows(n, d), "layers": {layer: rows(n, d)}}})
 
-    model = load_pretrained(tiny_sd1)
-    torch_unet = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet").eval()
+    model = load_pretrained(one_level_sd1)
+    torch_unet = UNet2DConditionModel.from_pretrained(one_level_sd1, subfolder="unet").eval()
     assert layer in cross_attention_layers(model.unet.config, 16)
     sample = rng.standard_normal((3, 16, 16, 4)).astype(np.float32)
     timesteps = np.array([10, 450, 990])  # stages 0, 2, 4
     for path in (path_kv, path_layer):
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(tiny_sd1, "tokenizer"))
-        text_encoder = CLIPTextModel.from_pretrained(os.path.join(tiny_sd1, "text_encoder")).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(one_level_sd1, "tokenizer"))
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(one_level_sd1, "text_encoder")).eval()
         tokens = ExtendedTokens.load(path)
         tokens.add_to(tokenizer, text_encoder)
         states = tokens.encode(tokenizer, text_encoder, ["a photo of <subj>", "<subj> on the beach", "a <subj> cube"])
@@ -127,7 +127,7 @@ def test_extended_tokens_torch_processor_equals_flax(tiny_sd1, tmp_path):
             ref = torch_unet(torch.from_numpy(sample.transpose(0, 3, 1, 2)), torch.from_numpy(timesteps), states.base).sample.numpy()
         tokens.uninstall(torch_unet)
 
-        flax_tokenizer = load_pretrained(tiny_sd1, components=()).tokenizer
+        flax_tokenizer = load_pretrained(one_level_sd1, components=()).tokenizer
         layout = tokens_lib.add_placeholder_tokens(flax_tokenizer, tokens.strings)
         ids = flax_tokenizer([tokens.prompt(p) for p in ["a photo of <subj>", "<subj> on the beach", "a <subj> cube"]],
                              padding="max_length", max_length=77, return_tensors="np").input_ids

@@ -37,11 +37,11 @@ def concept_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_and_layout(tiny_sd1):
+def model_and_layout(one_level_sd1):
     """The tiny model, its tokenizer holding ``<ball> <ball>_1`` (as training adds them)."""
     from jax_inversion.tokens import add_placeholder_tokens
 
-    model = load_pretrained(tiny_sd1)
+    model = load_pretrained(one_level_sd1)
     return model, add_placeholder_tokens(model.tokenizer, ["<ball>", "<ball>_1"])
 
 
@@ -54,10 +54,10 @@ def run_config(model, concept_dir, **train_overrides):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_sd1, concept_dir, tmp_path_factory):
+def run(one_level_sd1, concept_dir, tmp_path_factory):
     """9 steps, checkpoints every 3 (the last 2 kept), embeddings every 3, one captioned image."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    state = train(run_config(tiny_sd1, concept_dir), workdir)
+    state = train(run_config(one_level_sd1, concept_dir), workdir)
     return workdir, np.asarray(state.embeddings["text_encoder"])
 
 
@@ -91,7 +91,7 @@ def _damage(path):
     open(path, "wb").write(bytes(data))
 
 
-def test_damaged_newest_checkpoint_resumes_from_the_newest_readable(run, tiny_sd1, concept_dir, tmp_path, caplog):
+def test_damaged_newest_checkpoint_resumes_from_the_newest_readable(run, one_level_sd1, concept_dir, tmp_path, caplog):
     """A few bytes changed in step 9's files: resume takes step 6, warns naming step 9, keeps its files,
     and the re-run steps 7-9 end exactly where the undamaged run ended."""
     source, final = run
@@ -101,7 +101,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_newest_readable(run, tiny_sd
     _damage(damaged)
     damaged_bytes = open(damaged, "rb").read()
     with caplog.at_level(logging.WARNING, logger="jax_inversion"):
-        state = train(run_config(tiny_sd1, concept_dir), workdir)
+        state = train(run_config(one_level_sd1, concept_dir), workdir)
     assert any("checkpoint step 9 is damaged" in r.getMessage() and "resuming from step 6" in r.getMessage() for r in caplog.records)
     assert int(state.step) == 9
     np.testing.assert_array_equal(np.asarray(state.embeddings["text_encoder"]), final)
@@ -110,7 +110,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_newest_readable(run, tiny_sd
     assert CheckpointManager(workdir, 1, 1, read_only=True).all_steps() == [6, 9]
 
 
-def test_no_readable_checkpoint_is_one_line_and_touches_nothing(run, tiny_sd1, concept_dir, tmp_path):
+def test_no_readable_checkpoint_is_one_line_and_touches_nothing(run, one_level_sd1, concept_dir, tmp_path):
     source, _ = run
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
@@ -119,14 +119,14 @@ def test_no_readable_checkpoint_is_one_line_and_touches_nothing(run, tiny_sd1, c
     _damage(os.path.join(state_dir, os.listdir(state_dir)[0]))  # the arrays: tensorstore's DATA_LOSS before
     before = snapshot(workdir)
     with pytest.raises(CheckpointError) as error:
-        train(run_config(tiny_sd1, concept_dir), workdir)
+        train(run_config(one_level_sd1, concept_dir), workdir)
     message = str(error.value)
     assert "\n" not in message and "no checkpoint" in message and "step 9" in message and "step 6" in message
     assert "pass a new --workdir" in message
     assert snapshot(workdir) == before
 
 
-def test_captions_and_templates_mix(model_and_layout, tiny_sd1, concept_dir, tmp_path):
+def test_captions_and_templates_mix(model_and_layout, one_level_sd1, concept_dir, tmp_path):
     """A captioned image always says its caption (placeholder expanded to every vector); the others draw templates."""
     from jax_inversion.dataset import _examples, build_dataset
     from jax_inversion.phases import plan_run
@@ -134,7 +134,7 @@ def test_captions_and_templates_mix(model_and_layout, tiny_sd1, concept_dir, tmp
     from jax_inversion.data import tokenize_prompts
 
     model, _ = model_and_layout
-    config = run_config(tiny_sd1, concept_dir)
+    config = run_config(one_level_sd1, concept_dir)
     dataset = build_dataset(config, model, plan_run(config).phases[0], str(tmp_path))
     assert dataset.num_prompts == 27 and list(dataset.caption_prompts) == [27, -1, -1, -1]
     expected = tokenize_prompts(model.tokenizer, [CAPTION.format("<ball> <ball>_1")])
@@ -144,13 +144,13 @@ def test_captions_and_templates_mix(model_and_layout, tiny_sd1, concept_dir, tmp
     np.testing.assert_array_equal(batch["input_ids"]["text_encoder"], ids[[27, 5, 27]])
 
 
-def test_caption_without_the_placeholder_is_one_line(tiny_sd1, tmp_path):
+def test_caption_without_the_placeholder_is_one_line(one_level_sd1, tmp_path):
     from jax_inversion.dataset import check_phase_data
     from jax_inversion.phases import plan_run
 
     images = write_concept_images(str(tmp_path / "images"), count=2)
     (tmp_path / "images" / "ball_1.txt").write_text("a ball on the grass")
-    config = run_config(tiny_sd1, images)
+    config = run_config(one_level_sd1, images)
     with pytest.raises(DataError) as error:
         check_phase_data(config, plan_run(config).phases[0], False)
     message = str(error.value)
@@ -175,7 +175,7 @@ class FakeWandb(types.ModuleType):
         self.finished += 1
 
 
-def test_gradient_accumulation_equals_the_big_batch(run, tiny_sd1, concept_dir, tmp_path, monkeypatch):
+def test_gradient_accumulation_equals_the_big_batch(run, one_level_sd1, concept_dir, tmp_path, monkeypatch):
     """Batch 8 as 4 micro-batches of 2 == batch 8 at once (the fixture run's first 3 steps: its step-3
     embedding file and metrics), within float tolerance; metrics, checkpoints and the wandb log count
     optimizer steps."""
@@ -184,7 +184,7 @@ def test_gradient_accumulation_equals_the_big_batch(run, tiny_sd1, concept_dir, 
     whole_dir, _ = run
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    config = run_config(tiny_sd1, concept_dir, num_steps=3, export_every=0, gradient_accumulation=4, wandb=True)
+    config = run_config(one_level_sd1, concept_dir, num_steps=3, export_every=0, gradient_accumulation=4, wandb=True)
     split = train(config, str(tmp_path / "split"))
     assert int(split.step) == 3
     whole = read_embedding_file(os.path.join(whole_dir, "embeddings", "ball_step_000003.safetensors"))["rows"]["text_encoder"]
@@ -198,20 +198,20 @@ def test_gradient_accumulation_equals_the_big_batch(run, tiny_sd1, concept_dir, 
     assert sorted({s for s, v in fake.logged if "loss" in v}) == [1, 2, 3]
 
 
-def test_bad_accumulation_schedule_and_missing_wandb_are_one_line(run, tiny_sd1, concept_dir, monkeypatch):
+def test_bad_accumulation_schedule_and_missing_wandb_are_one_line(run, one_level_sd1, concept_dir, monkeypatch):
     workdir, _ = run
     before = snapshot(workdir)
     with pytest.raises(TrainError, match=r"gradient_accumulation=3 does not split train.batch_size=8 .*gradient_accumulation=2"):
-        train(run_config(tiny_sd1, concept_dir, gradient_accumulation=3), workdir)
+        train(run_config(one_level_sd1, concept_dir, gradient_accumulation=3), workdir)
     with pytest.raises(ConfigError, match="is not a piecewise schedule"):
-        train(run_config(tiny_sd1, concept_dir, lr_schedule="5e-3:200, 1e-3:abc"), workdir)
+        train(run_config(one_level_sd1, concept_dir, lr_schedule="5e-3:200, 1e-3:abc"), workdir)
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(TrainError, match="pip install wandb"):
-        train(run_config(tiny_sd1, concept_dir, wandb=True), workdir)
+        train(run_config(one_level_sd1, concept_dir, wandb=True), workdir)
     assert snapshot(workdir) == before
 
 
-def test_phrase_initializers_fill_the_vectors_in_order(model_and_layout, tiny_sd1, concept_dir):
+def test_phrase_initializers_fill_the_vectors_in_order(model_and_layout, one_level_sd1, concept_dir):
     from jax_inversion.conditioning import input_embedding_table
     from jax_inversion.phases import plan_run
     from jax_inversion.train import initial_rows
@@ -227,7 +227,7 @@ def test_phrase_initializers_fill_the_vectors_in_order(model_and_layout, tiny_sd
         ("ball", 2): [table[ball], table[ball]],  # one word: every vector, as before
     }
     for (phrase, n), expected in cases.items():
-        config = make_config(tiny_sd1, concept_dir)
+        config = make_config(one_level_sd1, concept_dir)
         config.data.initializer_token, config.data.num_vectors = phrase, n
         rows = initial_rows(config, model, plan_run(config))["text_encoder"]
         np.testing.assert_allclose(rows, np.stack(expected), rtol=1e-6, atol=1e-7, err_msg=f"{phrase} over {n}")

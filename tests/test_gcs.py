@@ -75,7 +75,8 @@ def _cli(command, *args, env):
         pytest.fail(f"jax-inversion {command} ran over {TIMEOUT} s; stderr:\n{stderr[-3000:]}")
 
 
-def test_gs_workdir_train_kill_resume_export_sample(emulator, tiny_sd1, tmp_path):
+@pytest.mark.heavy
+def test_gs_workdir_train_kill_resume_export_sample(emulator, one_level_sd1, tmp_path):
     from etils import epath
 
     from jax_inversion.checkpoints import CheckpointManager, read_run
@@ -84,7 +85,7 @@ def test_gs_workdir_train_kill_resume_export_sample(emulator, tiny_sd1, tmp_path
 
     workdir = f"gs://{BUCKET}/runs/ball"
     concept = write_concept_images(str(tmp_path / "concept"), count=2)
-    args = [f"--workdir={workdir}", f"--config.model={tiny_sd1}", f"--config.data.concept_dir={concept}",
+    args = [f"--workdir={workdir}", f"--config.model={one_level_sd1}", f"--config.data.concept_dir={concept}",
             "--config.data.placeholder_token=<ball>", "--config.data.initializer_token=ball",
             "--config.train.batch_size=2", "--config.train.checkpoint_every=2", "--config.train.export_every=2",
             "--config.train.log_every=1", "--config.train.compilation_cache=False"]

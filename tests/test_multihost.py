@@ -47,7 +47,7 @@ def _launch(args, env, num_processes=2, devices_per_process=4):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_sd1, tmp_path_factory):
+def runs(one_level_sd1, tmp_path_factory):
     """The same 4-step job as 1 process x 8 devices and as 2 processes x 4 devices (via the launcher)."""
     root = tmp_path_factory.mktemp("multihost")
     concept_dir = write_concept_images(str(root / "concept"), count=4)
@@ -56,19 +56,20 @@ def runs(tiny_sd1, tmp_path_factory):
     start = time.perf_counter()
     # Both jobs at once (the machine has few cores; neither needs all of them).
     one = subprocess.Popen(
-        [sys.executable, "-m", "jax_inversion.cli", *_train_args(tiny_sd1, concept_dir, one_dir)],
+        [sys.executable, "-m", "jax_inversion.cli", *_train_args(one_level_sd1, concept_dir, one_dir)],
         env=dict(env, XLA_FLAGS=xla_flags(8)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )
-    two = _launch(_train_args(tiny_sd1, concept_dir, two_dir), env)
+    two = _launch(_train_args(one_level_sd1, concept_dir, two_dir), env)
     two_out, _ = two.communicate(timeout=400)
     one_out, _ = one.communicate(timeout=400)
     seconds = time.perf_counter() - start
     assert one.returncode == 0, one_out[-3000:]
     assert two.returncode == 0, two_out[-3000:]
-    return dict(one=one_dir, two=two_dir, two_out=two_out, seconds=seconds, model=tiny_sd1, concept_dir=concept_dir)
+    return dict(one=one_dir, two=two_dir, two_out=two_out, seconds=seconds, model=one_level_sd1, concept_dir=concept_dir)
 
 
+@pytest.mark.heavy
 def test_two_processes_equal_one(runs):
     one_dir, two_dir, two_out = runs["one"], runs["two"], runs["two_out"]
     # Every process trained (each prints its own line, prefixed by the launcher).
@@ -97,6 +98,7 @@ def test_two_processes_equal_one(runs):
     assert len(os.listdir(os.path.join(two_dir, "tensorboard"))) == 1
 
 
+@pytest.mark.heavy
 def test_two_processes_resume(runs, tmp_path):
     """Running the 2-process job again with more steps resumes from its checkpoint."""
     import shutil

@@ -14,10 +14,10 @@ from jax_inversion import sampling
 
 
 @pytest.fixture(scope="module")
-def model(tiny_sd1):
+def model(one_level_sd1):
     from jax_inversion.loading import load_pretrained
 
-    return load_pretrained(tiny_sd1)
+    return load_pretrained(one_level_sd1)
 
 
 def _learned(rows, token="<ball>"):
@@ -25,7 +25,7 @@ def _learned(rows, token="<ball>"):
     return sampling.LearnedTokens({token: [token] + [f"{token}_{i}" for i in range(1, n)]}, {"text_encoder": rows})
 
 
-def test_stage_kv_tokens_sample_like_diffusers(tiny_sd1, tmp_path):
+def test_stage_kv_tokens_sample_like_diffusers(one_level_sd1, tmp_path):
     """SeFi-IDE rows from an extended file: our loop (stage picked from each step's timestep) vs
     diffusers' DDIM loop on the PyTorch UNet with jax_inversion.torch's per-stage processors."""
     import torch
@@ -46,16 +46,16 @@ def test_stage_kv_tokens_sample_like_diffusers(tiny_sd1, tmp_path):
     learned = sampling.tokens_from_file(path)
     assert learned.num_stages == 5
     request = sampling.SampleRequest(prompt, num_images=2, steps=steps, guidance=1.0, scheduler="ddim", seed=3)
-    ours = sampling.generate(load_pretrained(tiny_sd1), learned, request).latents
+    ours = sampling.generate(load_pretrained(one_level_sd1), learned, request).latents
 
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(tiny_sd1, "tokenizer"))
-    text_encoder = CLIPTextModel.from_pretrained(os.path.join(tiny_sd1, "text_encoder")).eval()
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(one_level_sd1, "tokenizer"))
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(one_level_sd1, "text_encoder")).eval()
+    unet = UNet2DConditionModel.from_pretrained(one_level_sd1, subfolder="unet").eval()
     tokens = ExtendedTokens.load(path)
     tokens.add_to(tokenizer, text_encoder)
     states = tokens.encode(tokenizer, text_encoder, [prompt] * 2)
     tokens.install(unet, states)
-    scheduler = DDIMScheduler.from_pretrained(tiny_sd1, subfolder="scheduler")
+    scheduler = DDIMScheduler.from_pretrained(one_level_sd1, subfolder="scheduler")
     scheduler.set_timesteps(steps)
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16, 4)))
     x = torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()) * scheduler.init_noise_sigma
@@ -69,7 +69,7 @@ def test_stage_kv_tokens_sample_like_diffusers(tiny_sd1, tmp_path):
 
     # The stages matter: stage 0's rows everywhere give other latents.
     stage0 = sampling.LearnedTokens(learned.placeholders, {"text_encoder": np.repeat(learned.rows["text_encoder"][:1], 5, axis=0)})
-    other = sampling.generate(load_pretrained(tiny_sd1), stage0, request).latents
+    other = sampling.generate(load_pretrained(one_level_sd1), stage0, request).latents
     assert float(np.abs(other - reference).max()) > 100 * tolerance
 
 
@@ -97,6 +97,7 @@ def _inside_mass(result, positions, box):
     return float(((token_maps * mask).sum(-1) / token_maps.sum(-1)).mean())
 
 
+@pytest.mark.heavy
 def test_layout_guidance_moves_attention_into_the_box(tiny_sd1):
     """Fixed seed, same prompt: with guidance, <ball>'s mean 16x16 cross-attention mass inside its box is higher.
 
@@ -134,13 +135,14 @@ def _cli(command, *args):
     return subprocess.run([sys.executable, "-m", "jax_inversion.cli", command, *args], capture_output=True, text=True)
 
 
-def test_sample_and_attention_commands_write_pngs(tiny_sd1, tmp_path):
+@pytest.mark.heavy
+def test_sample_and_attention_commands_write_pngs(one_level_sd1, tmp_path):
     from jax_inversion.export import write_embedding_file
 
     rows = np.random.default_rng(3).standard_normal((2, 32)).astype(np.float32) * 0.3
     embedding = write_embedding_file(str(tmp_path / "ball.safetensors"), "diffusers", "<ball>", {"text_encoder": rows})
     out = tmp_path / "grid.png"
-    done = _cli("sample", f"--model={tiny_sd1}", f"--embedding={embedding}", "--prompt=a photo of <ball>",
+    done = _cli("sample", f"--model={one_level_sd1}", f"--embedding={embedding}", "--prompt=a photo of <ball>",
                 "--num-images=4", "--steps=4", "--scheduler=dpm++2m", f"--out={out}")
     assert done.returncode == 0, done.stderr[-2000:]
     image = Image.open(out)
@@ -150,7 +152,7 @@ def test_sample_and_attention_commands_write_pngs(tiny_sd1, tmp_path):
 
     folder = tmp_path / "maps"
     folder.mkdir()
-    done = _cli("attention", f"--model={tiny_sd1}", f"--embedding={embedding}", "--prompt=a photo of <ball>",
+    done = _cli("attention", f"--model={one_level_sd1}", f"--embedding={embedding}", "--prompt=a photo of <ball>",
                 "--num-images=1", "--steps=4", f"--out={folder}")
     assert done.returncode == 0, done.stderr[-2000:]
     (written,) = os.listdir(folder)
@@ -159,19 +161,20 @@ def test_sample_and_attention_commands_write_pngs(tiny_sd1, tmp_path):
     assert figure.shape == (128 + 14, 6 * 128, 3)
     assert figure.std() > 5
 
-    done = _cli("sample", f"--model={tiny_sd1}", f"--embedding={embedding}", "--prompt=a <ball>", "--layout-guidance",
+    done = _cli("sample", f"--model={one_level_sd1}", f"--embedding={embedding}", "--prompt=a <ball>", "--layout-guidance",
                 "--layout-words=<ball>,dog", f"--out={tmp_path / 'x.png'}", "--steps=2", "--num-images=1")
     assert done.returncode == 1 and "'dog' is not in the prompt" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_validation_grids_during_training(tiny_sd1, tmp_path):
+@pytest.mark.heavy
+def test_validation_grids_during_training(one_level_sd1, tmp_path):
     from tests.helpers import make_config
 
     from jax_inversion.default_job import write_concept_images
     from jax_inversion.train import train
 
-    config = make_config(tiny_sd1, write_concept_images(str(tmp_path / "images"), count=2), num_steps=2,
+    config = make_config(one_level_sd1, write_concept_images(str(tmp_path / "images"), count=2), num_steps=2,
                          checkpoint_every=2, log_every=1, validation_every=2, validation_steps=3, validation_images=2)
     config.train.validation_prompts = ("a photo of <ball>", "<ball> on the beach")
     workdir = str(tmp_path / "run")

@@ -32,16 +32,16 @@ def final_rows(workdir):
     return step, records
 
 
-def test_latent_cache_follows_the_vae_weights_not_only_the_model_path(tiny_sd1, concept_dir, tmp_path):
+def test_latent_cache_follows_the_vae_weights_not_only_the_model_path(one_level_sd1, concept_dir, tmp_path):
     """A model retrained in place (same path, new VAE) gets its own latents, not the cached ones of the old weights."""
     import dataclasses
 
     from jax_inversion.phases import plan_run
     from jax_inversion.dataset import build_dataset
 
-    config = make_config(tiny_sd1, concept_dir, num_steps=1)
+    config = make_config(one_level_sd1, concept_dir, num_steps=1)
     config.data.flip_probability = 0.0
-    model = load_pretrained(tiny_sd1)
+    model = load_pretrained(one_level_sd1)
     phase = plan_run(config).phases[0]
     first = build_dataset(config, model, phase, str(tmp_path))
     again = build_dataset(config, model, phase, str(tmp_path))
@@ -56,22 +56,23 @@ def test_latent_cache_follows_the_vae_weights_not_only_the_model_path(tiny_sd1, 
     np.testing.assert_array_equal(changed.latent_mean, fresh.latent_mean)
 
 
-def test_loss_decreases_and_frozen_rows_identical(tiny_sd1, concept_dir, tmp_path):
+@pytest.mark.heavy
+def test_loss_decreases_and_frozen_rows_identical(one_level_sd1, concept_dir, tmp_path):
     """Fixed concept, fixed noise: the denoising loss on a fixed evaluation batch falls over 50 steps."""
     import jax.numpy as jnp
 
     from jax_inversion.conditioning import encode_with_rows
 
-    config = make_config(tiny_sd1, concept_dir, num_steps=50, learning_rate=2e-2, checkpoint_every=50, log_every=10)
+    config = make_config(one_level_sd1, concept_dir, num_steps=50, learning_rate=2e-2, checkpoint_every=50, log_every=10)
     config.data.flip_probability = 0.0
-    model = load_pretrained(tiny_sd1)
+    model = load_pretrained(one_level_sd1)
     table_before = np.array(model.text_encoder_params["text_model"]["embeddings"]["token_embedding"]["embedding"])
     params_before = jax.tree_util.tree_map(np.array, model.text_encoder_params)
     state = train(config, str(tmp_path))
     assert int(state.step) == 50
 
     # The frozen model on disk and the table the job used are untouched, bit for bit.
-    after = load_pretrained(tiny_sd1)
+    after = load_pretrained(one_level_sd1)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params_before, jax.tree_util.tree_map(np.array, after.text_encoder_params))
     assert np.array_equal(table_before, np.asarray(after.text_encoder_params["text_model"]["embeddings"]["token_embedding"]["embedding"]))
 
@@ -114,22 +115,24 @@ def test_loss_decreases_and_frozen_rows_identical(tiny_sd1, concept_dir, tmp_pat
     assert all(r["grad_norm/diffusion"] == r["grad_norm"] > 0 for r in records if "grad_norm/diffusion" in r)
 
 
-def test_one_device_equals_eight(tiny_sd1, concept_dir, tmp_path):
+@pytest.mark.heavy
+def test_one_device_equals_eight(one_level_sd1, concept_dir, tmp_path):
     assert jax.device_count() == 8
-    config = make_config(tiny_sd1, concept_dir)
+    config = make_config(one_level_sd1, concept_dir)
     one = train(config, str(tmp_path / "one"), devices=jax.devices()[:1])
     eight = train(config, str(tmp_path / "eight"))
     assert int(one.step) == int(eight.step) == 6
     np.testing.assert_allclose(np.asarray(one.embeddings["text_encoder"]), np.asarray(eight.embeddings["text_encoder"]), atol=1e-5, rtol=0)
 
 
-def test_resume_after_kill_equals_uninterrupted(tiny_sd1, concept_dir, tmp_path):
+@pytest.mark.heavy
+def test_resume_after_kill_equals_uninterrupted(one_level_sd1, concept_dir, tmp_path):
     import shutil
 
-    config = make_config(tiny_sd1, concept_dir, num_steps=9)
+    config = make_config(one_level_sd1, concept_dir, num_steps=9)
     straight = train(config, str(tmp_path / "straight"))
     # A run killed after step 7: its last checkpoint is step 6 (step 9's never happened).
-    partial = make_config(tiny_sd1, concept_dir, num_steps=9)
+    partial = make_config(one_level_sd1, concept_dir, num_steps=9)
     partial.train.num_steps = 7
     train(partial, str(tmp_path / "killed"))
     ckpt = tmp_path / "killed" / "checkpoints"
@@ -148,10 +151,11 @@ def _cli(*args, env=None, **kwargs):
     )
 
 
-def test_sigterm_saves_and_resumes(tiny_sd1, concept_dir, tmp_path):
+@pytest.mark.heavy
+def test_sigterm_saves_and_resumes(one_level_sd1, concept_dir, tmp_path):
     workdir = str(tmp_path / "run")
     env = dict(os.environ, XLA_FLAGS=xla_flags(2))
-    args = [f"--workdir={workdir}", f"--config.model={tiny_sd1}", f"--config.data.concept_dir={concept_dir}",
+    args = [f"--workdir={workdir}", f"--config.model={one_level_sd1}", f"--config.data.concept_dir={concept_dir}",
             "--config.data.placeholder_token=<ball>", "--config.data.initializer_token=ball",
             "--config.train.batch_size=2", "--config.train.checkpoint_every=100000", "--config.train.log_every=1"]
     process = subprocess.Popen([sys.executable, "-m", "jax_inversion.cli", "train", *args, "--config.train.num_steps=100000"],
@@ -180,10 +184,10 @@ def _one_line_error(result, *needles):
 
 
 @pytest.fixture(scope="module")
-def existing_run(tiny_sd1, concept_dir, tmp_path_factory):
+def existing_run(one_level_sd1, concept_dir, tmp_path_factory):
     """A finished run whose files must survive every bad invocation below."""
     workdir = str(tmp_path_factory.mktemp("existing"))
-    train(make_config(tiny_sd1, concept_dir, num_steps=3), workdir)
+    train(make_config(one_level_sd1, concept_dir, num_steps=3), workdir)
     snapshot = {os.path.join(d, f): os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(workdir) for f in fs}
     return workdir, snapshot
 
@@ -199,14 +203,14 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("name,extra,needles", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_is_one_line_and_keeps_workdir(name, extra, needles, existing_run, tiny_sd1, concept_dir, tmp_path):
+def test_bad_input_is_one_line_and_keeps_workdir(name, extra, needles, existing_run, one_level_sd1, concept_dir, tmp_path):
     workdir, snapshot = existing_run
     empty = tmp_path / "empty"
     empty.mkdir()
     corrupt = tmp_path / "corrupt"
     write_concept_images(str(corrupt), count=2)
     (corrupt / "broken.png").write_bytes(os.urandom(300))
-    base = [f"--workdir={workdir}", f"--config.model={tiny_sd1}", f"--config.data.concept_dir={concept_dir}",
+    base = [f"--workdir={workdir}", f"--config.model={one_level_sd1}", f"--config.data.concept_dir={concept_dir}",
             "--config.data.placeholder_token=<ball>", "--config.data.initializer_token=ball", "--config.data.num_vectors=2",
             "--config.train.batch_size=8", "--config.train.num_steps=6"]
     args = base + [a.format(tmp=tmp_path, empty=empty, corrupt=corrupt) for a in extra]
@@ -218,7 +222,7 @@ def test_bad_input_is_one_line_and_keeps_workdir(name, extra, needles, existing_
     assert after == snapshot
 
 
-def test_unknown_config_key_and_unwritable_workdir(tiny_sd1, tmp_path):
+def test_unknown_config_key_and_unwritable_workdir(one_level_sd1, tmp_path):
     unknown = _cli(f"--workdir={tmp_path}/w", "--config.train.not_a_key=1")
     assert unknown.stderr.strip().splitlines() == [
         "train: unknown config key 'not_a_key' in the --config.* flags: see jax_inversion/configs/ for the keys"
@@ -230,15 +234,15 @@ def test_unknown_config_key_and_unwritable_workdir(tiny_sd1, tmp_path):
     _one_line_error(_cli(f"--workdir={blocker}/sub"), "not writable")
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd1, concept_dir, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(one_level_sd1, concept_dir, tmp_path):
     from jax_inversion.errors import TrainError
 
     workdir = str(tmp_path)
-    train(make_config(tiny_sd1, concept_dir, num_steps=3), workdir)
+    train(make_config(one_level_sd1, concept_dir, num_steps=3), workdir)
     good = CheckpointManager(workdir, 1, 1, read_only=True)
     good_state = good.latest_step()
     # checkpoint_every=1: the overflowing update must be caught before anything is saved.
-    config = make_config(tiny_sd1, concept_dir, num_steps=9, learning_rate=float("inf"), checkpoint_every=1)
+    config = make_config(one_level_sd1, concept_dir, num_steps=9, learning_rate=float("inf"), checkpoint_every=1)
     with pytest.raises(TrainError, match="NaN/inf"):
         train(config, workdir)
     assert CheckpointManager(workdir, 1, 1, read_only=True).all_steps() == [good_state]
@@ -247,10 +251,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd1, concept_dir, tm
 
     with pytest.raises(CheckpointError, match="does not fit"):
         other_clipping = 0.0 if config.train.max_grad_norm > 0 else 1.0  # adds or drops the clipping state
-        train(make_config(tiny_sd1, concept_dir, num_steps=9, max_grad_norm=other_clipping), workdir)
+        train(make_config(one_level_sd1, concept_dir, num_steps=9, max_grad_norm=other_clipping), workdir)
 
 
-def test_remat_policies_give_the_same_gradient(tiny_sd1):
+def test_remat_policies_give_the_same_gradient(one_level_sd1):
     """Recomputing UNet activations in the backward pass changes memory, not the gradient."""
     import jax
     import jax.numpy as jnp
@@ -262,7 +266,7 @@ def test_remat_policies_give_the_same_gradient(tiny_sd1):
     from jax_inversion.conditioning import frozen_params
     from jax_inversion.step import make_forward
 
-    model = load_pretrained(tiny_sd1)
+    model = load_pretrained(one_level_sd1)
     layout = tokens_lib.add_placeholder_tokens(model.tokenizer, ["<ball>"])
     rng = np.random.default_rng(0)
     ids = np.full((2, 77), model.tokenizer.eos_token_id, np.int32)

@@ -57,7 +57,8 @@ def test_attention_maps_sum_to_one_and_fused_path_matches(sd2):
 
 def test_no_maps_collected_by_default(sd2):
     sample, t, states = _inputs(sd2.unet.config)
-    _, collections = sd2.unet.apply({"params": sd2.unet_params}, sample, t, states, mutable=("attention_maps",))
+    apply = jax.jit(sd2.unet.apply, static_argnames=("mutable",))  # one compile, not one per op
+    _, collections = apply({"params": sd2.unet_params}, sample, t, states, mutable=("attention_maps",))
     assert not collections.get("attention_maps")
 
 
@@ -114,7 +115,7 @@ def test_value_states_match_torch_attention(tiny_sd2, sd2):
             torch.from_numpy(np.asarray(t)),
             torch.from_numpy(np.asarray(states)),
         ).sample.numpy()
-    ours = sd2.unet.apply({"params": sd2.unet_params}, sample, t, Conditioning(states, value_states=values))
+    ours = jax.jit(sd2.unet.apply)({"params": sd2.unet_params}, sample, t, Conditioning(states, value_states=values))
     np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), ref, atol=1e-4, rtol=0)
 
 

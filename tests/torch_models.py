@@ -29,6 +29,24 @@ VARIANTS = {
         prediction_type="epsilon",
         beta_schedule="scaled_linear",
     ),
+    # SD1 style at one level: the model of the tests that train or sample (they compile whole train
+    # steps and sampling loops; one resolution level, one resnet per block and two text layers
+    # compile in about half the time). Parity tests keep "sd1", with SD1's two layers per block.
+    "sd1_one_level": dict(
+        unet=dict(
+            block_out_channels=(32,),
+            down_block_types=("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",),
+            attention_head_dim=8,
+            cross_attention_dim=32,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=16,
+        ),
+        text=dict(hidden_act="quick_gelu", num_hidden_layers=2),
+        prediction_type="epsilon",
+        beta_schedule="scaled_linear",
+    ),
     # SD 2.x style: linear projections, per-block head counts, upcast attention,
     # two transformer layers in deeper blocks, gelu CLIP, v-prediction.
     "sd2": dict(
