@@ -28,9 +28,18 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``heavy`` first, the rest in file order: with ``-n 2`` a long test handed out
-    last keeps one worker busy while the other sits idle (longest-first is the classic remedy)."""
-    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+    """Tests marked ``heavy(seconds)`` first, longest first, the rest in file order.
+
+    With ``--dist=worksteal`` (pytest.ini) a worker that runs dry steals from the end of the other's
+    queue, so the light tests even out the finish; a long test run last would keep one worker busy
+    while the other sits idle (longest-first is the classic remedy). The seconds are those measured
+    on the 2-core machine (``--durations``); only their order matters.
+    """
+    def seconds(item):
+        marker = item.get_closest_marker("heavy")
+        return marker.args[0] if marker else 0.0
+
+    items.sort(key=lambda item: -seconds(item))  # stable: the light tests keep their file order
 
 
 def pytest_unconfigure(config):

@@ -224,7 +224,7 @@ def test_unet_with_a_backend_this_platform_cannot_run_fails_in_one_line():
         jax.eval_shape(unet.init, jax.random.PRNGKey(0), sample, t, states)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(17)
 def test_loading_with_a_backend_this_platform_cannot_run_fails_before_reading_weights(tmp_path):
     from jax_inversion.loading import load_pretrained
     from jax_inversion.tiny import make_tiny_model

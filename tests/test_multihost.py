@@ -5,6 +5,7 @@ The processes are started by ``launch/local_multiprocess.py`` and joined by ``ja
 pod or a SLURM job would. The run must equal a 1-process run on 8 devices.
 """
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,8 +70,10 @@ def runs(one_level_sd1, tmp_path_factory):
     return dict(one=one_dir, two=two_dir, two_out=two_out, seconds=seconds, model=one_level_sd1, concept_dir=concept_dir)
 
 
-@pytest.mark.heavy
-def test_two_processes_equal_one(runs):
+@pytest.mark.heavy(55)
+def test_two_processes_equal_one_then_resume(runs, tmp_path):
+    """The 2-process run equals the 1-process one; run again with more steps, it resumes from its
+    checkpoint (one test, so that the runs are made once, on one worker)."""
     one_dir, two_dir, two_out = runs["one"], runs["two"], runs["two_out"]
     # Every process trained (each prints its own line, prefixed by the launcher).
     assert "[p0] trained to step 4" in two_out and "[p1] trained to step 4" in two_out, two_out[-3000:]
@@ -97,12 +100,7 @@ def test_two_processes_equal_one(runs):
         assert [int(line.split('"step": ')[1].split(",")[0]) for line in f] == [1, 2, 3, 4]
     assert len(os.listdir(os.path.join(two_dir, "tensorboard"))) == 1
 
-
-@pytest.mark.heavy
-def test_two_processes_resume(runs, tmp_path):
-    """Running the 2-process job again with more steps resumes from its checkpoint."""
-    import shutil
-
+    # Resumed: a copy of the 2-process run, run again to step 6.
     workdir = str(tmp_path / "two")
     shutil.copytree(runs["two"], workdir)
     args = [a.replace("num_steps=4", "num_steps=6") for a in _train_args(runs["model"], runs["concept_dir"], workdir)]

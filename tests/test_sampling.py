@@ -97,7 +97,7 @@ def _inside_mass(result, positions, box):
     return float(((token_maps * mask).sum(-1) / token_maps.sum(-1)).mean())
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(30)
 def test_layout_guidance_moves_attention_into_the_box(tiny_sd1):
     """Fixed seed, same prompt: with guidance, <ball>'s mean 16x16 cross-attention mass inside its box is higher.
 
@@ -135,7 +135,7 @@ def _cli(command, *args):
     return subprocess.run([sys.executable, "-m", "jax_inversion.cli", command, *args], capture_output=True, text=True)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(24)
 def test_sample_and_attention_commands_write_pngs(one_level_sd1, tmp_path):
     from jax_inversion.export import write_embedding_file
 
@@ -167,7 +167,7 @@ def test_sample_and_attention_commands_write_pngs(one_level_sd1, tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(19)
 def test_validation_grids_during_training(one_level_sd1, tmp_path):
     from tests.helpers import make_config
 

@@ -148,7 +148,7 @@ def test_shipped_model_matches_pytorch():
         assert r.max_abs_diff < 1e-4 * max(1.0, r.max_abs_reference), r
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(23)
 def test_shipped_detector_reads_fresh_scenes_and_every_concept():
     """Per label group on 300 fresh scenes, as drawn and through the shipped VAE (what generated images
     are); and each concept found in its images through the VAE, its attribute never in its subject's."""
@@ -263,7 +263,7 @@ def test_bootstrap_interval_against_hand_values():
     assert all(np.isnan(ev.bootstrap_interval([])))
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(119)
 def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
     """A few steps of every stage: the reproduction script runs and its output loads in both stacks."""
     from diffusers import StableDiffusionPipeline
@@ -305,7 +305,7 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
     assert not os.path.exists(tmp_path / "more" / "detector")
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(29)
 def test_default_train_then_toyworld_eval(tmp_path):
     """README's first command on the shipped model (shortened), then the eval table of that run."""
     run = tmp_path / "run"

@@ -56,7 +56,7 @@ def test_latent_cache_follows_the_vae_weights_not_only_the_model_path(one_level_
     np.testing.assert_array_equal(changed.latent_mean, fresh.latent_mean)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(28)
 def test_loss_decreases_and_frozen_rows_identical(one_level_sd1, concept_dir, tmp_path):
     """Fixed concept, fixed noise: the denoising loss on a fixed evaluation batch falls over 50 steps."""
     import jax.numpy as jnp
@@ -115,7 +115,7 @@ def test_loss_decreases_and_frozen_rows_identical(one_level_sd1, concept_dir, tm
     assert all(r["grad_norm/diffusion"] == r["grad_norm"] > 0 for r in records if "grad_norm/diffusion" in r)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(17)
 def test_one_device_equals_eight(one_level_sd1, concept_dir, tmp_path):
     assert jax.device_count() == 8
     config = make_config(one_level_sd1, concept_dir)
@@ -125,7 +125,7 @@ def test_one_device_equals_eight(one_level_sd1, concept_dir, tmp_path):
     np.testing.assert_allclose(np.asarray(one.embeddings["text_encoder"]), np.asarray(eight.embeddings["text_encoder"]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(18)
 def test_resume_after_kill_equals_uninterrupted(one_level_sd1, concept_dir, tmp_path):
     import shutil
 
@@ -151,7 +151,7 @@ def _cli(*args, env=None, **kwargs):
     )
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(21)
 def test_sigterm_saves_and_resumes(one_level_sd1, concept_dir, tmp_path):
     workdir = str(tmp_path / "run")
     env = dict(os.environ, XLA_FLAGS=xla_flags(2))
