@@ -12,40 +12,33 @@ import torch
 from jax_inversion.tiny import write_model_index
 from jax_inversion.tokenizer_files import write_clip_tokenizer
 
-VARIANTS = {
-    # SD 1.x style: conv projections, one scalar head count, quick_gelu CLIP, epsilon.
-    "sd1": dict(
-        unet=dict(
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=8,
-            cross_attention_dim=32,
-            layers_per_block=2,
-            norm_num_groups=8,
-            sample_size=16,
-        ),
-        text=dict(hidden_act="quick_gelu", num_hidden_layers=3),
-        prediction_type="epsilon",
-        beta_schedule="scaled_linear",
+# SD 1.x style: conv projections, one scalar head count, quick_gelu CLIP, epsilon.
+_SD1 = dict(
+    unet=dict(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        layers_per_block=2,
+        norm_num_groups=8,
+        sample_size=16,
     ),
-    # SD1 style at one level: the model of the tests that train or sample (they compile whole train
+    text=dict(hidden_act="quick_gelu", num_hidden_layers=3),
+    prediction_type="epsilon",
+    beta_schedule="scaled_linear",
+)
+
+VARIANTS = {
+    "sd1": _SD1,
+    # SD1 at one level: the model of the tests that train or sample (they compile whole train
     # steps and sampling loops; one resolution level, one resnet per block and two text layers
     # compile in about half the time). Parity tests keep "sd1", with SD1's two layers per block.
     "sd1_one_level": dict(
-        unet=dict(
-            block_out_channels=(32,),
-            down_block_types=("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",),
-            attention_head_dim=8,
-            cross_attention_dim=32,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=16,
-        ),
-        text=dict(hidden_act="quick_gelu", num_hidden_layers=2),
-        prediction_type="epsilon",
-        beta_schedule="scaled_linear",
+        _SD1,
+        unet=dict(_SD1["unet"], block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                  up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1),
+        text=dict(_SD1["text"], num_hidden_layers=2),
     ),
     # SD 2.x style: linear projections, per-block head counts, upcast attention,
     # two transformer layers in deeper blocks, gelu CLIP, v-prediction.

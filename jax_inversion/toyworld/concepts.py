@@ -53,12 +53,14 @@ class Concept:
         return f"a {colour} {token} {shape}" if self.attribute_label.startswith("texture:") else f"a {token} {colour} {shape}"
 
 
-_SHAPE_COMPANIONS = ("a red square", "a blue circle", "a white moon")
+_SHAPE_WORDS = dict(  # a star-shaped concept: the generic word "shape" is its class word
+    class_word="shape", attribute_word="", positives=("shape",), negatives=("circle",),
+    companions=("a red square", "a blue circle", "a white moon"),
+)
 CONCEPTS = {
     "star": Concept(
         "star", "unnamed", dict(shape="star", colour="yellow", texture=world.PLAIN, state=world.NORMAL), None,
-        class_word="shape", attribute_word="", positives=("shape",), negatives=("circle",),
-        companions=_SHAPE_COMPANIONS, labels=("object:yellow star",),
+        **_SHAPE_WORDS, labels=("object:yellow star",),
     ),
     "checkered": Concept(
         "checkered", "unnamed", dict(shape="circle", colour="blue", texture="checkered", state=world.NORMAL),
@@ -69,8 +71,7 @@ CONCEPTS = {
     ),
     "my_star": Concept(
         "my_star", "instance", dict(shape="star", colour="purple", texture="checkered", state=world.NORMAL), None,
-        class_word="shape", attribute_word="", positives=("shape",), negatives=("circle",),
-        companions=_SHAPE_COMPANIONS, labels=("object:purple star", "texture:checkered"),
+        **_SHAPE_WORDS, labels=("object:purple star", "texture:checkered"),
     ),
     "dotted_moon": Concept(
         "dotted_moon", "seen look", dict(shape="moon", colour="purple", texture="dotted", state=world.NORMAL),
