@@ -66,6 +66,7 @@ def make_forward(
     reference_ids: Optional[dict] = None,
     remat: str = "none",
     noise_offset: float = 0.0,
+    timestep_range: tuple[int, int] = (0, 0),
 ):
     """``forward(learned, frozen, batch, rng) -> outputs``: everything the objective's terms read.
 
@@ -74,7 +75,10 @@ def make_forward(
     timestep's stage; ``separate_kv`` (K = 2) feeds part 0 to keys and part 1 to values.
     ``reference_ids`` (``{encoder: class word id}``) is used when the objective needs the
     class-word prompt's attention maps. ``noise_offset`` (diffusers' ``--noise_offset``) adds
-    ``offset * N(0, 1)`` per example and channel to the noise.
+    ``offset * N(0, 1)`` per example and channel to the noise. ``timestep_range`` ``(low, high)``
+    draws timesteps uniformly from ``[low, high)`` (``high`` 0: ``num_train_timesteps``), as
+    kohya's ``--min_timestep``/``--max_timestep``: a higher ``low`` spends the steps where an
+    object's shape is decided rather than on fine detail.
 
     ``forward.draw(batch, rng) -> (latents, noise, timesteps)`` draws what the forward would; a
     batch holding ``latents``/``noise``/``timesteps`` already (gradient accumulation's
@@ -86,6 +90,12 @@ def make_forward(
     first_id, n_tokens = placeholder_ids["text_encoder"].first_id, len(placeholder_ids["text_encoder"].tokens)
     a, b = trainable if trainable is not None else (0, n_tokens)
     eos_id = model.tokenizer.eos_token_id
+    low, high = timestep_range[0], timestep_range[1] or schedule.num_train_timesteps
+    if not 0 <= low < high <= schedule.num_train_timesteps:
+        raise ConfigError(
+            f"timestep range [{low}, {high}) is empty or outside [0, {schedule.num_train_timesteps}): "
+            f"set 0 <= --config.train.min_timestep < --config.train.max_timestep <= {schedule.num_train_timesteps} (0 = all)"
+        )
     if "reference_maps" in needs and not reference_ids:
         raise ConfigError("the objective compares with the class-word prompt: set --config.data.class_word")
 
@@ -96,7 +106,7 @@ def make_forward(
         if noise_offset:  # its own key: runs without an offset draw exactly what they drew before
             shape = (latents.shape[0],) + (1,) * (latents.ndim - 2) + (latents.shape[-1],)  # [B, 1, 1, C]
             noise = noise + noise_offset * jax.random.normal(jax.random.fold_in(rng_noise, 1), shape)
-        return latents, noise, sample_timesteps(rng_time, latents.shape[0], schedule)
+        return latents, noise, sample_timesteps(rng_time, latents.shape[0], schedule, low, high)
 
     def draw_batch(batch, rng):
         mean, std = batch["latent_mean"], batch["latent_std"]
@@ -336,6 +346,7 @@ def make_train_step(
     log_every: int = 0,
     noise_offset: float = 0.0,
     accumulation: int = 1,
+    timestep_range: tuple[int, int] = (0, 0),
 ) -> CompiledStep:
     """:func:`train_step` for this model and objective, jit-compiled over ``mesh`` (state donated).
 
@@ -355,7 +366,7 @@ def make_train_step(
     """
     forward = make_forward(
         model, schedule, placeholder_ids, objective, min_snr_gamma, resolution, trainable, num_stages, separate_kv,
-        reference_ids, remat, noise_offset,
+        reference_ids, remat, noise_offset, timestep_range,
     )
     n_tokens = len(placeholder_ids["text_encoder"].tokens)
     a, b = trainable if trainable is not None else (0, n_tokens)

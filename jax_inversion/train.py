@@ -271,6 +271,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
             datasets[0].resolution, trainable=phase.trainable, reference_ids=reference_ids,
             concepts=[(c.name, c.seed) for c in concepts], remat=config.train.remat,
             noise_offset=config.train.noise_offset, accumulation=accumulation,
+            timestep_range=(config.train.min_timestep, config.train.max_timestep),
         )
         samplers = [
             data_lib.BatchSampler(d.num_images, d.num_prompts, config.train.batch_size, c.seed, config.data.flip_probability)
@@ -287,6 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
             dataset.resolution, trainable=phase.trainable, num_stages=plan.num_stages, separate_kv=plan.separate_kv,
             reference_ids=reference_ids, remat=config.train.remat, log_every=config.train.log_every,
             noise_offset=config.train.noise_offset, accumulation=accumulation,
+            timestep_range=(config.train.min_timestep, config.train.max_timestep),
         )
         index = plan.phases.index(phase)
         sampler = data_lib.BatchSampler(

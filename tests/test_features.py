@@ -276,6 +276,34 @@ def test_noise_offset_shifts_each_example_channel(model_and_layout):
     assert 0.07 < shift[:, 0, 0, :].std() < 0.13
 
 
+def test_timestep_range_bounds_the_drawn_timesteps(model_and_layout):
+    """train.min_timestep/max_timestep: timesteps uniform in [low, high); noise and latents as without it."""
+    from jax_inversion.errors import ConfigError
+    from jax_inversion.objectives import build_objective
+    from jax_inversion.schedule import NoiseSchedule
+    from jax_inversion.step import make_forward
+
+    model, placeholders = model_and_layout
+    layout = {"text_encoder": placeholders}
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    batch = {"latent_mean": jnp.zeros((512, 8, 8, 4)), "latent_std": jnp.ones((512, 8, 8, 4))}
+    objective = build_objective({"diffusion": 1.0})
+    draw = lambda r: make_forward(model, schedule, layout, objective, 0.0, 32, timestep_range=r).draw(batch, jax.random.PRNGKey(0))
+    whole, ranged, capped = draw((0, 0)), draw((200, 0)), draw((200, 400))
+    for drawn in (ranged, capped):
+        np.testing.assert_array_equal(drawn[0], whole[0])  # same latents
+        np.testing.assert_array_equal(drawn[1], whole[1])  # same noise
+    t = np.asarray(ranged[2])
+    assert t.min() >= 200 and t.max() <= schedule.num_train_timesteps - 1
+    assert t.min() < 210 and t.max() > 990 and abs(t.mean() - 599.5) < 25  # uniform over [200, 1000): sd 231 / sqrt(512) ~ 10
+    t = np.asarray(capped[2])
+    assert t.min() >= 200 and t.max() < 400 and len(np.unique(t)) > 150
+    assert np.asarray(whole[2]).min() < 10
+    for bad in ((400, 200), (-1, 0), (0, schedule.num_train_timesteps + 1)):
+        with pytest.raises(ConfigError, match="min_timestep"):
+            make_forward(model, schedule, layout, objective, 0.0, 32, timestep_range=bad)
+
+
 def test_wandb_offline_receives_scalars_and_images(tmp_path, monkeypatch):
     """The real wandb package (test extra), offline: what the loop's writer sends ends up in an offline run.
     (The train loop's use of it is checked with a stand-in module in the accumulation test above.)"""

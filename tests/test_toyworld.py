@@ -251,6 +251,9 @@ def test_score_concept_reads_identity_composition_and_transfer(monkeypatch, tmp_
     assert faithful["transfer/leakage"] == (0.0, 0.0, 0.0) and faithful["identity/alignment"][0] > 0.9
     assert leaky["transfer/leakage"] == (1.0, 1.0, 1.0) and leaky["transfer/companion"] == (0.0, 0.0, 0.0)
     assert leaky["transfer/concept"] == (1.0, 1.0, 1.0) and leaky["identity/concept"] == faithful["identity/concept"]
+    only = ev.score_concept(None, detector, None, "<c>", info, ev.EvalSettings(images_per_prompt=3), transfer_token="<c>",
+                            kinds=("identity", "transfer"))
+    assert [s.prompt for s in only] == ["a <c>", "a red <c> square", "a yellow <c> triangle"]
     table = ev.markdown_table([("faithful", scores)])
     assert "| faithful | a red <c> square | 3 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | 0.00 [0.00, 0.00] | 1.00 [1.00, 1.00] |" in table
 
@@ -311,6 +314,8 @@ def test_default_train_then_toyworld_eval(tmp_path):
     run = tmp_path / "run"
     done = _cli("train", f"--workdir={run}", "--config.train.num_steps=4", "--config.train.checkpoint_every=4")
     assert done.returncode == 0, done.stderr[-3000:]
+    recipe = json.load(open(run / "config.json"))
+    assert (recipe["data"]["num_vectors"], recipe["train"]["min_timestep"], recipe["train"]["num_steps"]) == (8, 200, 4)
     done = _cli("toyworld", "eval", f"--workdir={run}", "--images_per_prompt=2", "--steps=3")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("|")]

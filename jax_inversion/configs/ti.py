@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.weight_decay = 1e-2  # applies to the learned rows only; frozen rows never move
     config.train.max_grad_norm = 0.0  # 0 = no clipping (the original recipes clip nothing)
     config.train.min_snr_gamma = 0.0  # 0 = off; 5.0 is the usual Min-SNR value
+    config.train.min_timestep = 0  # timesteps drawn uniformly from [min_timestep, max_timestep) (kohya's --min_timestep)
+    config.train.max_timestep = 0  # 0 = the scheduler's num_train_timesteps (1000 for SD)
     config.train.noise_offset = 0.0  # diffusers' --noise_offset: noise += offset * N(0, 1) per example and channel (0 = off)
     config.train.gradient_accumulation = 1  # k: each step's batch_size examples run as k sequential micro-batches (same step, less memory)
     config.train.remat = "none"  # "none" | "dots" | "full": recompute UNet activations to fit bigger batches

@@ -106,8 +106,8 @@ def concept_prompts(concept: dict, token_text: str, transfer_token: str) -> list
 
 def score_concept(model, detector: Detector, learned: LearnedTokens, token_text: str, concept: dict,
                   settings: EvalSettings, cache: Optional[dict] = None, transfer_token: str = "",
-                  samples: Optional[dict] = None) -> list[PromptSamples]:
-    """One :class:`PromptSamples` per prompt of :func:`concept_prompts`.
+                  samples: Optional[dict] = None, kinds: Sequence[str] = KINDS) -> list[PromptSamples]:
+    """One :class:`PromptSamples` per prompt of :func:`concept_prompts` whose kind is in ``kinds``.
 
     ``samples`` maps a kind to its images per prompt (default ``settings.images_per_prompt``);
     transfer prompts need ``transfer_token``, the concept's token alone (Lego: without ``<subj>``).
@@ -118,6 +118,8 @@ def score_concept(model, detector: Detector, learned: LearnedTokens, token_text:
     leak_labels = [detector.index(f"colour:{subject['colour']}"), detector.index(f"shape:{subject['shape']}")] if subject else []
     out = []
     for prompt, kind, other in concept_prompts(concept, token_text, transfer_token):
+        if kind not in kinds:
+            continue
         request = SampleRequest(prompt=prompt, num_images=(samples or {}).get(kind, settings.images_per_prompt), steps=settings.steps,
                                 guidance=settings.guidance, scheduler=settings.scheduler, seed=settings.seed)
         images = generate(model, learned, request, cache=cache).images
