@@ -53,6 +53,21 @@ def init_state(embeddings: dict, optimizer: optax.GradientTransformation, seed: 
     )
 
 
+def timestep_bounds(timestep_range: tuple[int, int], schedule: NoiseSchedule) -> tuple[int, int]:
+    """``(low, high)`` of training timesteps from ``(min_timestep, max_timestep)`` (``max`` 0: all).
+
+    Raises:
+      ConfigError: the range is empty or leaves ``[0, num_train_timesteps)``.
+    """
+    low, high = timestep_range[0], timestep_range[1] or schedule.num_train_timesteps
+    if not 0 <= low < high <= schedule.num_train_timesteps:
+        raise ConfigError(
+            f"timestep range [{low}, {high}) is empty or outside [0, {schedule.num_train_timesteps}): "
+            f"set 0 <= --config.train.min_timestep < --config.train.max_timestep <= {schedule.num_train_timesteps} (0 = all)"
+        )
+    return low, high
+
+
 def make_forward(
     model: Pretrained,
     schedule: NoiseSchedule,
@@ -90,12 +105,7 @@ def make_forward(
     first_id, n_tokens = placeholder_ids["text_encoder"].first_id, len(placeholder_ids["text_encoder"].tokens)
     a, b = trainable if trainable is not None else (0, n_tokens)
     eos_id = model.tokenizer.eos_token_id
-    low, high = timestep_range[0], timestep_range[1] or schedule.num_train_timesteps
-    if not 0 <= low < high <= schedule.num_train_timesteps:
-        raise ConfigError(
-            f"timestep range [{low}, {high}) is empty or outside [0, {schedule.num_train_timesteps}): "
-            f"set 0 <= --config.train.min_timestep < --config.train.max_timestep <= {schedule.num_train_timesteps} (0 = all)"
-        )
+    low, high = timestep_bounds(timestep_range, schedule)
     if "reference_maps" in needs and not reference_ids:
         raise ConfigError("the objective compares with the class-word prompt: set --config.data.class_word")
 

@@ -43,7 +43,7 @@ from jax_inversion.platform import resolve_dtype
 from jax_inversion.sampling import Validator
 from jax_inversion.schedule import NoiseSchedule
 from jax_inversion.sharding import make_mesh, replicated
-from jax_inversion.step import TrainState, init_state, make_train_step
+from jax_inversion.step import TrainState, init_state, make_train_step, timestep_bounds
 
 log = logging.getLogger("jax_inversion")
 
@@ -232,6 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
         embeddings = {name: jnp.asarray(rows) for name, rows in initial_rows(config, model, plan).items()}
     state = init_state(embeddings, optimizer, config.seed)
     schedule = NoiseSchedule.from_config(model.scheduler_config)
+    timestep_bounds((config.train.min_timestep, config.train.max_timestep), schedule)  # fails before the workdir is touched
     resolution = config.data.resolution or model.unet.config.sample_size * vae_factor(model)
     tables = {name: input_embedding_table(model, name) for name in encoders}
     setup = TermSetup(
