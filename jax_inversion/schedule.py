@@ -191,13 +191,23 @@ def min_snr_weights(schedule: NoiseSchedule, timesteps, gamma: Optional[float]) 
     )
 
 
-def sample_timesteps(
-    rng: jax.Array, batch: int, schedule: NoiseSchedule, low: int = 0, high: Optional[int] = None
-) -> jax.Array:
-    """``batch`` uniform int32 timesteps in ``[low, high)``; ``high`` defaults to ``num_train_timesteps``."""
+def timestep_range(schedule: NoiseSchedule, low: int = 0, high: Optional[int] = None) -> tuple[int, int]:
+    """``(low, high)`` with ``high`` defaulting to ``num_train_timesteps``.
+
+    Raises:
+      ValueError: ``[low, high)`` is empty or leaves ``[0, num_train_timesteps)``.
+    """
     high = schedule.num_train_timesteps if high is None else high
     if not 0 <= low < high <= schedule.num_train_timesteps:
         raise ValueError(
             f"timestep range [{low}, {high}) must lie within [0, {schedule.num_train_timesteps})"
         )
+    return low, high
+
+
+def sample_timesteps(
+    rng: jax.Array, batch: int, schedule: NoiseSchedule, low: int = 0, high: Optional[int] = None
+) -> jax.Array:
+    """``batch`` uniform int32 timesteps in ``[low, high)``; ``high`` defaults to ``num_train_timesteps``."""
+    low, high = timestep_range(schedule, low, high)
     return jax.random.randint(rng, (batch,), low, high, dtype=jnp.int32)

@@ -28,6 +28,7 @@ from jax_inversion.models.unet import Conditioning
 from jax_inversion.models.vae import scale_latents
 from jax_inversion.objectives import Objective, term_cotangents
 from jax_inversion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps, training_target
+from jax_inversion.schedule import timestep_range as schedule_timestep_range
 from jax_inversion.sharding import batch_sharded, replicated
 
 
@@ -57,15 +58,14 @@ def timestep_bounds(timestep_range: tuple[int, int], schedule: NoiseSchedule) ->
     """``(low, high)`` of training timesteps from ``(min_timestep, max_timestep)`` (``max`` 0: all).
 
     Raises:
-      ConfigError: the range is empty or leaves ``[0, num_train_timesteps)``.
+      ConfigError: the range is empty or leaves ``[0, num_train_timesteps)`` (:func:`schedule.timestep_range`'s check).
     """
-    low, high = timestep_range[0], timestep_range[1] or schedule.num_train_timesteps
-    if not 0 <= low < high <= schedule.num_train_timesteps:
+    try:
+        return schedule_timestep_range(schedule, timestep_range[0], timestep_range[1] or None)
+    except ValueError as e:
         raise ConfigError(
-            f"timestep range [{low}, {high}) is empty or outside [0, {schedule.num_train_timesteps}): "
-            f"set 0 <= --config.train.min_timestep < --config.train.max_timestep <= {schedule.num_train_timesteps} (0 = all)"
-        )
-    return low, high
+            f"{e}: set 0 <= --config.train.min_timestep < --config.train.max_timestep <= {schedule.num_train_timesteps} (0 = all)"
+        ) from None
 
 
 def make_forward(

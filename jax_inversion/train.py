@@ -232,7 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
         embeddings = {name: jnp.asarray(rows) for name, rows in initial_rows(config, model, plan).items()}
     state = init_state(embeddings, optimizer, config.seed)
     schedule = NoiseSchedule.from_config(model.scheduler_config)
-    timestep_bounds((config.train.min_timestep, config.train.max_timestep), schedule)  # fails before the workdir is touched
+    timesteps = timestep_bounds((config.train.min_timestep, config.train.max_timestep), schedule)  # fails before latents or checkpoints are written
     resolution = config.data.resolution or model.unet.config.sample_size * vae_factor(model)
     tables = {name: input_embedding_table(model, name) for name in encoders}
     setup = TermSetup(
@@ -272,7 +272,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
             datasets[0].resolution, trainable=phase.trainable, reference_ids=reference_ids,
             concepts=[(c.name, c.seed) for c in concepts], remat=config.train.remat,
             noise_offset=config.train.noise_offset, accumulation=accumulation,
-            timestep_range=(config.train.min_timestep, config.train.max_timestep),
+            timestep_range=timesteps,
         )
         samplers = [
             data_lib.BatchSampler(d.num_images, d.num_prompts, config.train.batch_size, c.seed, config.data.flip_probability)
@@ -289,7 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
             dataset.resolution, trainable=phase.trainable, num_stages=plan.num_stages, separate_kv=plan.separate_kv,
             reference_ids=reference_ids, remat=config.train.remat, log_every=config.train.log_every,
             noise_offset=config.train.noise_offset, accumulation=accumulation,
-            timestep_range=(config.train.min_timestep, config.train.max_timestep),
+            timestep_range=timesteps,
         )
         index = plan.phases.index(phase)
         sampler = data_lib.BatchSampler(
