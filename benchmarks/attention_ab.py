@@ -4,6 +4,11 @@ Each backend runs :func:`jax_inversion.models.layers.fused_attention` (the call 
 the same ``[B, T, heads, dim]`` inputs; the forward output is compared with XLA's. One JSON line
 per (shape, backend); a backend that fails (e.g. ``cudnn`` off a GPU) gives a line with ``error``.
 
+Timing: ``--steps`` calls chained inside one jit (``lax.fori_loop``: each call's output feeds the
+next, so none can be hoisted or dropped) with one host sync per loop; the time per call is the
+median of 3 such loops divided by ``--steps``. A single kernel of a fraction of a millisecond
+timed with a host sync per call would mostly time dispatch and synchronisation.
+
     python -m benchmarks.attention_ab [--backends xla,cudnn] [--dtype bfloat16] [--steps 20]
     python -m benchmarks.attention_ab --smoke --backends xla,chunked     # tiny shapes, any machine
 
@@ -34,15 +39,21 @@ SD15_SHAPES = (  # (name, batch, queries, keys, heads, head dim)
 SMOKE_SHAPES = (("16x16 self", 2, 256, 256, 2, 8), ("16x16 cross", 2, 256, 77, 2, 8))
 
 
-def median_ms(fn, *args, steps: int) -> float:
-    """Median wall time of ``fn(*args)`` (compiled and run once before timing)."""
-    jax.block_until_ready(fn(*args))
+LOOPS = 3  # timed loops per measurement (their median)
+
+
+def loop_ms(body, carry, calls: int) -> float:
+    """Milliseconds per ``body`` call: ``carry = body(carry)`` ``calls`` times inside one jit
+    (``lax.fori_loop``), one sync at the end; compiled and run once before the median of
+    ``LOOPS`` timed loops."""
+    loop = jax.jit(lambda carry: jax.lax.fori_loop(0, calls, lambda _, c: body(c), carry))
+    jax.block_until_ready(loop(carry))
     times = []
-    for _ in range(steps):
+    for _ in range(LOOPS):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(loop(carry))
         times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(times) / calls
 
 
 def measure(shape: tuple, backend: str, dtype, steps: int, reference: np.ndarray | None) -> dict:
@@ -51,14 +62,23 @@ def measure(shape: tuple, backend: str, dtype, steps: int, reference: np.ndarray
     q = jax.random.normal(rngs[0], (batch, queries, heads, dim), dtype)
     k, v = (jax.random.normal(r, (batch, keys, heads, dim), dtype) for r in rngs[1:3])
     weights = jax.random.normal(rngs[3], q.shape, dtype)
-    forward = jax.jit(lambda q, k, v: fused_attention(q, k, v, backend))
-    backward = jax.jit(jax.grad(lambda q, k, v: (fused_attention(q, k, v, backend) * weights).astype(jnp.float32).sum(),
-                                argnums=(0, 1, 2)))
-    out = np.asarray(forward(q, k, v), np.float32)
-    fwd_ms, fwd_bwd_ms = median_ms(forward, q, k, v, steps=steps), median_ms(backward, q, k, v, steps=steps)
+    attention = lambda q, k, v: fused_attention(q, k, v, backend)
+    grads = jax.grad(lambda q, k, v, w: (attention(q, k, v) * w).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+
+    def forward(carry):  # the output (shaped as q) is the next call's queries
+        q, k, v = carry
+        return attention(q, k, v), k, v
+
+    def backward(carry):  # a small step along every gradient, so all three are computed every call
+        q, k, v, w = carry
+        return (*((x + 1e-3 * g).astype(x.dtype) for x, g in zip((q, k, v), grads(q, k, v, w))), w)
+
+    out = np.asarray(jax.jit(attention)(q, k, v), np.float32)
+    fwd_ms, fwd_bwd_ms = loop_ms(forward, (q, k, v), steps), loop_ms(backward, (q, k, v, weights), steps)
     flops = 4.0 * batch * heads * queries * keys * dim
     return {
-        "fwd_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(fwd_bwd_ms, 3),
+        "fwd_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(fwd_bwd_ms, 3), "calls_per_loop": steps,
+        "timing": f"{steps} calls in one jit (lax.fori_loop), one sync; median of {LOOPS} loops / {steps}",
         "fwd_tflops": round(flops / fwd_ms / 1e9, 2), "fwd_bwd_tflops": round(3.5 * flops / fwd_bwd_ms / 1e9, 2),
         "max_abs_diff_vs_xla": None if reference is None else float(np.abs(out - reference).max()),
         "output": out,
@@ -69,7 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="xla,cudnn")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="calls per timed loop")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (a quick end-to-end check on a CPU)")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)

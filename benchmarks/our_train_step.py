@@ -3,7 +3,9 @@
 Random weights (SD1.5 UNet, CLIP ViT-L/14 text encoder), cached latents as the real job
 uses, one process, every local device on the ``data`` axis.
 
-    python benchmarks/our_train_step.py [--resolution 256] [--batch 1] [--steps 5] [--dtype auto] [--attention_backend auto]
+    python -m benchmarks.our_train_step [--resolution 256] [--batch 1] [--steps 5] [--warmup 3] [--dtype auto] [--attention_backend auto]
+
+``--warmup`` untimed steps (the first compiles), then ``--steps`` timed ones with one sync at the end.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, the compiling one included")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU/TPU, float32 on CPU")
     parser.add_argument("--attention_backend", default="auto", help="auto, xla, chunked, cudnn or pallas (jax_inversion.platform)")
     args = parser.parse_args()
@@ -81,6 +84,9 @@ def main() -> None:
         state, metrics = step(state, batch, base)
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - start
+        for _ in range(args.warmup - 1):
+            state, metrics = step(state, batch, base)
+        jax.block_until_ready(metrics)
         start = time.perf_counter()
         for _ in range(args.steps):
             state, metrics = step(state, batch, base)
@@ -89,7 +95,7 @@ def main() -> None:
     print(json.dumps({
         "config": f"SD1.5 UNet + CLIP-L, random weights, {dtype.name}", "dtype": dtype.name,
         "attention_backend": args.attention_backend, "resolution": args.resolution,
-        "batch": args.batch, "devices": jax.device_count(),
+        "batch": args.batch, "devices": jax.device_count(), "warmup": max(args.warmup, 1), "steps": args.steps,
         "device": f"{jax.devices()[0].platform} ({platform.machine()}, {os.cpu_count()} cores)",
         "compile_plus_first_step_s": round(compile_s, 2), "steps_per_second": round(args.steps / elapsed, 3),
         "loss": float(metrics["loss"]),

@@ -3,20 +3,23 @@
 For each configuration one random-weight model is written once (PyTorch ``save_pretrained``
 of diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` and transformers ``CLIPTextModel``,
 a small CLIP tokenizer, ``model_index.json``); both sides load those same files. Then each
-implementation runs in its own subprocess (so peak memory is its own):
+implementation runs in its own subprocess (so peak memory is its own), in ``--impls`` order
+(default ``ours,torch_cached,torch``: the like-for-like pair first, so a run cut short still has it):
 
 * ``ours``: ``make_train_step`` (jit, donated state, learned rows fp32, frozen models in
   ``--dtype``, UNet attention by ``--attention_backend``), latents cached as in the real job
   (the batch carries the VAE posterior mean/std; the VAE is not run per step). FLOPs per step
   (``flops_per_step``) are backend-independent: XLA's cost analysis of the *lowered* step
-  (before any backend pass) with XLA's attention in place of the fused kernels, the same
-  count on CPU, GPU and TPU (see :func:`backend_independent_flops`; tested against XLA's
-  compiled CPU count in tests/test_benchmark_flops.py). The compiled program's own count is
-  ``flops_compiled`` (on GPU it misses cuDNN attention and miscounts library calls). MFU is
-  given against the datasheet peak (``mfu``, e.g. 989 TFLOP/s bf16 for H100 SXM / H200) and,
-  where measured, the bf16 matmul ceiling (``mfu_vs_measured_ceiling``, 790 on the H200).
-  ``attention_kernels`` counts the UNet's attention calls per kernel (fused kernels fall back
-  to XLA outside their shapes).
+  (before any backend pass) with XLA's attention in place of the fused kernels, counted by
+  XLA's CPU cost model wherever the step runs (the CUDA and TPU plugins have no cost analysis
+  of a lowered program), so the same count on CPU, GPU and TPU (see
+  :func:`backend_independent_flops`; tested against XLA's compiled CPU count in
+  tests/test_benchmark_flops.py). The compiled program's own count is ``flops_compiled`` (on
+  GPU it misses cuDNN attention and miscounts library calls). MFU is given against the
+  datasheet peak (``mfu``, e.g. 989 TFLOP/s bf16 for H100 SXM / H200) and, where measured, the
+  bf16 matmul ceiling (``mfu_vs_measured_ceiling``, 790 on the H200). ``attention_kernels``
+  counts the UNet's attention calls per kernel (fused kernels fall back to XLA outside their
+  shapes). ``--profile_dir``: 3 more steps under ``jax.profiler.trace`` after the timed ones.
 * ``torch``: the step of diffusers' ``examples/textual_inversion/textual_inversion.py``:
   token-embedding table trainable (grown by one placeholder row), AdamW over the whole
   table, then the frozen rows copied back; ``vae.encode(pixels).latent_dist.sample() *
@@ -25,21 +28,31 @@ implementation runs in its own subprocess (so peak memory is its own):
   autocast bf16 (the script's mixed precision).
 * ``torch_cached``: the same with the posterior (``latent_dist``) computed once and only
   ``latent_dist.sample()`` per step (no VAE per step; same random draws as ``torch``).
+* ``torch_compile``: ``torch_cached`` with its forward pass (latents, noise, text encoder,
+  UNet, loss) under ``torch.compile`` (``--torch_compile_backend``, default inductor; default
+  mode); backward through the compiled graph, the optimizer update eager. ``compile_s`` is its
+  first compiled step.
 
-All three keep the VAE weights resident. Every line records ``dtype`` (``--dtype auto``:
+All keep the VAE weights resident. Every line records ``dtype`` (``--dtype auto``:
 bfloat16 on GPU/TPU, float32 on CPU) and ``attention_backend``; the last line per
-configuration has both ratios, ``ours_vs_torch`` and the like-for-like ``ours_vs_torch_cached``. Timing: ``--warmup`` steps, then ``--steps`` steps,
-each synchronised (``step_ms_median``; ``steps_per_s`` = steps / their total time).
+configuration has the ratios ``ours_vs_torch``, the like-for-like ``ours_vs_torch_cached`` and
+``ours_vs_torch_compile`` (None for an implementation not run or failed). Timing: warm-up
+steps, then ``--steps`` steps, each synchronised (``step_ms_median``; ``steps_per_s`` = steps /
+their total time). Warm-up: ``--warmup`` steps (default 3; 1 for SD1.5 on CPU); the torch
+variants' first warm-up step counts their FLOPs (``torch.utils.flop_counter``, math SDPA so
+attention is counted: matmuls/convolutions/attention only, XLA's count also elementwise ops)
+and at least 2 steps with the default SDPA kernels follow it (``warmup`` records them all).
 Peak memory: on CPU the process's peak RSS from just before the first step to the end
 (``/proc/self/clear_refs`` resets the high-water mark after loading and, for ours,
 compiling; ``max_rss_mb`` is the whole process); on GPU ``torch.cuda.max_memory_allocated``
 / JAX ``peak_bytes_in_use``. MB = 2**20 bytes. ``load_avg_1m`` (after the timed steps) shows
-whether other work shared the machine. ``torch`` FLOPs come from
-``torch.utils.flop_counter`` on the first warmup step (math SDPA there so attention is
-counted); they count matmuls/convolutions/attention only, XLA's count also elementwise ops.
+whether other work shared the machine. ``--budget S``: the whole run (model writing and every
+subprocess) ends within S seconds; an implementation without time left gets an ``error`` line,
+and the ratios line always comes out.
 
     python -m benchmarks.train_step [--configs small,sd15_256_b1] [--dtype auto] [--attention_backend auto] [--steps N]
-    python -m benchmarks.train_step --configs sd15_512_b8 --dtype bfloat16     # on a GPU (benchmarks/gpu.sh)
+    python -m benchmarks.train_step --configs sd15_512_b8 --dtype bfloat16 \\
+        --impls ours,torch_cached,torch,torch_compile                        # on a GPU (benchmarks/gpu.sh)
     python -m benchmarks.train_step --configs sd15_512_b8 --flops_only         # the FLOP count alone, any machine
 
 Configurations: ``small`` (jax_inversion.tiny's architecture, 64 px, batch 8), ``sd15_R_bB``
@@ -135,8 +148,13 @@ PEAK_TFLOPS = (  # (kind, datasheet, measured ceiling or None)
     ("TPU v6 lite", 918.0, None),
     ("TPU v6e", 918.0, None),
 )
-FLOPS_SOURCE = "XLA cost analysis of the lowered step (before backend passes), attention counted as XLA's (backend-independent)"
+FLOPS_SOURCE = ("XLA's CPU cost analysis of the lowered step (before backend passes), attention counted as XLA's "
+                "(backend-independent)")
 MB = 2**20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the subprocesses' cwd
+PROFILED_STEPS = 3  # ours under jax.profiler.trace with --profile_dir, after the timed steps
+IMPLS = ("ours", "torch_cached", "torch", "torch_compile")  # see the module docstring
+MIN_TORCH_FLASH_WARMUP = 2  # warm-up steps with torch's default SDPA kernels after its FLOP-counting step
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -208,19 +226,17 @@ def timing(times: list[float]) -> dict:
 
 
 def flops_fields(flops: float | None, steps_per_s: float, peaks: tuple[float | None, float | None]) -> dict:
-    """Achieved TFLOP/s and MFU against the datasheet peak (``mfu``) and the measured ceiling."""
-    if not flops:
-        return {"flops_per_step": None, "tflops_achieved": None, "mfu": None, "mfu_vs_measured_ceiling": None}
-    achieved = flops * steps_per_s / 1e12
+    """Achieved TFLOP/s and MFU against the datasheet peak (``mfu``) and the measured ceiling. The
+    peaks are always recorded, so a count obtained later can be turned into MFU (see :func:`main`)."""
     datasheet, measured = peaks
-    return {
-        "flops_per_step": float(flops),
-        "tflops_achieved": round(achieved, 4),
-        "mfu": round(achieved / datasheet, 4) if datasheet else None,
-        "mfu_vs_measured_ceiling": round(achieved / measured, 4) if measured else None,
-        "peak_tflops": datasheet,
-        "measured_ceiling_tflops": measured,
-    }
+    out = {"flops_per_step": None, "tflops_achieved": None, "mfu": None, "mfu_vs_measured_ceiling": None,
+           "peak_tflops": datasheet, "measured_ceiling_tflops": measured}
+    if flops:
+        achieved = flops * steps_per_s / 1e12
+        out.update(flops_per_step=float(flops), tflops_achieved=round(achieved, 4),
+                   mfu=round(achieved / datasheet, 4) if datasheet else None,
+                   mfu_vs_measured_ceiling=round(achieved / measured, 4) if measured else None)
+    return out
 
 
 def attention_kernels(model, resolution: int, text_len: int = 77) -> dict:
@@ -325,7 +341,9 @@ def lowered_flops(built: dict) -> float | None:
     """FLOPs of one step from XLA's cost analysis of the *lowered* program, before any backend pass:
     every dot, convolution and elementwise op as written, not what a backend fused, rewrote into
     library calls or left uncounted (cuDNN attention custom calls count zero). The whole step,
-    all devices together (a compiled program's count is per device)."""
+    all devices together (a compiled program's count is per device). None where the backend has no
+    lowered cost analysis: the CUDA and TPU plugins (PJRT C API) have none, only the CPU backend
+    does; :func:`backend_independent_flops` therefore lowers for the CPU."""
     import jax
 
     with jax.set_mesh(built["mesh"]):
@@ -335,9 +353,23 @@ def lowered_flops(built: dict) -> float | None:
 
 def backend_independent_flops(model, batch_size: int, resolution: int, devices=None) -> float | None:
     """:func:`lowered_flops` of the same step with XLA's attention (the same math as cuDNN's or
-    Pallas' kernels, but countable), so the count is the same on every backend and MFU is comparable."""
+    Pallas' kernels, but countable), so the count is the same on every backend and MFU is comparable.
+
+    ``devices`` default: where the default backend is not the CPU (GPU, TPU), one CPU device:
+    the whole step lowered for it (the frozen weights copied to host memory for the while) and
+    counted by XLA's CPU cost model, the only backend whose lowered programs have a cost
+    analysis. None if this process has no CPU backend (``JAX_PLATFORMS`` without ``cpu``);
+    the driver then counts in a CPU-only subprocess (:func:`main`)."""
     import dataclasses
 
+    import jax
+
+    if devices is None and jax.default_backend() != "cpu":
+        try:
+            devices = jax.devices("cpu")[:1]
+        except RuntimeError:  # the CPU backend was not initialised (JAX_PLATFORMS=cuda)
+            print("train_step: no CPU backend in this process to count FLOPs on", file=sys.stderr, flush=True)
+            return None
     counted = dataclasses.replace(model, unet=model.unet.clone(attention_backend="xla"))
     return lowered_flops(build_our_step(counted, batch_size, resolution, devices))
 
@@ -356,7 +388,9 @@ def run_ours(args, cfg: dict) -> dict:
     model = load_pretrained(args.model_dir, dtype=dtype, attention_backend=args.attention_backend)
     load_s = time.perf_counter() - start
     batch_size, resolution = cfg["batch"], cfg["resolution"]
+    start = time.perf_counter()
     flops = backend_independent_flops(model, batch_size, resolution)
+    flops_count_s = time.perf_counter() - start
     if args.flops_only:
         return {"flops_per_step": flops, "flops_source": FLOPS_SOURCE, "dtype": dtype.name, "jax": jax.__version__,
                 "device": device.device_kind if not on_cpu else "cpu"}
@@ -367,7 +401,11 @@ def run_ours(args, cfg: dict) -> dict:
     with jax.set_mesh(mesh):
         start = time.perf_counter()
         compiled = jitted.lower(frozen, state, batch, base).compile()  # ahead of time, once
-        compiled_flops = cost_flops(compiled.cost_analysis())
+        try:
+            compiled_flops = cost_flops(compiled.cost_analysis())
+        except Exception as e:  # informative only: a plugin without it must not cost the row
+            print(f"train_step: no compiled cost analysis ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+            compiled_flops = None
         run = lambda s: compiled(frozen, s, batch, base)
         compile_s = time.perf_counter() - start
         rss_before = peak_rss_mb() if reset_peak_rss() else None
@@ -380,7 +418,18 @@ def run_ours(args, cfg: dict) -> dict:
             state, metrics = run(state)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - begin)
-    out = {"steps": steps, "warmup": warmup, **timing(times), "compile_s": round(compile_s, 2), "load_s": round(load_s, 2)}
+        profile = {}
+        if args.profile_dir:  # after the timed steps, so the tracer's overhead is not in them
+            profile = {"profile_dir": args.profile_dir, "profiled_steps": PROFILED_STEPS}
+            try:
+                with jax.profiler.trace(args.profile_dir):
+                    for _ in range(PROFILED_STEPS):
+                        state, metrics = run(state)
+                    jax.block_until_ready(state)
+            except Exception as e:  # a profiler that cannot start (e.g. no CUPTI) must not cost the row
+                profile["profile_error"] = f"{type(e).__name__}: {e}"[:300]
+    out = {"steps": steps, "warmup": warmup, **timing(times), "compile_s": round(compile_s, 2), "load_s": round(load_s, 2),
+           "flops_count_s": round(flops_count_s, 2), **profile}
     if on_cpu:
         out.update(device=f"cpu ({cpu_count()} cores)", peak_memory_mb=round(peak_rss_mb(), 1), peak_memory_kind="process peak RSS during steps",
                    rss_before_steps_mb=rss_before and round(rss_before, 1), max_rss_mb=round(max_rss_mb(), 1))
@@ -400,6 +449,7 @@ def run_ours(args, cfg: dict) -> dict:
 
 
 def step_counts(args, arch: str, on_cpu: bool) -> tuple[int, int]:
+    """(timed steps, warm-up steps): ``--steps`` / ``--warmup`` or the defaults (fewer for SD1.5 on CPU)."""
     steps = args.steps if args.steps is not None else (5 if arch == "sd15" and on_cpu else 20)
     warmup = args.warmup if args.warmup is not None else (1 if arch == "sd15" and on_cpu else 3)
     return steps, max(warmup, 1)
@@ -408,7 +458,9 @@ def step_counts(args, arch: str, on_cpu: bool) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- diffusers' PyTorch step
 
 
-def run_torch(args, cfg: dict, cached: bool) -> dict:
+def run_torch(args, cfg: dict, impl: str) -> dict:
+    """``impl``: ``torch`` (VAE encode every step), ``torch_cached`` (posterior computed once) or
+    ``torch_compile`` (``torch_cached`` with its forward pass under ``torch.compile``)."""
     import contextlib
 
     import torch
@@ -454,6 +506,7 @@ def run_torch(args, cfg: dict, cached: bool) -> dict:
     text_model.embeddings.position_embedding.requires_grad_(False)
     unet.set_attn_processor(AttnProcessor2_0())
     vae.set_attn_processor(AttnProcessor2_0())
+    cached, compiled = impl in ("torch_cached", "torch_compile"), impl == "torch_compile"
     train_config = __import__("jax_inversion.configs.ti", fromlist=["get_config"]).get_config().train
     optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=train_config.learning_rate,
                                   betas=(train_config.adam_b1, train_config.adam_b2), weight_decay=train_config.weight_decay,
@@ -476,7 +529,7 @@ def run_torch(args, cfg: dict, cached: bool) -> dict:
     scaling = vae.config.scaling_factor
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def train_step():
+    def forward_loss():
         with autocast():
             if cached:
                 latents = cached_dist.sample() * scaling  # same draws (and memory layout) as `torch`
@@ -487,7 +540,10 @@ def run_torch(args, cfg: dict, cached: bool) -> dict:
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
             encoder_hidden_states = text_encoder(input_ids)[0].to(dtype=weight_dtype)
             model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-            loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+            return F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+
+    def train_step(loss_fn):
+        loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -500,18 +556,27 @@ def run_torch(args, cfg: dict, cached: bool) -> dict:
     else:
         torch.cuda.reset_peak_memory_stats()
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        train_step()  # first warmup step; math SDPA so the counter sees the attention matmuls
+        train_step(forward_loss)  # first warm-up step, eager; math SDPA so the counter sees the attention matmuls
     flops = counter.get_total_flops()
-    for _ in range(warmup - 1):
-        train_step()
+    loss_fn = torch.compile(forward_loss, backend=args.torch_compile_backend) if compiled else forward_loss
+    flash_warmup = max(warmup - 1, MIN_TORCH_FLASH_WARMUP)  # the default SDPA kernels get their own warm-up
+    compile_s = None
+    for i in range(flash_warmup):
+        begin = time.perf_counter()
+        train_step(loss_fn)
+        if i == 0 and compiled:
+            sync()
+            compile_s = time.perf_counter() - begin  # the first compiled step: Dynamo, AOTAutograd, the backend
     sync()
     times = []
     for _ in range(steps):
         begin = time.perf_counter()
-        loss = train_step()
+        loss = train_step(loss_fn)
         sync()
         times.append(time.perf_counter() - begin)
-    out = {"steps": steps, "warmup": warmup, **timing(times), "load_s": round(load_s, 2)}
+    out = {"steps": steps, "warmup": 1 + flash_warmup, **timing(times), "load_s": round(load_s, 2)}
+    if compiled:
+        out.update(compile_s=round(compile_s, 2), torch_compile=f"torch.compile(forward pass), backend {args.torch_compile_backend}, default mode")
     if on_cpu:
         out.update(device=f"cpu ({threads} cores)", peak_memory_mb=round(peak_rss_mb(), 1), peak_memory_kind="process peak RSS during steps",
                    rss_before_steps_mb=rss_before and round(rss_before, 1), max_rss_mb=round(max_rss_mb(), 1))
@@ -521,7 +586,7 @@ def run_torch(args, cfg: dict, cached: bool) -> dict:
         out.update(device=kind, peak_memory_mb=round(torch.cuda.max_memory_allocated() / MB, 1), peak_memory_kind="torch.cuda.max_memory_allocated")
     out.update(flops_fields(flops, out["steps_per_s"], peaks_for(kind, args.peak_tflops, on_cpu)))
     processor = type(next(iter(unet.attn_processors.values()))).__name__
-    out.update(flops_source="torch.utils.flop_counter (matmul/conv/attention)", final_loss=float(loss), dtype=dtype_name,
+    out.update(flops_source="torch.utils.flop_counter on the first, eager warm-up step (matmul/conv/attention)", final_loss=float(loss), dtype=dtype_name,
                attention_backend=f"{processor} (torch SDPA, its default kernel choice)", torch=torch.__version__,
                diffusers=__import__("diffusers").__version__)
     return out
@@ -535,7 +600,7 @@ def child(args) -> None:
     if args.only == "ours":
         result = run_ours(args, cfg)
     else:
-        result = run_torch(args, cfg, cached=args.only == "torch_cached")
+        result = run_torch(args, cfg, args.only)
     head = {"config": cfg["config"], "impl": args.only, "device": result.pop("device"), "dtype": result.pop("dtype"),
             "attention_backend": result.pop("attention_backend", args.attention_backend), "resolution": cfg["resolution"],
             "batch": cfg["batch"]}
@@ -543,10 +608,22 @@ def child(args) -> None:
     print("RESULT " + json.dumps({**head, **result}), flush=True)
 
 
+def run_child(command: list[str], env: dict, timeout: float) -> tuple[dict | None, str | None]:
+    """Runs one ``--only`` subprocess: (its RESULT line, None) or (None, why there is none)."""
+    if timeout < 10:
+        return None, "skipped: no time left in --budget"
+    try:
+        proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {round(timeout)} s"
+    lines = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return (json.loads(lines[-1]), None) if lines else (None, f"exit status {proc.returncode}, no result (see stderr)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="small,sd15_256_b1", help="comma-separated: small, sd15_256_b1, sd15_512_b8, sd15_R_bB, small_R_bB")
-    parser.add_argument("--impls", default="ours,torch,torch_cached")
+    parser.add_argument("--impls", default="ours,torch_cached,torch", help=f"comma-separated, run in this order: {', '.join(IMPLS)}")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="frozen models' dtype (both sides); auto: bfloat16 on GPU/TPU, float32 on CPU")
     parser.add_argument("--attention_backend", default="auto", choices=("auto", "xla", "chunked", "cudnn", "pallas"),
@@ -554,11 +631,18 @@ def main() -> None:
     parser.add_argument("--flops_only", action="store_true",
                         help="ours only: print the backend-independent FLOP count per step, do not compile or run")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 for SD1.5 on CPU, else 20)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 for SD1.5 on CPU, else 3)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default 1 for SD1.5 on CPU, else 3); torch: at least 1 + 2")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: a table by device kind; none on CPU)")
     parser.add_argument("--model_dir", default=None, help="reuse (or keep) the written model here; one configuration only")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
-    parser.add_argument("--only", choices=("ours", "torch", "torch_cached"), help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run: each subprocess gets at most what is left of it")
+    parser.add_argument("--torch_compile_backend", default="inductor",
+                        help="torch_compile's backend (aot_eager: Dynamo and AOTAutograd without inductor's code generation, "
+                             "a quick check on a CPU)")
+    parser.add_argument("--profile_dir", default=None, help=f"ours: {PROFILED_STEPS} steps under jax.profiler.trace, written here")
+    parser.add_argument("--only", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--write_model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -569,18 +653,21 @@ def main() -> None:
         child(args)
         return
 
+    deadline = time.monotonic() + (args.budget or float("inf"))
+    time_left = lambda: min(args.timeout, deadline - time.monotonic() - 5)  # 5 s to print the last lines
     configs = [parse_config(c) for c in args.configs.split(",") if c]
     impls = [i for i in args.impls.split(",") if i]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        raise SystemExit(f"unknown --impls {sorted(unknown)}: use {', '.join(IMPLS)}")
     if args.model_dir and len({c["arch"] for c in configs}) > 1:
         raise SystemExit("--model_dir holds one architecture: give configurations of one architecture")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    base = [sys.executable, "-m", "benchmarks.train_step", "--dtype", args.dtype, "--attention_backend", args.attention_backend,
-            "--timeout", str(args.timeout)] + (["--flops_only"] if args.flops_only else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    base = [sys.executable, "-m", "benchmarks.train_step", "--dtype", args.dtype, "--attention_backend", args.attention_backend]
     if args.flops_only:
         impls = ["ours"]
     requested = {"dtype": args.dtype, "attention_backend": args.attention_backend}
-    for name in ("steps", "warmup", "peak_tflops"):
+    for name in ("steps", "warmup", "peak_tflops", "torch_compile_backend"):
         if getattr(args, name) is not None:
             base += [f"--{name}", str(getattr(args, name))]
     scratch = tempfile.mkdtemp(prefix="train_step_bench_")
@@ -591,20 +678,35 @@ def main() -> None:
             if model_dir is None or not os.path.exists(os.path.join(model_dir, "model_index.json")):
                 model_dir = model_dir or os.path.join(scratch, cfg["arch"])
                 print(f"train_step: writing random {cfg['arch']} weights to {model_dir}", file=sys.stderr, flush=True)
-                subprocess.run(base + ["--write_model", cfg["arch"], "--model_dir", model_dir], check=True, cwd=root, env=env,
-                               timeout=args.timeout)
+                try:
+                    subprocess.run(base + ["--write_model", cfg["arch"], "--model_dir", model_dir], check=True, cwd=ROOT, env=env,
+                                   timeout=max(time_left(), 1))
+                except subprocess.SubprocessError as e:
+                    print(json.dumps({"config": cfg["config"], **requested, "error": f"writing the model: {e}"}), flush=True)
+                    continue
             written[cfg["arch"]] = model_dir
             results = {}
             for impl in impls:
                 print(f"train_step: {cfg['config']} {impl}", file=sys.stderr, flush=True)
                 command = base + ["--only", impl, "--config", cfg["config"], "--model_dir", model_dir]
-                try:
-                    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=root, env=env, timeout=args.timeout)
-                    lines = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                    result = json.loads(lines[-1]) if lines else {
-                        "config": cfg["config"], "impl": impl, **requested, "error": f"exit status {proc.returncode}, no result (see stderr)"}
-                except subprocess.TimeoutExpired:
-                    result = {"config": cfg["config"], "impl": impl, **requested, "error": f"timed out after {args.timeout} s"}
+                if impl == "ours" and args.flops_only:
+                    command.append("--flops_only")
+                elif impl == "ours" and args.profile_dir:
+                    command += ["--profile_dir", args.profile_dir]
+                result, error = run_child(command, env, time_left())
+                if result is None:
+                    result = {"config": cfg["config"], "impl": impl, **requested, "error": error}
+                elif impl == "ours" and not args.flops_only and result.get("flops_per_step") is None:
+                    # No CPU backend in that process (JAX_PLATFORMS without cpu): count in a CPU-only one.
+                    print(f"train_step: {cfg['config']} counting FLOPs in a CPU-only process", file=sys.stderr, flush=True)
+                    counted, error = run_child(base + ["--only", "ours", "--config", cfg["config"], "--model_dir", model_dir,
+                                                       "--flops_only"], dict(env, JAX_PLATFORMS="cpu"), time_left())
+                    if counted and counted.get("flops_per_step"):
+                        peaks = (result.get("peak_tflops"), result.get("measured_ceiling_tflops"))
+                        result.update(flops_fields(counted["flops_per_step"], result["steps_per_s"], peaks),
+                                      flops_source=FLOPS_SOURCE + ", counted in a CPU-only process")
+                    else:
+                        result["flops_error"] = error or "the CPU-only count gave none"
                 results[impl] = result
                 print(json.dumps(result), flush=True)
             rate = {impl: r.get("steps_per_s") for impl, r in results.items()}
@@ -612,8 +714,10 @@ def main() -> None:
             ours = results.get("ours", {})
             print(json.dumps({"config": cfg["config"], "dtype": ours.get("dtype", args.dtype),
                               "attention_backend": ours.get("attention_backend", args.attention_backend),
-                              "ours_vs_torch": ratio("torch"), "ours_vs_torch_cached": ratio("torch_cached"),
-                              "note": "torch encodes with the VAE every step; torch_cached is the like-for-like step"}),
+                              "ours_vs_torch_cached": ratio("torch_cached"), "ours_vs_torch": ratio("torch"),
+                              "ours_vs_torch_compile": ratio("torch_compile"),
+                              "note": "torch encodes with the VAE every step; torch_cached is the like-for-like step, "
+                                      "torch_compile the same under torch.compile"}),
                   flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

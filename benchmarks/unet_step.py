@@ -3,7 +3,9 @@
 Same SD1.5 architecture (random weights), same inputs, one process. This is the inner
 cost of a textual-inversion step (gradients flow to the text conditioning only).
 
-    python benchmarks/unet_step.py [--latent 32] [--batch 1] [--iters 5]
+    python benchmarks/unet_step.py [--latent 32] [--batch 1] [--iters 5] [--warmup 3]
+
+Each side runs ``--warmup`` untimed calls (ours: the first compiles), then ``--iters`` timed ones.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ SD15_UNET = {
 }
 
 
-def bench_jax(latent: int, batch: int, iters: int, inputs) -> dict:
+def bench_jax(latent: int, batch: int, iters: int, inputs, warmup: int) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -49,6 +51,8 @@ def bench_jax(latent: int, batch: int, iters: int, inputs) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(grad_step(params, states))
     compile_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        jax.block_until_ready(grad_step(params, states))
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -58,7 +62,7 @@ def bench_jax(latent: int, batch: int, iters: int, inputs) -> dict:
             "median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3)}
 
 
-def bench_torch(latent: int, batch: int, iters: int, inputs) -> dict:
+def bench_torch(latent: int, batch: int, iters: int, inputs, warmup: int) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -77,7 +81,8 @@ def bench_torch(latent: int, batch: int, iters: int, inputs) -> dict:
         loss.backward()
         return loss.item(), s.grad
 
-    step()
+    for _ in range(max(warmup, 1)):
+        step()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -92,6 +97,7 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first on each side (ours: the first compiles)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     inputs = (
@@ -102,12 +108,12 @@ def main() -> None:
     )
     import jax
 
-    common = {"config": "SD1.5 UNet, random weights, fp32", "latent": args.latent, "batch": args.batch,
+    common = {"config": "SD1.5 UNet, random weights, fp32", "latent": args.latent, "batch": args.batch, "warmup": args.warmup,
               "device": f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
                         f"{__import__('os').cpu_count()} cores)"}
-    ours = bench_jax(args.latent, args.batch, args.iters, inputs)
+    ours = bench_jax(args.latent, args.batch, args.iters, inputs, args.warmup)
     print(json.dumps({**common, **ours}), flush=True)
-    theirs = bench_torch(args.latent, args.batch, args.iters, inputs)
+    theirs = bench_torch(args.latent, args.batch, args.iters, inputs, args.warmup)
     print(json.dumps({**common, **theirs}), flush=True)
     print(json.dumps({"speedup_torch_over_jax_median": round(theirs["median_s"] / ours["median_s"], 2)}))
 

@@ -14,6 +14,7 @@ COMMANDS = {
     "sample": ("sample", "draw images of prompts with learned tokens (layout guidance optional)"),
     "attention": ("attention", "draw each prompt token's cross-attention map over a generated image"),
     "train-layout": ("train_layout", "learn where two words' objects go (boxes) for Compositional Inversion sampling"),
+    "compile": ("compile", "compile the train step for a TPU topology without a TPU: memory per chip, FLOPs, kernels"),
     "check-parity": ("check_parity", "compare our Flax models with PyTorch diffusers/transformers on a model"),
     "toyworld": ("toyworld", "the offline toy world: pretrain its model, write its concepts, evaluate a run"),
 }

@@ -39,9 +39,13 @@ def frozen_params(model: Pretrained) -> dict:
 
 
 def input_embedding_table(model: Pretrained, encoder: str) -> np.ndarray:
-    """The frozen token-embedding table ``[V, d]`` of ``encoder`` (float32, host)."""
+    """The frozen token-embedding table ``[V, d]`` of ``encoder`` (float32, host); zeros of its shape for a
+    shapes-only model (``load_pretrained(shapes_only=True)``: compiling needs the shape, not the values)."""
     params = model.text_encoder_params if encoder == "text_encoder" else model.text_encoder_2_params
-    return np.asarray(params["text_model"]["embeddings"]["token_embedding"]["embedding"], np.float32)
+    table = params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    if isinstance(table, jax.ShapeDtypeStruct):
+        return np.zeros(table.shape, np.float32)
+    return np.asarray(table, np.float32)
 
 
 def prompt_embeddings(text_encoder: CLIPTextTransformer, params, ids: jax.Array, learned: jax.Array, first_id: int):

@@ -53,6 +53,18 @@ def write_concept_images(directory: str, count: int = 6, size: int = 64, seed: i
     return directory
 
 
+def with_default_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with an empty ``model`` pointed at the shipped toy-world model (one line if it is missing)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if not config.model:
+        if not os.path.exists(os.path.join(SHIPPED_MODEL, "model_index.json")):
+            raise ModelLoadError(
+                f"the shipped toy model is missing from {SHIPPED_MODEL}: reinstall jax_inversion, or pass --config.model=PATH"
+            )
+        config.model = SHIPPED_MODEL
+    return config
+
+
 def fill_defaults(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """Points an empty ``model`` / ``data.concept_dir`` at the embedded default.
 
@@ -62,14 +74,8 @@ def fill_defaults(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
     captions ("a <concept>"), the initializer the generic word "shape"; unless set, 2,000 steps
     of 8 vectors on timesteps from 200 up.
     """
-    config = ml_collections.ConfigDict(config.to_dict())
     use_default_model = not config.model
-    if use_default_model:
-        if not os.path.exists(os.path.join(SHIPPED_MODEL, "model_index.json")):
-            raise ModelLoadError(
-                f"the shipped toy model is missing from {SHIPPED_MODEL}: reinstall jax_inversion, or pass --config.model=PATH"
-            )
-        config.model = SHIPPED_MODEL
+    config = with_default_model(config)
     if not config.data.concept_dir:
         if not use_default_model:
             raise DataError("no concept images given: pass --config.data.concept_dir=DIR with your images")

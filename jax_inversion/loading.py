@@ -158,7 +158,14 @@ def _cast(params, dtype):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), params)
 
 
-def _load_component(directory: str, module, abstract, *, prefix: str = "", ignore=(), dtype=jnp.float32):
+def _shapes(abstract, dtype):
+    """The param tree's shapes in ``dtype``, no values: a shapes-only model (see :func:`load_pretrained`)."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract)
+
+
+def _load_component(directory: str, module, abstract, *, prefix: str = "", ignore=(), dtype=jnp.float32, shapes_only=False):
+    if shapes_only:
+        return _shapes(abstract, dtype)
     try:
         params = convert_state_dict(read_state_dict(directory), abstract, prefix=prefix, ignore=ignore)
     except ValueError as e:
@@ -166,10 +173,12 @@ def _load_component(directory: str, module, abstract, *, prefix: str = "", ignor
     return _cast(params, dtype)
 
 
-def load_text_encoder(directory: str, dtype=jnp.float32):
+def load_text_encoder(directory: str, dtype=jnp.float32, shapes_only: bool = False):
     config = clip.CLIPTextConfig.from_dict(read_json(os.path.join(directory, "config.json")))
     module = clip.CLIPTextTransformer(config, dtype=dtype)
     abstract = clip.init_abstract_params(module)
+    if shapes_only:
+        return module, _shapes(abstract, dtype)
     try:
         state = clip.add_text_model_prefix(read_state_dict(directory))
         params = convert_state_dict(state, abstract, ignore=(r"position_ids$",))
@@ -195,6 +204,7 @@ def load_pretrained(
     components: Sequence[str] = COMPONENTS,
     revision: Optional[str] = None,
     attention_backend: str = "auto",
+    shapes_only: bool = False,
 ) -> Pretrained:
     """Loads the requested components of a diffusers-format model into Flax.
 
@@ -202,6 +212,10 @@ def load_pretrained(
     (frozen) params. ``attention_backend`` is the UNet's attention kernel (see
     :mod:`jax_inversion.platform`); one this platform cannot run is an error here, before any
     weights are read. The tokenizer and scheduler config are always loaded.
+
+    ``shapes_only``: the params are ``jax.ShapeDtypeStruct`` leaves read from the components' configs
+    alone (no weight file is opened, none need exist): enough to compile a step ahead of time and
+    plan its memory (``jax-inversion compile``).
     """
     path = resolve_model_path(path_or_id, revision)
     index_path = os.path.join(path, "model_index.json")
@@ -227,7 +241,9 @@ def load_pretrained(
         attention_dtype = jnp.float32 if config.upcast_attention else dtype
         select_attention_backend(attention_backend, current_platform(), attention_dtype)  # fails early, one line
         out.unet = unet_lib.UNet2DConditionModel(config, dtype=dtype, attention_backend=attention_backend)
-        out.unet_params = _load_component(directory, out.unet, unet_lib.init_abstract_params(out.unet), dtype=dtype)
+        out.unet_params = _load_component(
+            directory, out.unet, unet_lib.init_abstract_params(out.unet), dtype=dtype, shapes_only=shapes_only
+        )
     if "vae" in components:
         directory = os.path.join(path, "vae")
         try:
@@ -235,12 +251,14 @@ def load_pretrained(
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{directory}/config.json: {e}") from None
         out.vae = vae_lib.AutoencoderKL(config, dtype=dtype)
-        out.vae_params = _load_component(directory, out.vae, vae_lib.init_abstract_params(out.vae), dtype=dtype)
+        out.vae_params = _load_component(
+            directory, out.vae, vae_lib.init_abstract_params(out.vae), dtype=dtype, shapes_only=shapes_only
+        )
     if "text_encoder" in components:
-        out.text_encoder, out.text_encoder_params = load_text_encoder(os.path.join(path, "text_encoder"), dtype)
+        out.text_encoder, out.text_encoder_params = load_text_encoder(os.path.join(path, "text_encoder"), dtype, shapes_only)
         if os.path.isdir(os.path.join(path, "text_encoder_2")):
             out.text_encoder_2, out.text_encoder_2_params = load_text_encoder(
-                os.path.join(path, "text_encoder_2"), dtype
+                os.path.join(path, "text_encoder_2"), dtype, shapes_only
             )
     release_freed_memory()
     return out

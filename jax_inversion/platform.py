@@ -5,7 +5,7 @@ Pure functions of (requested name, platform, dtype, shapes), so every choice is 
 * :func:`resolve_dtype` - ``auto`` is bfloat16 on accelerators (tensor cores / MXU, and what cuDNN's
   fused attention needs) and float32 on CPU (no bf16 matmul units, and exact parity with PyTorch).
 * :func:`select_attention_backend` - ``auto`` is cuDNN flash attention on GPU in bf16/fp16, the Pallas
-  flash-attention kernel on TPU, ``chunked`` on CPU (our XLA attention in query blocks, recomputed in
+  splash-attention kernel on TPU (long layers), ``chunked`` on CPU (our XLA attention in query blocks, recomputed in
   the backward pass: on a 2-core CPU 2-4x faster than ``jax.nn.dot_product_attention``'s unfused
   path, and it never holds ``[B, heads, T, T]`` probabilities for the backward pass), ``xla``
   (``jax.nn.dot_product_attention``'s unfused path) on GPU in float32; a backend that cannot run on
@@ -15,7 +15,8 @@ Pure functions of (requested name, platform, dtype, shapes), so every choice is 
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ ATTENTION_BACKENDS = ("auto", "xla", "chunked", "cudnn", "pallas")
 ACCELERATORS = ("gpu", "tpu")
 # cuDNN's fused (flash) attention takes half precision only.
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-PALLAS_TILE = 128  # the TPU flash-attention kernel's default block along queries and keys
+PALLAS_TILE = 128  # the TPU kernel's sequence lengths are multiples of this tile
+PALLAS_MIN_TOKENS = 1024  # the TPU kernel runs on self-attention over 64x64 and 32x32 latents, not shorter layers
 CHUNK_QUERIES = 256  # queries per block of the ``chunked`` backend
 
 
@@ -35,10 +37,28 @@ class PlatformError(ConfigError):
     """A dtype or attention backend this platform cannot run; the message names the fix."""
 
 
+_TARGET: list[str] = []  # the platform programs are compiled for, when it is not this machine's (``compiling_for``)
+
+
 def current_platform() -> str:
-    """``cpu``, ``gpu`` or ``tpu``: the platform of the default backend (where jit runs)."""
+    """``cpu``, ``gpu`` or ``tpu``: the platform programs are traced for, by default the default backend's."""
+    if _TARGET:
+        return _TARGET[-1]
     platform = jax.default_backend()
     return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+    """Within it, :func:`current_platform` is ``platform``: traces pick that platform's kernels and dtypes.
+
+    Used to compile for a TPU topology on a machine without a TPU (:mod:`jax_inversion.aot`).
+    """
+    _TARGET.append(platform)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
 
 
 def resolve_dtype(name: str, platform: Optional[str] = None) -> jnp.dtype:
@@ -78,7 +98,7 @@ def select_attention_backend(requested: str, platform: str, dtype: Any) -> str:
         )
     if requested == "pallas" and platform != "tpu":
         raise PlatformError(
-            f"attention backend 'pallas' (TPU flash attention) needs a TPU, this is {platform}: "
+            f"attention backend 'pallas' (TPU splash attention) needs a TPU, this is {platform}: "
             "use attention_backend=auto or xla"
         )
     return requested
@@ -88,14 +108,14 @@ def attention_kernel_fits(backend: str, q_len: int, kv_len: int, head_dim: int, 
     """Whether ``backend``'s kernel takes these shapes (``xla`` and ``chunked`` take all).
 
     cuDNN: head dim a multiple of 8, at most 256 on Hopper and later (128 before; pass
-    ``max_cudnn_head_dim``). Pallas TPU flash attention: query and key lengths multiples of its
-    128 tile, head dim at most 128 or a multiple of 128.
+    ``max_cudnn_head_dim``). The TPU kernel (:mod:`jax_inversion.models.tpu_attention`): the long
+    layers only, at least 1,024 queries and keys, multiples of its 128 tile (any head dim: it is
+    padded to 128 lanes); the 77-key cross-attention and short layers run XLA's attention.
     """
     if backend == "cudnn":
         return head_dim % 8 == 0 and head_dim <= max_cudnn_head_dim
     if backend == "pallas":
-        tiled = q_len % PALLAS_TILE == 0 and kv_len % PALLAS_TILE == 0
-        return tiled and (head_dim <= PALLAS_TILE or head_dim % PALLAS_TILE == 0)
+        return min(q_len, kv_len) >= PALLAS_MIN_TOKENS and q_len % PALLAS_TILE == 0 and kv_len % PALLAS_TILE == 0
     return True
 
 

@@ -399,4 +399,12 @@ def make_train_step(
         step = functools.partial(step, term_objective=objective, log_every=log_every)
     same, split = replicated(mesh), batch_sharded(mesh)
     jitted = jax.jit(step, in_shardings=(same, same, split, same), out_shardings=(same, same), donate_argnums=(1,))
-    return CompiledStep(jitted, jax.device_put(frozen_params(model), same))
+    return CompiledStep(jitted, place_frozen(frozen_params(model), same))
+
+
+def place_frozen(frozen: dict, sharding) -> dict:
+    """The frozen weights on the mesh; a shapes-only model's leaves become ``ShapeDtypeStruct`` s with that
+    sharding (what lowering for a topology with no devices here needs)."""
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(frozen)):
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), frozen)
+    return jax.device_put(frozen, sharding)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -154,3 +155,30 @@ def write_scheduler_and_index(directory: str, scheduler_config: dict) -> None:
     with open(os.path.join(directory, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(scheduler_config, f, indent=2)
     write_model_index(directory)
+
+
+def write_config_only_model(directory: str, unet: dict, vae: dict, text: dict, scheduler: dict,
+                            text_2: Optional[dict] = None) -> str:
+    """A diffusers directory with every config, tokenizer and scheduler but no weight file: what
+    ``load_pretrained(shapes_only=True)`` (``jax-inversion compile``) needs to plan a model's memory."""
+    from transformers import CLIPTokenizer
+
+    encoders = {"text_encoder": text, **({"text_encoder_2": text_2} if text_2 else {})}
+    for name, config in encoders.items():
+        tokenizer_dir = os.path.join(directory, name.replace("text_encoder", "tokenizer"))
+        write_clip_tokenizer(tokenizer_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+        config = {**config, "vocab_size": config.get("vocab_size") or len(tokenizer),
+                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        _write_json(os.path.join(directory, name, "config.json"), config)
+    _write_json(os.path.join(directory, "unet", "config.json"), unet)
+    _write_json(os.path.join(directory, "vae", "config.json"), vae)
+    write_scheduler_and_index(directory, scheduler)
+    write_model_index(directory, sdxl=text_2 is not None)
+    return directory
+
+
+def _write_json(path: str, value: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)

@@ -9,6 +9,7 @@ toy job, XLA's cache) are the command layer's business, not this module's.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from jax_inversion import checkpoints, data as data_lib, tokens as tokens_lib
+from jax_inversion.aot import GIB, compile_ahead, device_memory_bytes
 from jax_inversion.conditioning import encoders_of, input_embedding_table, vae_factor
 from jax_inversion.dataset import build_dataset, check_phase_data, concept_batch, concept_phase, global_batch
 from jax_inversion.errors import TrainError
@@ -193,12 +195,59 @@ def class_word_ids(config, model: Pretrained) -> Optional[dict]:
     return {name: tokens_lib.initializer_id(tok, word) for name, (_, tok) in encoders_of(model).items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[list] = None) -> TrainState:
-    """Runs (or resumes) the job described by ``config`` in ``workdir`` over ``devices`` (default all)."""
-    check_writable(workdir)
+@dataclasses.dataclass
+class RunSetup:
+    """What a job builds before it reads any image: the model, the plan, the mesh, the optimizer, the
+    objective and step 0's state; :meth:`make_step` gives each phase's jitted step. ``train`` runs it;
+    ``jax-inversion compile`` lowers the same steps for a TPU topology from a shapes-only model."""
+
+    config: ml_collections.ConfigDict
+    model: Pretrained
+    plan: RunPlan
+    concepts: Optional[list]
+    placeholder_ids: dict
+    mesh: jax.sharding.Mesh
+    optimizer: Any
+    lr_schedule: Any
+    objective: Any
+    reference_ids: Optional[dict]
+    with_masks: bool
+    schedule: NoiseSchedule
+    timesteps: tuple[int, int]
+    accumulation: int
+    state: TrainState
+
+    @property
+    def resolution(self) -> int:
+        """Training images' side: ``data.resolution``, else the model's native one."""
+        return self.config.data.resolution or self.model.unet.config.sample_size * vae_factor(self.model)
+
+    def make_step(self, phase: Phase, resolution: int):
+        """The jitted step of ``phase`` (:func:`step.make_train_step`) at ``resolution``."""
+        config = self.config
+        common = dict(
+            trainable=phase.trainable, reference_ids=self.reference_ids, remat=config.train.remat,
+            noise_offset=config.train.noise_offset, accumulation=self.accumulation, timestep_range=self.timesteps,
+        )
+        if self.concepts:
+            common["concepts"] = [(c.name, c.seed) for c in self.concepts]
+        else:
+            common.update(num_stages=self.plan.num_stages, separate_kv=self.plan.separate_kv, log_every=config.train.log_every)
+        return make_train_step(
+            self.model, self.schedule, self.placeholder_ids, self.optimizer, self.objective, self.lr_schedule,
+            config.train.min_snr_gamma, self.mesh, resolution, **common,
+        )
+
+
+def setup_run(config: ml_collections.ConfigDict, devices: Optional[list] = None, shapes_only: bool = False) -> RunSetup:
+    """Checks the config against ``devices`` (default all) and builds the :class:`RunSetup`.
+
+    ``shapes_only``: the model's weights are shapes (``load_pretrained(shapes_only=True)``), and so is
+    the returned state's leaves' content (zeros): enough to lower and compile the steps.
+    """
     if config.train.num_steps < 0:
         raise TrainError("train.num_steps is negative: pass --config.train.num_steps=N with N >= 0")
-    devices = devices or jax.devices()
+    devices = devices if devices is not None else jax.devices()
     n_devices = len(devices)
     concepts = read_concept_list(config.concepts, config) if config.get("concepts") else None
     per_step = config.train.batch_size * (len(concepts) if concepts else 1)
@@ -209,7 +258,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
             f"{what} is not a positive multiple of the {n_devices} devices: pass --config.train.batch_size={good} or a multiple of it"
         )
     accumulation = check_accumulation(config.train)
-    wandb = wandb_module() if config.train.get("wandb") else None
     plan = plan_run(config)
     if concepts:
         if len(plan.groups) > 1 or plan.num_stages > 1 or plan.separate_kv or config.init_from:
@@ -219,7 +267,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
             )
         if not config.model:
             raise TrainError("batch inversion needs a model: pass --config.model=PATH")
-    model = load_pretrained(config.model, dtype=resolve_dtype(config.dtype), attention_backend=config.attention_backend)
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(devices[0].platform, devices[0].platform)
+    model = load_pretrained(config.model, dtype=resolve_dtype(config.dtype, platform),
+                            attention_backend=config.attention_backend, shapes_only=shapes_only)
     encoders = encoders_of(model)
     placeholder_ids = {name: tokens_lib.add_placeholder_tokens(tok, plan.tokens) for name, (_, tok) in encoders.items()}
 
@@ -227,18 +277,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
     optimizer, lr_schedule = make_optimizer(config.train, config.train.batch_size, per_concept=bool(concepts))
     if concepts:  # each concept starts where training it alone (its seed, its initializer) starts
         rows = [initial_rows(concept_config(config, c), model, plan) for c in concepts]
-        embeddings = {name: jnp.asarray(np.stack([r[name] for r in rows])) for name in encoders}
+        embeddings = {name: np.stack([r[name] for r in rows]) for name in encoders}
     else:
-        embeddings = {name: jnp.asarray(rows) for name, rows in initial_rows(config, model, plan).items()}
-    state = init_state(embeddings, optimizer, config.seed)
+        embeddings = initial_rows(config, model, plan)
+    if not shapes_only:
+        embeddings = {name: jnp.asarray(rows) for name, rows in embeddings.items()}
+        state = init_state(embeddings, optimizer, config.seed)
+    else:  # no device to put values on: the state's shapes, replicated over the mesh
+        shapes = jax.eval_shape(lambda e: init_state(e, optimizer, config.seed), embeddings)
+        same = replicated(mesh)
+        state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=same), shapes)
     schedule = NoiseSchedule.from_config(model.scheduler_config)
     timesteps = timestep_bounds((config.train.min_timestep, config.train.max_timestep), schedule)  # fails before latents or checkpoints are written
     resolution = config.data.resolution or model.unet.config.sample_size * vae_factor(model)
-    tables = {name: input_embedding_table(model, name) for name in encoders}
     setup = TermSetup(
         options=config.get("loss_options"),
         tokenizers={name: tok for name, (_, tok) in encoders.items()},
-        tables=tables,
+        tables={name: input_embedding_table(model, name) for name in encoders},
         concept_rows=(plan.concept.start, plan.concept.stop),
         initializer=config.data.initializer_token,
         class_word=config.data.class_word or config.data.initializer_token,
@@ -246,19 +301,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
     )
     objective = build_objective(dict(config.loss), setup)
     reference_ids = class_word_ids(config, model) if "reference_maps" in objective.needs else None
-    with_masks = "masks" in objective.needs
+    return RunSetup(config, model, plan, concepts, placeholder_ids, mesh, optimizer, lr_schedule, objective, reference_ids,
+                    "masks" in objective.needs, schedule, timesteps, accumulation, state)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[list] = None) -> TrainState:
+    """Runs (or resumes) the job described by ``config`` in ``workdir`` over ``devices`` (default all)."""
+    check_writable(workdir)
+    run = setup_run(config, devices)
+    wandb = wandb_module() if config.train.get("wandb") else None
+    model, plan, concepts, mesh, with_masks = run.model, run.plan, run.concepts, run.mesh, run.with_masks
     phase_data = [p for p in plan.phases if p.num_steps > 0]
     if concepts:
         phase_data = [concept_phase(plan.phases[0], c) for c in concepts]
     for phase in phase_data:  # bad data fails here, before the workdir is touched
         check_phase_data(config, phase, with_masks)
     same = replicated(mesh)
-    metadata = run_metadata(config, placeholder_ids, model, plan)
+    metadata = run_metadata(config, run.placeholder_ids, model, plan)
     if concepts:
         metadata["concept_batch"] = [{"name": c.name, "index": i, "seed": c.seed, "dir": c.image_dir} for i, c in enumerate(concepts)]
     # Replicated over the mesh before restoring, so a checkpoint is read straight into the run's
     # sharding: several processes cannot spread a restored host-local (committed) array.
-    state = jax.device_put(state, same)
+    state = jax.device_put(run.state, same)
     manager = checkpoints.CheckpointManager(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
     restored = manager.restore_latest(state, metadata)
     if restored is not None:
@@ -267,40 +331,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
 
     def prepare_concepts(phase: Phase):
         datasets = [build_dataset(config, model, concept_phase(phase, c), workdir, with_masks) for c in concepts]
-        step_fn = make_train_step(
-            model, schedule, placeholder_ids, optimizer, objective, lr_schedule, config.train.min_snr_gamma, mesh,
-            datasets[0].resolution, trainable=phase.trainable, reference_ids=reference_ids,
-            concepts=[(c.name, c.seed) for c in concepts], remat=config.train.remat,
-            noise_offset=config.train.noise_offset, accumulation=accumulation,
-            timestep_range=timesteps,
-        )
         samplers = [
             data_lib.BatchSampler(d.num_images, d.num_prompts, config.train.batch_size, c.seed, config.data.flip_probability)
             for d, c in zip(datasets, concepts)
         ]
+        step_fn = run.make_step(phase, datasets[0].resolution)
         return step_fn, lambda step: concept_batch(datasets, samplers, step - phase.start, mesh, with_masks)
 
     def prepare_phase(phase: Phase):
         if concepts:
             return prepare_concepts(phase)
         dataset = build_dataset(config, model, phase, workdir, with_masks)
-        step_fn = make_train_step(
-            model, schedule, placeholder_ids, optimizer, objective, lr_schedule, config.train.min_snr_gamma, mesh,
-            dataset.resolution, trainable=phase.trainable, num_stages=plan.num_stages, separate_kv=plan.separate_kv,
-            reference_ids=reference_ids, remat=config.train.remat, log_every=config.train.log_every,
-            noise_offset=config.train.noise_offset, accumulation=accumulation,
-            timestep_range=timesteps,
-        )
         index = plan.phases.index(phase)
         sampler = data_lib.BatchSampler(
             dataset.num_images, dataset.num_prompts, config.train.batch_size, config.seed + 1_000_003 * index,
             config.data.flip_probability,
         )
         batch_at = lambda step: global_batch(dataset, sampler, step - phase.start, mesh, with_masks)
-        return step_fn, batch_at
+        return run.make_step(phase, dataset.resolution), batch_at
 
     def reset_optimizer(state: TrainState) -> TrainState:
-        return jax.device_put(state.replace(opt_state=optimizer.init(state.embeddings)), same)
+        return jax.device_put(state.replace(opt_state=run.optimizer.init(state.embeddings)), same)
 
     validate = None
     if config.train.validation_every > 0 and config.train.validation_prompts:
@@ -411,16 +462,58 @@ def _agreed_stop(stop: dict, check: bool) -> bool:
     return bool(stop.get("agreed"))
 
 
+def compile_phase_step(step_fn, state, batch, rng, phase_name: str):
+    """``step(state, batch, rng)`` compiled ahead of time for these arguments (:func:`aot.compile_ahead`),
+    and its report; compile time (and, on accelerators, memory per device) logged before step one.
+
+    Raises:
+      TrainError: on an accelerator, the step needs more memory than a device has (one line: the fix).
+    """
+    compiled, report = compile_ahead(step_fn.jitted, step_fn.frozen, state, batch, rng)
+    capacity = device_memory_bytes(jax.local_devices()[0])
+    log.warning("phase %s: %s%s", phase_name, report.summary(),
+                "" if capacity is None else f", device memory {capacity / GIB:.2f} GiB")
+    if not report.fits(capacity):
+        raise TrainError(
+            f"the {phase_name} step needs {report.peak_bytes / GIB:.2f} GiB per device and a device has "
+            f"{capacity / GIB:.2f} GiB: set --config.train.remat=dots (or full), or lower --config.train.batch_size "
+            "(or raise --config.train.gradient_accumulation)"
+        )
+    return (lambda state, batch, rng: compiled(step_fn.frozen, state, batch, rng)), report
+
+
+class _Profiler:
+    """``train.profile_steps = (first, stop)``: a ``jax.profiler`` trace of steps ``[first, stop)`` in
+    ``WORKDIR/profile`` (TensorBoard's profile plugin, Perfetto)."""
+
+    def __init__(self, steps, workdir: str):
+        self.first, self.stop = (tuple(steps) + (0, 0))[:2] if steps else (0, 0)
+        self.directory, self.active = os.path.join(workdir, "profile"), False
+
+    def before(self, step: int) -> None:
+        if self.first <= step < self.stop and not self.active:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, state, last: bool) -> None:
+        if self.active and (step + 1 >= self.stop or last):
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            log.warning("profile of steps %d-%d written to %s", self.first, step, self.directory)
+
+
 def _run_phase(config, state, phase, step_fn, batch_at, base_rng, manager, metadata, progress, writer, metrics_file, stop, validate):
-    pending, compile_seconds = [], None
-    compile_start = last_time = time.perf_counter()
-    last_step = int(state.step)
-    for step in range(int(state.step), phase.stop):
+    pending = []
+    first = int(state.step)
+    step_fn, report = compile_phase_step(step_fn, state, batch_at(first), base_rng, phase.name)
+    compile_seconds = report.seconds
+    last_time, last_step = time.perf_counter(), first
+    profiler = _Profiler(config.train.get("profile_steps"), manager.workdir)
+    for step in range(first, phase.stop):
+        profiler.before(step)
         state, metrics = step_fn(state, batch_at(step), base_rng)
-        if compile_seconds is None:
-            jax.block_until_ready(state.step)
-            compile_seconds = time.perf_counter() - compile_start
-            last_time, last_step = time.perf_counter(), step + 1
+        profiler.after(step, state, step + 1 == phase.stop)
         pending.append((step + 1, metrics))
         done = step + 1
         stopping = _agreed_stop(stop, check=done % config.train.log_every == 0)

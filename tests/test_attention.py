@@ -87,10 +87,12 @@ def test_a_backend_that_cannot_run_is_one_line_naming_the_fix(platform, dtype, r
     ("cudnn", 64, 64, 160, 128, False),  # ... before Hopper
     ("cudnn", 64, 64, 4, 256, False),  # head dim not a multiple of 8
     ("pallas", 4096, 4096, 40, 256, True),
-    ("pallas", 4096, 77, 40, 256, False),  # keys not a multiple of the 128 tile
+    ("pallas", 1024, 1024, 80, 256, True),  # SD1.5's 32x32 self-attention
+    ("pallas", 4096, 77, 40, 256, False),  # cross-attention: keys not a multiple of the 128 tile
     ("pallas", 64, 64, 40, 256, False),  # 8x8 latents: queries shorter than the tile
-    ("pallas", 256, 256, 160, 256, False),  # head dim over 128 and not a multiple of it
-    ("pallas", 256, 256, 256, 256, True),
+    ("pallas", 256, 256, 160, 256, False),  # 16x16: short layers run XLA's attention
+    ("pallas", 1152, 1152, 160, 256, True),  # any head dim (padded below 64)
+    ("pallas", 1000, 1000, 64, 256, False),  # long but not tiled by 128
 ])
 def test_kernel_shape_limits(backend, q_len, kv_len, head_dim, max_cudnn, fits):
     assert attention_kernel_fits(backend, q_len, kv_len, head_dim, max_cudnn) is fits
@@ -135,7 +137,7 @@ def test_an_unknown_dtype_is_one_line(name):
 
 
 @pytest.mark.parametrize("q_len,kv_len,dim,causal", [(256, 256, 40, False), (128, 384, 64, False), (256, 256, 32, True)])
-def test_pallas_flash_attention_in_interpret_mode_equals_xla(q_len, kv_len, dim, causal):
+def test_pallas_splash_attention_in_interpret_mode_equals_xla(q_len, kv_len, dim, causal):
     q, k, v = qkv(2, q_len, kv_len, 2, dim)
     with pltpu.force_tpu_interpret_mode():
         pallas = jax.jit(lambda q, k, v: layers.fused_attention(q, k, v, "pallas", causal))(q, k, v)
@@ -145,7 +147,7 @@ def test_pallas_flash_attention_in_interpret_mode_equals_xla(q_len, kv_len, dim,
     np.testing.assert_allclose(np.asarray(pallas), expected, atol=2e-5)
 
 
-def test_pallas_flash_attention_gradient_in_interpret_mode_equals_xla():
+def test_pallas_splash_attention_gradient_in_interpret_mode_equals_xla():
     q, k, v = qkv(1, 256, 128, 2, 40, seed=1)
     weights = jax.random.normal(jax.random.PRNGKey(2), q.shape)  # a loss that weighs every output
     grad = lambda backend: jax.jit(jax.grad(lambda q, k, v: (layers.fused_attention(q, k, v, backend) * weights).sum(),
@@ -190,14 +192,15 @@ def test_multi_head_attention_auto_on_cpu_equals_the_explicit_softmax():
 def tiny_unet_inputs():
     config = unet_lib.UNet2DConditionConfig.from_dict({**TINY_UNET, "attention_head_dim": 2})  # 2 heads: a quick interpreter
     rng = np.random.default_rng(0)
-    sample = jnp.asarray(rng.standard_normal((1, 16, 16, 4)), jnp.float32)  # 256 tokens: one Pallas tile pair
+    sample = jnp.asarray(rng.standard_normal((1, 32, 32, 4)), jnp.float32)  # 1,024 tokens: the TPU kernel's shortest layer
     states = jnp.asarray(rng.standard_normal((1, 77, 32)), jnp.float32)
     return config, sample, jnp.array([10]), states
 
 
 def test_unet_with_pallas_attention_in_interpret_mode_equals_xla(monkeypatch):
-    """The backend reaches every attention layer: the tiny UNet's 16x16 self-attention runs the
-    Pallas kernel (its 77-key cross-attention and 8x8 layers fall back to XLA) and agrees with XLA."""
+    """The backend reaches every attention layer: the tiny UNet's 32x32 self-attention runs the
+    Pallas kernel (its 77-key cross-attention and 16x16 layers fall back to XLA) and agrees with XLA;
+    record_attention_kernels names each layer's kernel."""
     config, sample, t, states = tiny_unet_inputs()
     xla_unet = unet_lib.UNet2DConditionModel(config, attention_backend="xla")
     shapes = jax.eval_shape(xla_unet.init, jax.random.PRNGKey(0), sample, t, states)  # compiling init is slow
@@ -209,11 +212,21 @@ def test_unet_with_pallas_attention_in_interpret_mode_equals_xla(monkeypatch):
     monkeypatch.setattr(layers, "fused_attention", lambda *a, **kw: calls.append(a[3]) or fused(*a, **kw))
     monkeypatch.setattr(layers, "current_platform", lambda: "tpu")
     pallas_unet = unet_lib.UNet2DConditionModel(config, attention_backend="auto")
-    with pltpu.force_tpu_interpret_mode():
+    with pltpu.force_tpu_interpret_mode(), layers.record_attention_kernels() as kernels:
         out = jax.jit(pallas_unet.apply)(params, sample, t, states)
-    # 16x16: down_blocks.0 (one transformer) and up_blocks.1 (two) run attn1 on Pallas, attn2 (77 keys)
-    # on XLA; the 8x8 mid block runs both on XLA.
+    # 32x32: down_blocks.0 (one transformer) and up_blocks.1 (two) run attn1 on Pallas, attn2 (77 keys)
+    # on XLA; the 16x16 mid block runs both on XLA.
     assert calls.count("pallas") == 3 and calls.count("xla") == 5
+    assert kernels == {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1": "splash",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn1": "splash",
+        "up_blocks.1.attentions.1.transformer_blocks.0.attn1": "splash",
+        **{name: "xla" for name in ("down_blocks.0.attentions.0.transformer_blocks.0.attn2",
+                                    "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+                                    "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+                                    "mid_block.attentions.0.transformer_blocks.0.attn1",
+                                    "mid_block.attentions.0.transformer_blocks.0.attn2")},
+    }
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4)
 
 
@@ -232,6 +245,24 @@ def test_loading_with_a_backend_this_platform_cannot_run_fails_before_reading_we
     model_dir = make_tiny_model(str(tmp_path / "tiny"))
     for name in ("diffusion_pytorch_model.safetensors",):  # no UNet weights: only the config can be read
         (tmp_path / "tiny" / "unet" / name).unlink()
-    with pytest.raises(PlatformError, match=r"^attention backend 'pallas' \(TPU flash attention\) needs a TPU, this is cpu"):
+    with pytest.raises(PlatformError, match=r"^attention backend 'pallas' \(TPU splash attention\) needs a TPU, this is cpu"):
         load_pretrained(model_dir, attention_backend="pallas")
     assert load_pretrained(model_dir, components=("text_encoder",), attention_backend="pallas").unet is None
+
+
+def test_splash_runs_per_device_under_shard_map_over_the_data_axis():
+    """On a mesh (8 CPU devices here, as a slice's chips) the Mosaic kernel, which XLA cannot partition, is
+    wrapped in shard_map over ``data`` (each device attends over its own examples); with a batch the axis does
+    not divide, or no mesh, it is called as is. Lowered only: the interpreter under shard_map is the
+    TPU compile test's business (tests/test_tpu_compile.py compiles it for v5e:2x4)."""
+    from jax_inversion.sharding import make_mesh
+
+    mesh = make_mesh()
+    lower = lambda batch: jax.jit(lambda q, k, v: layers.fused_attention(q, k, v, "pallas")).lower(
+        *qkv(batch, 256, 256, 2, 40)).as_text()
+    with pltpu.force_tpu_interpret_mode():
+        with jax.set_mesh(mesh):
+            sharded, odd = lower(len(mesh.devices)), lower(len(mesh.devices) + 1)
+        alone = lower(len(mesh.devices))
+    assert "manual_computation" in sharded and '"data"' in sharded
+    assert "manual_computation" not in odd and "manual_computation" not in alone

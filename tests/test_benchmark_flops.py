@@ -40,6 +40,24 @@ def test_lowered_count_matches_xla_compiled_cpu_count_and_ignores_the_attention_
     assert backend_independent_flops(chunked, batch, resolution, one_device) == lowered
 
 
+def test_off_the_cpu_the_count_is_lowered_for_one_cpu_device(tiny_model_dir, monkeypatch):
+    """The CUDA and TPU plugins have no cost analysis of a lowered program: where the default
+    backend is not the CPU the step is lowered for one CPU device, the whole step on it, which
+    gives the count the step's own devices give on a CPU; without a CPU backend, None (the
+    driver then counts in a CPU-only process)."""
+    batch, resolution = 2, 32
+    model = load_pretrained(tiny_model_dir, attention_backend="xla")
+    on_cpu = backend_independent_flops(model, batch, resolution, jax.devices()[:1])
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert backend_independent_flops(model, batch, resolution) == on_cpu
+
+    def no_cpu_backend(backend=None):
+        raise RuntimeError("Unknown backend cpu")
+
+    monkeypatch.setattr(jax, "devices", no_cpu_backend)
+    assert backend_independent_flops(model, batch, resolution) is None
+
+
 def test_mfu_against_the_datasheet_peak_and_the_measured_ceiling():
     assert peaks_for("NVIDIA H200", None, on_cpu=False) == (989.0, 790.0)
     assert peaks_for("NVIDIA GH200 480GB", None, on_cpu=False) == (989.0, None)
@@ -48,3 +66,5 @@ def test_mfu_against_the_datasheet_peak_and_the_measured_ceiling():
     fields = flops_fields(14.0e12, 40.0, (989.0, 790.0))  # 14 TFLOP per step at 40 steps/s: 560 TFLOP/s
     assert fields["tflops_achieved"] == 560.0
     assert fields["mfu"] == round(560 / 989, 4) and fields["mfu_vs_measured_ceiling"] == round(560 / 790, 4)
+    missing = flops_fields(None, 40.0, (989.0, 790.0))  # the peaks stay, for a count obtained later
+    assert missing["mfu"] is None and (missing["peak_tflops"], missing["measured_ceiling_tflops"]) == (989.0, 790.0)

@@ -283,3 +283,37 @@ def test_remat_policies_give_the_same_gradient(one_level_sd1):
         grads[remat] = np.asarray(jax.jit(jax.grad(loss))(rows)["text_encoder"])
     assert np.abs(grads["none"]).max() > 0
     np.testing.assert_allclose(grads["full"], grads["none"], rtol=1e-5, atol=1e-8)
+
+
+def test_the_step_is_compiled_before_step_one_and_a_step_too_big_for_the_device_fails_first(
+        one_level_sd1, concept_dir, tmp_path, monkeypatch):
+    """Ahead-of-time compile at the phase's start: its seconds are the logged ``compile_seconds``; a device
+    smaller than the compiler's per-device bytes (a CPU reports none, so one is set here) stops the run before
+    any step or checkpoint, naming remat and the batch; ``train.profile_steps`` writes a profiler trace."""
+    from jax_inversion import aot, train as train_lib
+    from jax_inversion.errors import TrainError
+
+    reports = []
+    compile_ahead = aot.compile_ahead
+    def recording(*args):
+        compiled, report = compile_ahead(*args)
+        reports.append(report)
+        return compiled, report
+
+    monkeypatch.setattr(train_lib, "compile_ahead", recording)
+    workdir = str(tmp_path / "run")
+    train(make_config(one_level_sd1, concept_dir, num_steps=3, profile_steps=(1, 2)), workdir)
+    step, records = final_rows(workdir)
+    assert step == 3 and len(reports) == 1 and reports[0].peak_bytes > reports[0].argument_bytes > 0
+    assert records[-1]["compile_seconds"] == round(reports[0].seconds, 2)
+    traces = [f for _, _, files in os.walk(os.path.join(workdir, "profile")) for f in files if f.endswith(".xplane.pb")]
+    assert len(traces) == 1
+
+    small = str(tmp_path / "small")
+    monkeypatch.setattr(train_lib, "device_memory_bytes", lambda device: reports[0].peak_bytes - 1)
+    with pytest.raises(TrainError) as error:
+        train(make_config(one_level_sd1, concept_dir, num_steps=3), small)
+    message = str(error.value)
+    assert "\n" not in message and "GiB per device" in message and "--config.train.remat=dots" in message
+    assert "--config.train.batch_size" in message
+    assert CheckpointManager(small, 1, 1, read_only=True).latest_step() is None

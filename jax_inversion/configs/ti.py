@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.noise_offset = 0.0  # diffusers' --noise_offset: noise += offset * N(0, 1) per example and channel (0 = off)
     config.train.gradient_accumulation = 1  # k: each step's batch_size examples run as k sequential micro-batches (same step, less memory)
     config.train.remat = "none"  # "none" | "dots" | "full": recompute UNet activations to fit bigger batches
+    config.train.profile_steps = ml_collections.config_dict.placeholder(tuple)  # (first, stop): jax.profiler trace of those steps in WORKDIR/profile
     config.train.compilation_cache = True  # XLA's persistent compilation cache in WORKDIR/xla_cache
     config.train.log_every = 10
     config.train.checkpoint_every = 500

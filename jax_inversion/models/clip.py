@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jax_inversion.models.layers import multi_head_attention
+from jax_inversion.models.layers import DenseParams, fused_dense, layer_norm, multi_head_attention
 
 Dtype = Any
 
@@ -81,7 +81,7 @@ def _activation(name: str):
 
 
 def _layer_norm(config: CLIPTextConfig, dtype: Dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=dtype, name=name)
+    return layer_norm(config.layer_norm_eps, dtype, name)
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -110,17 +110,18 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention (no padding mask, as Stable Diffusion uses it)."""
+    """Causal multi-head self-attention (no padding mask, as Stable Diffusion uses it); q, k and v are
+    one matmul against the ``q_proj``/``k_proj``/``v_proj`` kernels side by side (params unchanged)."""
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = lambda name: nn.Dense(self.config.hidden_size, dtype=self.dtype, name=name)
-        q, k, v = dense("q_proj")(x), dense("k_proj")(x), dense("v_proj")(x)
+        hidden = self.config.hidden_size
+        q, k, v = fused_dense(x, [DenseParams(hidden, name=name) for name in ("q_proj", "k_proj", "v_proj")], self.dtype)
         out = multi_head_attention(q, k, v, self.config.num_attention_heads, causal=True)
-        return dense("out_proj")(out)
+        return nn.Dense(hidden, dtype=self.dtype, name="out_proj")(out)
 
 
 class CLIPMLP(nn.Module):

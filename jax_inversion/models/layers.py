@@ -1,12 +1,15 @@
 """Building blocks shared by our UNet and VAE (NHWC, diffusers module names)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+import itertools
+from typing import Any, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_inversion.models.tpu_attention import splash_attention
 from jax_inversion.platform import (
     CHUNK_QUERIES,
     attention_kernel_fits,
@@ -18,9 +21,47 @@ from jax_inversion.platform import (
 Dtype = Any
 
 
+def one_pass_variance(dtype: Dtype) -> bool:
+    """Whether norms computing in ``dtype`` take the variance in one pass, ``E[x²] - E[x]²`` (statistics
+    still in float32; one read of the activations instead of two): in bf16/fp16, whose own rounding
+    is far above the difference. float32 keeps PyTorch's two-pass ``E[(x - E[x])²]`` (exact parity)."""
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def group_norm(groups: int, eps: float, dtype: Dtype, name: Optional[str] = None) -> nn.GroupNorm:
-    """GroupNorm with the two-pass variance PyTorch uses (exact parity in fp32)."""
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+    """GroupNorm; variance as :func:`one_pass_variance` says for ``dtype``."""
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=one_pass_variance(dtype), name=name)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
+    """LayerNorm; variance as :func:`one_pass_variance` says for ``dtype``."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=one_pass_variance(dtype), name=name)
+
+
+class DenseParams(nn.Module):
+    """An ``nn.Dense``'s ``kernel`` and ``bias`` (same names, shapes, dtype and init), returned rather
+    than applied, so that :func:`fused_dense` can run several layers on one input as one matmul."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, Optional[jax.Array]]:
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (in_features, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32) if self.use_bias else None
+        return kernel, bias
+
+
+def fused_dense(x: jax.Array, layers: Sequence[DenseParams], dtype: Dtype) -> list[jax.Array]:
+    """What ``nn.Dense`` gives for each of ``layers`` (alike in ``use_bias``) on ``x`` in ``dtype``, as
+    one matmul of ``x`` against their kernels side by side (fused q/k/v projections; each layer's
+    params stay under its own name)."""
+    kernels, biases = zip(*(layer(x.shape[-1]) for layer in layers))
+    x, kernel = nn.dtypes.promote_dtype(x, jnp.concatenate(kernels, axis=-1), dtype=dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if biases[0] is not None:
+        y = y + jnp.concatenate(biases).astype(y.dtype)
+    return jnp.split(y, list(itertools.accumulate(layer.features for layer in layers))[:-1], axis=-1)
 
 
 def conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1, padding=None) -> nn.Conv:
@@ -109,16 +150,13 @@ def chunked_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, causal: bool 
 def fused_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, backend: str, causal: bool = False) -> jax.Array:
     """Softmax attention over ``[B, T, heads, dim]`` by ``backend`` (``xla``, ``chunked``, ``cudnn`` or ``pallas``).
 
-    ``pallas`` is the TPU flash-attention kernel (``[B, heads, T, dim]`` layout, hence the
-    transposes); under ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` it runs in
-    Pallas' interpreter, which is how it is tested on a CPU.
+    ``pallas`` is the TPU splash-attention kernel, run per device under ``shard_map`` over the
+    ``data`` axis (:mod:`jax_inversion.models.tpu_attention`); under
+    ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` it runs in Pallas' interpreter, which
+    is how it is tested on a CPU.
     """
     if backend == "pallas":
-        from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
-
-        heads_major = lambda t: jnp.swapaxes(t, 1, 2)
-        out = flash_attention(heads_major(qh), heads_major(kh), heads_major(vh), causal=causal, sm_scale=qh.shape[-1] ** -0.5)
-        return heads_major(out)
+        return splash_attention(qh, kh, vh, causal)
     if backend == "chunked":
         return chunked_attention(qh, kh, vh, causal)
     return jax.nn.dot_product_attention(qh, kh, vh, is_causal=causal, implementation=backend)
@@ -133,6 +171,21 @@ def attention_backend_for(requested: str, dtype, q_len: int, kv_len: int, head_d
     return backend if attention_kernel_fits(backend, q_len, kv_len, head_dim, limit) else "xla"
 
 
+_KERNEL_RECORDS: list[dict] = []  # open record_attention_kernels() blocks, innermost last
+
+
+@contextlib.contextmanager
+def record_attention_kernels() -> Iterator[dict]:
+    """Within it, each named attention layer traced (the UNet's) notes the kernel it got:
+    ``{layer name: kernel}``, kernel one of ``xla``, ``chunked``, ``cudnn``, ``splash`` (the TPU kernel)."""
+    record: dict = {}
+    _KERNEL_RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _KERNEL_RECORDS.remove(record)
+
+
 def multi_head_attention(
     q: jax.Array,
     k: jax.Array,
@@ -143,6 +196,7 @@ def multi_head_attention(
     upcast: bool = False,
     causal: bool = False,
     backend: str = "xla",
+    layer: str = "",
 ):
     """Scaled dot-product attention over ``[B, T, heads*dim]`` inputs.
 
@@ -150,7 +204,8 @@ def multi_head_attention(
     ``auto``, ``xla``, ``chunked``, ``cudnn`` or ``pallas``). With it, the softmax is computed explicitly
     and ``(out, probs)`` is returned, ``probs`` of shape ``[B, heads, T_q, T_k]`` (rows sum to
     one): the fused kernels never materialise the probabilities. ``upcast`` computes scores and
-    softmax in float32 (diffusers ``upcast_attention``/``upcast_softmax``).
+    softmax in float32 (diffusers ``upcast_attention``/``upcast_softmax``). ``layer`` names the call
+    for :func:`record_attention_kernels`.
     """
     batch, q_len, inner = q.shape
     head_dim = inner // heads
@@ -159,6 +214,8 @@ def multi_head_attention(
     compute_dtype = jnp.float32 if upcast else q.dtype
     if not return_probs:
         kernel = attention_backend_for(backend, compute_dtype, q_len, kh.shape[1], head_dim)
+        if layer and _KERNEL_RECORDS:
+            _KERNEL_RECORDS[-1][layer] = "splash" if kernel == "pallas" else kernel
         cast = lambda t: t.astype(compute_dtype)
         out = fused_attention(cast(qh), cast(kh), cast(vh), kernel, causal=causal).astype(q.dtype)
         return out.reshape(batch, q_len, inner)

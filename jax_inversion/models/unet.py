@@ -21,11 +21,14 @@ import jax.numpy as jnp
 
 from jax_inversion.convert import module_path_to_torch_name
 from jax_inversion.models.layers import (
+    DenseParams,
     Downsample2D,
     ResnetBlock2D,
     Upsample2D,
     conv,
+    fused_dense,
     group_norm,
+    layer_norm,
     multi_head_attention,
 )
 
@@ -162,7 +165,13 @@ class TimestepEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """diffusers ``Attention`` (no q/k/v bias); cross-attention when ``cross`` is set."""
+    """diffusers ``Attention`` (no q/k/v bias); cross-attention when ``cross`` is set.
+
+    The projections share matmuls: self-attention computes q, k and v as one matmul against
+    ``[W_q | W_k | W_v]``, cross-attention k and v as one against ``[W_k | W_v]`` when keys and
+    values come from the same states (two matmuls when ``value_states`` differ). The params are
+    diffusers' separate ``to_q``/``to_k``/``to_v`` kernels, unchanged (see ``fused_dense``).
+    """
 
     heads: int
     head_dim: int
@@ -174,22 +183,26 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, conditioning: Optional[Conditioning] = None) -> jax.Array:
         inner = self.heads * self.head_dim
-        dense = lambda name, bias=False: nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=name)
+        to_q, to_k, to_v = (DenseParams(inner, use_bias=False, name=name) for name in ("to_q", "to_k", "to_v"))
+        project = lambda states, *layers: fused_dense(states, layers, self.dtype)
         if self.cross:
             name = module_path_to_torch_name(self.scope.path)
             key_states, value_states = conditioning.for_layer(name)
             capture = name in conditioning.capture_maps
+            (q,) = project(x, to_q)
+            if key_states is value_states:
+                k, v = project(key_states, to_k, to_v)
+            else:
+                (k,), (v,) = project(key_states, to_k), project(value_states, to_v)
         else:
-            key_states = value_states = x
             capture = False
-        q = dense("to_q")(x)
-        k = dense("to_k")(key_states.astype(self.dtype))
-        v = dense("to_v")(value_states.astype(self.dtype))
+            q, k, v = project(x, to_q, to_k, to_v)
         if capture:
             out, probs = multi_head_attention(q, k, v, self.heads, return_probs=True, upcast=self.upcast)
             self.sow("attention_maps", "probs", probs)
         else:
-            out = multi_head_attention(q, k, v, self.heads, upcast=self.upcast, backend=self.attention_backend)
+            layer = module_path_to_torch_name(self.scope.path)  # named in record_attention_kernels()
+            out = multi_head_attention(q, k, v, self.heads, upcast=self.upcast, backend=self.attention_backend, layer=layer)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -223,7 +236,7 @@ class BasicTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, conditioning: Conditioning):
-        norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, use_fast_variance=False, name=name)
+        norm = lambda name: layer_norm(1e-5, self.dtype, name)
         attn = lambda name, cross: Attention(self.heads, self.head_dim, cross, self.upcast, self.dtype, self.attention_backend, name=name)
         x = x + attn("attn1", False)(norm("norm1")(x))
         x = x + attn("attn2", True)(norm("norm2")(x), conditioning)

@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from jax_inversion.models.layers import (
+    DenseParams,
     Downsample2D,
     ResnetBlock2D,
     Upsample2D,
     conv,
+    fused_dense,
     group_norm,
     multi_head_attention,
 )
@@ -98,7 +100,8 @@ class AutoencoderKLConfig:
 
 
 class VAEAttention(nn.Module):
-    """diffusers VAE mid-block ``Attention``: one head over all pixels, GroupNorm, residual."""
+    """diffusers VAE mid-block ``Attention``: one head over all pixels, GroupNorm, residual; q, k and v
+    are one matmul against the ``to_q``/``to_k``/``to_v`` kernels side by side (params unchanged)."""
 
     channels: int
     groups: int
@@ -106,15 +109,16 @@ class VAEAttention(nn.Module):
 
     def setup(self):
         self.group_norm = group_norm(self.groups, _EPS, self.dtype)
-        self.to_q = nn.Dense(self.channels, dtype=self.dtype)
-        self.to_k = nn.Dense(self.channels, dtype=self.dtype)
-        self.to_v = nn.Dense(self.channels, dtype=self.dtype)
+        self.to_q = DenseParams(self.channels)
+        self.to_k = DenseParams(self.channels)
+        self.to_v = DenseParams(self.channels)
         self.to_out = [nn.Dense(self.channels, dtype=self.dtype)]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
         h = self.group_norm(x).reshape(batch, height * width, channels)
-        out = multi_head_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=True)
+        q, k, v = fused_dense(h, (self.to_q, self.to_k, self.to_v), self.dtype)
+        out = multi_head_attention(q, k, v, heads=1, upcast=True)
         out = self.to_out[0](out).reshape(batch, height, width, channels)
         return out + x
 

@@ -1,0 +1,76 @@
+"""The TPU results table: SD1.5 at 512 px and SDXL at 1024 px, compiled for TPU slices without a TPU.
+
+For each model (random architecture configs, no weights: ``tiny.write_config_only_model``) and
+topology, runs ``jax-inversion compile``'s planner (:func:`jax_inversion.tpu_plan.plan_topology`:
+the train job's real TI step, bf16, ``attention_backend=auto``, batch 8 per chip) and prints one JSON
+line: compiled, bytes per chip and whether they fit the chip's HBM, the TPU compiler's FLOPs per
+chip per step, the attention kernels, and (``--search``) the largest batch per chip that fits.
+
+    JAX_PLATFORMS=cpu python -m benchmarks.tpu_compile [--models sd15,sdxl] [--topologies v4:2x2x1,...] \
+        [--search none,dots,full] > benchmarks/results/tpu_compile.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+from benchmarks.train_step import SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE
+
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32, "act_fn": "silu",
+}
+SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_TEXT_2 = {  # OpenCLIP ViT-bigG/14 text tower
+    "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+    "max_position_embeddings": 77, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "projection_dim": 1280,
+}
+MODELS = {
+    "sd15": dict(unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT, resolution=512),
+    "sdxl": dict(unet=SDXL_UNET, vae=SDXL_VAE, text=SD15_TEXT, text_2=SDXL_TEXT_2, resolution=1024),
+}
+TOPOLOGIES = ("v4:2x2x1", "v5e:2x4", "v5p:2x2x1", "v6e:2x4", "v5e:4x4")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    parser.add_argument("--batch_per_chip", type=int, default=8)
+    parser.add_argument("--search", default="", help="remat policies to search the largest batch per chip for")
+    args = parser.parse_args()
+
+    from jax_inversion.configs.ti import get_config
+    from jax_inversion.tiny import write_config_only_model
+    from jax_inversion.tpu_plan import plan_topology, topology_devices
+
+    root = tempfile.mkdtemp(prefix="tpu_compile_models_")
+    for name in args.models.split(","):
+        spec = MODELS[name]
+        directory = write_config_only_model(os.path.join(root, name), spec["unet"], spec["vae"], spec["text"], SCHEDULER,
+                                            spec.get("text_2"))
+        for topology in args.topologies.split(","):
+            config = get_config()
+            config.model = directory
+            config.data.initializer_token = "cat"
+            config.data.resolution = spec["resolution"]
+            config.train.batch_size = args.batch_per_chip * len(topology_devices(topology))
+            start = time.perf_counter()
+            row = plan_topology(config, topology, search=tuple(s for s in args.search.split(",") if s))
+            row.update(model=name, wall_seconds=round(time.perf_counter() - start, 1),
+                       machine=f"compiled on {platform.machine()} CPU ({os.cpu_count()} cores), no TPU")
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
