@@ -46,3 +46,24 @@ def test_an_unknown_topology_is_one_line_and_exit_1():
     result = run_compile("--topology=v9:2x2")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("compile: unknown TPU generation 'v9' in --topology v9:2x2: use one of v4")
+
+
+@pytest.mark.parametrize("limit", [0, 1, 5, 12, 64, 100])
+def test_the_largest_batch_search_finds_the_last_batch_that_fits(monkeypatch, limit):
+    """Doubling then bisection over compiles, checked against a stand-in compiler whose peak grows with the
+    batch (1 GiB + 1 GiB per example per chip) on 4 chips; the answer is capped at MAX_BATCH_PER_CHIP."""
+    from jax_inversion import tpu_plan
+    from jax_inversion.configs.ti import get_config
+
+    compiled = []
+
+    def peak(config, devices, batch_size):
+        compiled.append(batch_size // len(devices))
+        assert config.train.remat == "dots" and config.train.gradient_accumulation == 1
+        return (1 + batch_size // len(devices)) * 2**30
+
+    monkeypatch.setattr(tpu_plan, "_peak", peak)
+    capacity = (1 + limit) * 2**30 + 5
+    found = tpu_plan.largest_batch_per_chip(get_config(), [object()] * 4, capacity, "dots")
+    assert found == min(limit, tpu_plan.MAX_BATCH_PER_CHIP)
+    assert len(compiled) == len(set(compiled)) <= 2 * 7 + 1  # each batch compiled once, ~2 log2 compiles
