@@ -8,6 +8,7 @@ chip per step, the attention kernels, and (``--search``) the largest batch per c
 
     JAX_PLATFORMS=cpu python -m benchmarks.tpu_compile [--models sd15,sdxl] [--topologies v4:2x2x1,...] \
         [--search none,dots,full] > benchmarks/results/tpu_compile.jsonl
+    python -m benchmarks.tpu_compile --table benchmarks/results/tpu_compile.jsonl   # the README's table
 """
 from __future__ import annotations
 
@@ -42,13 +43,49 @@ MODELS = {
 TOPOLOGIES = ("v4:2x2x1", "v5e:2x4", "v5p:2x2x1", "v6e:2x4", "v5e:4x4")
 
 
+def table(path: str) -> str:
+    """The README's markdown table of the JSON lines in ``path``, one row per model and topology (HBM per
+    device recomputed with :func:`tpu_plan.hbm_bytes`, so rows written before it counted v4 per chip agree)."""
+    import json
+
+    from jax_inversion.tpu_plan import hbm_bytes
+
+    rows = {(r["model"], r["topology"]): r for r in map(json.loads, open(path))}
+    names = {"sd15": "SD1.5 512 px", "sdxl": "SDXL 1024 px"}
+    lines = ["| model, topology | devices (hosts) | compiled | GiB per device (HBM) | fits | TFLOP per device per step "
+             "| attention layers | largest batch per device (remat none / dots / full) | compile |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model in MODELS:
+        for topology in TOPOLOGIES:
+            r = rows.get((model, topology))
+            if r is None:
+                lines.append(f"| {names[model]}, {topology} | | not run yet | | | | | | |")
+                continue
+            if not r["compiled"]:
+                lines.append(f"| {names[model]}, {topology} | {r['chips']} ({r['hosts']}) | no: {r['error'][:100]} | | | | | | |")
+                continue
+            capacity = hbm_bytes(topology, r["chips"])
+            largest = r.get("largest_batch_per_chip")
+            lines.append(
+                f"| {names[model]}, {topology} | {r['chips']} ({r['hosts']}) | yes | {r['bytes_per_chip'] / 2**30:.2f} "
+                f"({capacity / 2**30:.0f}) | {'yes' if r['bytes_per_chip'] <= capacity else 'NO'} | {r['flops_per_step'] / 1e12:.2f} | "
+                + ", ".join(f"{k} {v}" for k, v in sorted(r["attention"].items()))
+                + f" | {' / '.join(str(largest.get(k, '-')) for k in ('none', 'dots', 'full')) if largest else 'not searched'}"
+                f" | {r['compile_seconds'] / 60:.0f} min |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="sd15,sdxl")
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
     parser.add_argument("--batch_per_chip", type=int, default=8)
     parser.add_argument("--search", default="", help="remat policies to search the largest batch per chip for")
+    parser.add_argument("--table", default="", help="print the markdown table of this JSON-lines file and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
 
     from jax_inversion.configs.ti import get_config
     from jax_inversion.tiny import write_config_only_model

@@ -10,6 +10,7 @@ and the largest batch per chip that fits with each ``train.remat`` policy.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Optional, Sequence
 
@@ -25,7 +26,7 @@ from jax_inversion.models.layers import record_attention_kernels
 from jax_inversion.platform import compiling_for
 from jax_inversion.train import RunSetup, setup_run
 
-# HBM per chip (GiB) by TPU generation, the first part of a topology name ("v5e:2x4").
+# HBM per chip (GiB) by TPU generation, the first part of a topology name ("v5e:2x4"); see hbm_bytes for per device.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 REMAT_POLICIES = ("none", "dots", "full")
 MAX_BATCH_PER_CHIP = 64  # the search for the largest batch stops here
@@ -53,9 +54,12 @@ def topology_devices(name: str) -> list:
         raise TopologyError(f"cannot describe TPU topology {name!r} ({type(e).__name__}: {first}): {hint}") from None
 
 
-def hbm_bytes(name: str) -> int:
-    """HBM per chip of topology ``name``'s generation."""
-    return HBM_GIB[name.split(":")[0]] * GIB
+def hbm_bytes(name: str, devices: int) -> int:
+    """HBM per device of topology ``name`` with ``devices`` devices: the chip's HBM shared by the devices on
+    it (``v4:2x2x1`` is 4 chips and 8 devices, one per TensorCore: 16 GiB each; v5e, v5p, v6e: one per chip)."""
+    generation, _, shape = name.partition(":")
+    chips = math.prod(int(side) for side in shape.split("x"))
+    return HBM_GIB[generation] * GIB * chips // devices
 
 
 def abstract_batch(run: RunSetup, batch_size: int, resolution: int) -> dict:
@@ -161,7 +165,7 @@ def plan_topology(config: ml_collections.ConfigDict, topology: str, search: Sequ
     ``batch_per_chip`` and ``largest_batch_per_chip`` (``{remat: batch}`` for ``search``).
     """
     devices = topology_devices(topology)
-    capacity = hbm_bytes(topology)
+    capacity = hbm_bytes(topology, len(devices))
     with compiling_for("tpu"):
         run = setup_run(config, devices, shapes_only=True)
         phases = compile_phases(run, config.train.batch_size)

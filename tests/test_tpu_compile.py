@@ -67,3 +67,13 @@ def test_the_largest_batch_search_finds_the_last_batch_that_fits(monkeypatch, li
     found = tpu_plan.largest_batch_per_chip(get_config(), [object()] * 4, capacity, "dots")
     assert found == min(limit, tpu_plan.MAX_BATCH_PER_CHIP)
     assert len(compiled) == len(set(compiled)) <= 2 * 7 + 1  # each batch compiled once, ~2 log2 compiles
+
+
+@pytest.mark.parametrize("topology,devices,gib", [
+    ("v4:2x2x1", 8, 16),  # 4 chips of 32 GiB, one device per TensorCore
+    ("v5e:2x4", 8, 16), ("v5e:4x4", 16, 16), ("v5p:2x2x1", 4, 95), ("v6e:2x4", 8, 32),
+])
+def test_hbm_per_device_is_the_chips_hbm_shared_by_its_devices(topology, devices, gib):
+    from jax_inversion.tpu_plan import hbm_bytes
+
+    assert hbm_bytes(topology, devices) == gib * 2**30
