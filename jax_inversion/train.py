@@ -195,6 +195,11 @@ def class_word_ids(config, model: Pretrained) -> Optional[dict]:
     return {name: tokens_lib.initializer_id(tok, word) for name, (_, tok) in encoders_of(model).items()}
 
 
+def training_resolution(config, model: Pretrained) -> int:
+    """Training images' side: ``data.resolution``, else the model's native one."""
+    return config.data.resolution or model.unet.config.sample_size * vae_factor(model)
+
+
 @dataclasses.dataclass
 class RunSetup:
     """What a job builds before it reads any image: the model, the plan, the mesh, the optimizer, the
@@ -219,8 +224,7 @@ class RunSetup:
 
     @property
     def resolution(self) -> int:
-        """Training images' side: ``data.resolution``, else the model's native one."""
-        return self.config.data.resolution or self.model.unet.config.sample_size * vae_factor(self.model)
+        return training_resolution(self.config, self.model)
 
     def make_step(self, phase: Phase, resolution: int):
         """The jitted step of ``phase`` (:func:`step.make_train_step`) at ``resolution``."""
@@ -289,7 +293,7 @@ def setup_run(config: ml_collections.ConfigDict, devices: Optional[list] = None,
         state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=same), shapes)
     schedule = NoiseSchedule.from_config(model.scheduler_config)
     timesteps = timestep_bounds((config.train.min_timestep, config.train.max_timestep), schedule)  # fails before latents or checkpoints are written
-    resolution = config.data.resolution or model.unet.config.sample_size * vae_factor(model)
+    resolution = training_resolution(config, model)
     setup = TermSetup(
         options=config.get("loss_options"),
         tokenizers={name: tok for name, (_, tok) in encoders.items()},
