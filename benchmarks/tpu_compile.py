@@ -32,7 +32,8 @@ SDXL_UNET = {
     "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32, "act_fn": "silu",
 }
 SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
-SDXL_TEXT_2 = {  # OpenCLIP ViT-bigG/14 text tower
+SDXL_TEXT_2 = {  # OpenCLIP ViT-bigG/14 text tower, with the projection SDXL pools through
+    "architectures": ["CLIPTextModelWithProjection"],
     "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
     "max_position_embeddings": 77, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "projection_dim": 1280,
 }

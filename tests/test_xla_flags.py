@@ -34,8 +34,6 @@ def test_apply_sets_the_environment():
 def test_this_jaxlib_knows_every_preset_flag():
     """XLA aborts at start on an unknown XLA_FLAGS entry (a renamed flag after a jaxlib upgrade)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    presets = [xla_flags.gpu_flags()] + ([xla_flags.cpu_flags()] if hasattr(xla_flags, "cpu_flags") else [])
-    for preset in presets:
-        xla_flags.apply(preset, env)
+    xla_flags.apply(xla_flags.gpu_flags(), env)  # GPU flags are parsed (and ignored) on a CPU too
     proc = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
