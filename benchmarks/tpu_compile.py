@@ -45,35 +45,38 @@ TOPOLOGIES = ("v4:2x2x1", "v5e:2x4", "v5p:2x2x1", "v6e:2x4", "v5e:4x4")
 
 
 def table(path: str) -> str:
-    """The README's markdown table of the JSON lines in ``path``, one row per model and topology (HBM per
-    device recomputed with :func:`tpu_plan.hbm_bytes`, so rows written before it counted v4 per chip agree)."""
+    """The README's markdown table of the JSON lines in ``path``: a row per line, by model and topology."""
     import json
 
-    from jax_inversion.tpu_plan import hbm_bytes
-
-    rows = {(r["model"], r["topology"]): r for r in map(json.loads, open(path))}
+    rows = {}
+    for r in map(json.loads, open(path)):  # a topology's rows in the order run (remat none first)
+        rows.setdefault((r["model"], r["topology"]), []).append(r)
     names = {"sd15": "SD1.5 512 px", "sdxl": "SDXL 1024 px"}
     lines = ["| model, topology | devices (hosts) | compiled | GiB per device (HBM) | fits | TFLOP per device per step "
              "| attention layers | largest batch per device (remat none / dots / full) | compile |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model in MODELS:
         for topology in TOPOLOGIES:
-            r = rows.get((model, topology))
-            if r is None:
-                lines.append(f"| {names[model]}, {topology} | | not run yet | | | | | | |")
-                continue
-            if not r["compiled"]:
-                lines.append(f"| {names[model]}, {topology} | {r['chips']} ({r['hosts']}) | no: {r['error'][:100]} | | | | | | |")
-                continue
-            capacity = hbm_bytes(topology, r["chips"])
-            largest = r.get("largest_batch_per_chip")
-            lines.append(
-                f"| {names[model]}, {topology} | {r['chips']} ({r['hosts']}) | yes | {r['bytes_per_chip'] / 2**30:.2f} "
-                f"({capacity / 2**30:.0f}) | {'yes' if r['bytes_per_chip'] <= capacity else 'NO'} | {r['flops_per_step'] / 1e12:.2f} | "
-                + ", ".join(f"{k} {v}" for k, v in sorted(r["attention"].items()))
-                + f" | {' / '.join(str(largest.get(k, '-')) for k in ('none', 'dots', 'full')) if largest else 'not searched'}"
-                f" | {r['compile_seconds'] / 60:.0f} min |")
+            found = rows.get((model, topology), [])
+            lines += [table_row(names[model], r) for r in found] or [f"| {names[model]}, {topology} | | not run yet | | | | | | |"]
     return "\n".join(lines)
+
+
+def table_row(name: str, r: dict) -> str:
+    """One table row of a JSON line; HBM per device recomputed with :func:`tpu_plan.hbm_bytes`, so a line
+    written before it counted v4's HBM per chip agrees."""
+    from jax_inversion.tpu_plan import hbm_bytes
+
+    name = f"{name}, {r['topology']}" + (f", remat {r['remat']}" if r["remat"] != "none" else "")
+    if not r["compiled"]:
+        return f"| {name} | {r['chips']} ({r['hosts']}) | no: {r['error'][:160]} | | NO | | | | |"
+    capacity = hbm_bytes(r["topology"], r["chips"])
+    largest = r.get("largest_batch_per_chip")
+    searched = " / ".join(str(largest.get(k, "-")) for k in ("none", "dots", "full")) if largest else "not searched"
+    kernels = ", ".join(f"{k} {v}" for k, v in sorted(r["attention"].items()))
+    return (f"| {name} | {r['chips']} ({r['hosts']}) | yes | {r['bytes_per_chip'] / 2**30:.2f} ({capacity / 2**30:.0f}) | "
+            f"{'yes' if r['bytes_per_chip'] <= capacity else 'NO'} | {r['flops_per_step'] / 1e12:.2f} | {kernels} | {searched} | "
+            f"{r['compile_seconds'] / 60:.0f} min |")
 
 
 def main() -> None:
@@ -81,6 +84,7 @@ def main() -> None:
     parser.add_argument("--models", default="sd15,sdxl")
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
     parser.add_argument("--batch_per_chip", type=int, default=8)
+    parser.add_argument("--remat", default="none", help="train.remat of the compiled step: none, dots or full")
     parser.add_argument("--search", default="", help="remat policies to search the largest batch per chip for")
     parser.add_argument("--table", default="", help="print the markdown table of this JSON-lines file and exit")
     args = parser.parse_args()
@@ -103,6 +107,7 @@ def main() -> None:
             config.data.initializer_token = "cat"
             config.data.resolution = spec["resolution"]
             config.train.batch_size = args.batch_per_chip * len(topology_devices(topology))
+            config.train.remat = args.remat
             start = time.perf_counter()
             row = plan_topology(config, topology, search=tuple(s for s in args.search.split(",") if s))
             row.update(model=name, wall_seconds=round(time.perf_counter() - start, 1),
