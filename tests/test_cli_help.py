@@ -9,7 +9,7 @@ from jax_inversion.cli import COMMANDS
 # A flag each command defines itself: --help must list it.
 OWN_FLAG = {
     "train": "--workdir", "export": "--format", "sample": "--prompt", "attention": "--prompt",
-    "train-layout": "--steps", "check-parity": "--tolerance", "toyworld": "--workdir",
+    "train-layout": "--steps", "check-parity": "--tolerance", "toyworld": "--workdir", "compile": "--topology",
 }
 
 
@@ -25,5 +25,5 @@ def test_help_prints_purpose_and_own_flags(command):
     assert out.startswith(f"jax-inversion {command}: {COMMANDS[command][1]}")
     assert f"  {OWN_FLAG[command]}:" in out
     assert "--logtostderr" not in out  # absl's own flags stay behind --helpfull
-    if command in ("train", "toyworld"):
+    if command in ("train", "toyworld", "compile"):
         assert "--config.<key>=value" in out and "jax_inversion/configs/" in out
