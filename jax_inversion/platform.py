@@ -44,8 +44,12 @@ def current_platform() -> str:
     """``cpu``, ``gpu`` or ``tpu``: the platform programs are traced for, by default the default backend's."""
     if _TARGET:
         return _TARGET[-1]
-    platform = jax.default_backend()
-    return "gpu" if platform in ("cuda", "rocm") else platform
+    return platform_name(jax.default_backend())
+
+
+def platform_name(backend: str) -> str:
+    """``cpu``, ``gpu`` or ``tpu`` for a backend or device platform name (``cuda`` and ``rocm`` are ``gpu``)."""
+    return "gpu" if backend in ("cuda", "rocm") else backend
 
 
 @contextlib.contextmanager

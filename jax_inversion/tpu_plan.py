@@ -9,6 +9,7 @@ and the largest batch per chip that fits with each ``train.remat`` policy.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -20,7 +21,7 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_inversion.aot import GIB, CompileReport, compile_ahead
-from jax_inversion.conditioning import encoders_of, vae_factor
+from jax_inversion.conditioning import REMAT_POLICIES, encoders_of, vae_factor
 from jax_inversion.errors import ConfigError
 from jax_inversion.models.layers import record_attention_kernels
 from jax_inversion.platform import compiling_for
@@ -28,7 +29,6 @@ from jax_inversion.train import RunSetup, setup_run
 
 # HBM per chip (GiB) by TPU generation, the first part of a topology name ("v5e:2x4"); see hbm_bytes for per device.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-REMAT_POLICIES = ("none", "dots", "full")
 MAX_BATCH_PER_CHIP = 64  # the search for the largest batch stops here
 
 
@@ -105,10 +105,7 @@ def compile_phases(run: RunSetup, batch_size: int) -> list[PhaseCompile]:
                 error, kernel_calls = "", compiled.as_text().count("tpu_custom_call")
             except Exception as e:  # the compiler's own message, in one line
                 report, error, kernel_calls = None, f"{type(e).__name__}: {' '.join(str(e).split())[:400]}", 0
-        counts = {}
-        for kernel in kernels.values():
-            counts[kernel] = counts.get(kernel, 0) + 1
-        results.append(PhaseCompile(phase.name, report, counts, error, kernel_calls))
+        results.append(PhaseCompile(phase.name, report, dict(collections.Counter(kernels.values())), error, kernel_calls))
     return results
 
 
@@ -156,7 +153,7 @@ def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Op
     return low
 
 
-def plan_topology(config: ml_collections.ConfigDict, topology: str, search: Sequence[str] = REMAT_POLICIES) -> dict:
+def plan_topology(config: ml_collections.ConfigDict, topology: str, search: Sequence[str] = tuple(REMAT_POLICIES)) -> dict:
     """Compiles ``config``'s job for ``topology`` and returns the report (the ``--json`` object).
 
     Keys: ``topology``, ``chips``, ``hosts``, ``compiled``, ``fits``, ``bytes_per_chip`` (the largest

@@ -41,7 +41,7 @@ from jax_inversion.models.unet import cross_attention_layers
 from jax_inversion.objectives import TermSetup, build_objective
 from jax_inversion.optim import make_optimizer
 from jax_inversion.phases import ConceptSpec, Phase, RunPlan, plan_run, read_concept_list
-from jax_inversion.platform import resolve_dtype
+from jax_inversion.platform import platform_name, resolve_dtype
 from jax_inversion.sampling import Validator
 from jax_inversion.schedule import NoiseSchedule
 from jax_inversion.sharding import make_mesh, replicated
@@ -271,8 +271,7 @@ def setup_run(config: ml_collections.ConfigDict, devices: Optional[list] = None,
             )
         if not config.model:
             raise TrainError("batch inversion needs a model: pass --config.model=PATH")
-    platform = {"cuda": "gpu", "rocm": "gpu"}.get(devices[0].platform, devices[0].platform)
-    model = load_pretrained(config.model, dtype=resolve_dtype(config.dtype, platform),
+    model = load_pretrained(config.model, dtype=resolve_dtype(config.dtype, platform_name(devices[0].platform)),
                             attention_backend=config.attention_backend, shapes_only=shapes_only)
     encoders = encoders_of(model)
     placeholder_ids = {name: tokens_lib.add_placeholder_tokens(tok, plan.tokens) for name, (_, tok) in encoders.items()}
