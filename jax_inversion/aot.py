@@ -44,15 +44,19 @@ class CompileReport:
                 f"(arguments {self.argument_bytes / GIB:.2f}, temporaries {self.temp_bytes / GIB:.2f}); {flops} per step")
 
 
-def flops_of(compiled) -> Optional[float]:
-    """The compiled program's FLOPs per device (``cost_analysis()``), or None where the backend gives none."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some plugins do not implement it
-        return None
+def cost_flops(cost) -> Optional[float]:
+    """The ``flops`` of a (lowered or compiled) ``cost_analysis()``: a dict, or a list of one per program; None if absent."""
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and cost.get("flops") is not None else None
+
+
+def flops_of(compiled) -> Optional[float]:
+    """The compiled program's FLOPs per device (``cost_analysis()``), or None where the backend gives none."""
+    try:
+        return cost_flops(compiled.cost_analysis())
+    except Exception:  # some plugins do not implement it
+        return None
 
 
 def report_of(compiled, seconds: float) -> CompileReport:

@@ -180,7 +180,7 @@ def plan_topology(config: ml_collections.ConfigDict, topology: str, search: Sequ
             "batch": config.train.batch_size,
             "batch_per_chip": config.train.batch_size // len(devices),
             "compiled": compiled,
-            "fits": compiled and peak <= capacity,
+            "fits": compiled and all(p.report.fits(capacity) for p in phases),
             "bytes_per_chip": peak,
             "hbm_bytes_per_chip": capacity,
             "flops_per_step": max((p.report.flops or 0.0 for p in phases if p.report), default=None) if compiled else None,
