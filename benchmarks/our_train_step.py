@@ -36,7 +36,7 @@ def main() -> None:
     from transformers import CLIPTokenizer
 
     from jax_inversion import tokens as tokens_lib
-    from jax_inversion.configs.ti import get_config
+    from jax_inversion.configs.ti import get_config, resolve_unset
     from jax_inversion.loading import Pretrained
     from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
     from jax_inversion.objectives import build_objective
@@ -65,7 +65,7 @@ def main() -> None:
                        text_encoder_params=text_params, vae=vae_lib.AutoencoderKL(vae_lib.AutoencoderKLConfig()),
                        tokenizer=tokenizer, scheduler_config={"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
     layout = tokens_lib.PlaceholderIds(("<c>",), 49408)
-    config = get_config()
+    config = resolve_unset(get_config())
     optimizer, lr = make_optimizer(config.train, args.batch)
     mesh = make_mesh()
     step = make_train_step(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout}, optimizer,

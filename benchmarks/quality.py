@@ -95,6 +95,7 @@ def method_config(method: str, concept: dict, model: str, steps: int, seed: int,
         config.data.class_word = concept["class_word"]
     else:
         raise ValueError(f"unknown method {method!r}: use {', '.join(METHODS)}")
+    config = ti.resolve_unset(config)  # the config's own steps where steps=0 (ti.py's 5,000 when it sets none)
     config.model = model
     config.seed = seed
     config.data.concept_dir = concept["images"]

@@ -75,6 +75,7 @@ import time
 
 import numpy as np
 
+from jax_inversion.aot import cost_flops
 from jax_inversion.tiny import TINY_UNET, TINY_VAE, tiny_text_config
 
 # SD1.5 (runwayml/stable-diffusion-v1-5) architecture.
@@ -301,7 +302,7 @@ def build_our_step(model, batch_size: int, resolution: int, devices=None) -> dic
     import jax.numpy as jnp
 
     from jax_inversion import tokens as tokens_lib
-    from jax_inversion.configs.ti import get_config
+    from jax_inversion.configs.ti import get_config, resolve_unset
     from jax_inversion.objectives import build_objective
     from jax_inversion.schedule import NoiseSchedule
     from jax_inversion.conditioning import input_embedding_table, vae_factor
@@ -314,7 +315,7 @@ def build_our_step(model, batch_size: int, resolution: int, devices=None) -> dic
     layout = tokens_lib.PlaceholderIds(("<concept>",), table.shape[0])  # the placeholder is the row after the table
     latent = resolution // vae_factor(model)
     channels = model.vae.config.latent_channels
-    optimizer, lr = make_optimizer(get_config().train, batch_size)
+    optimizer, lr = make_optimizer(resolve_unset(get_config()).train, batch_size)
     mesh = make_mesh(devices)
     step = make_train_step(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout}, optimizer,
                            build_objective({"diffusion": 1.0}), lr, 0.0, mesh, resolution)
@@ -329,12 +330,6 @@ def build_our_step(model, batch_size: int, resolution: int, devices=None) -> dic
     }, batch_sharded(mesh))
     return {"step": step, "state": jax.device_put(init_state(embeddings, optimizer, 0), replicated(mesh)), "batch": batch,
             "rng": jax.device_put(jax.random.PRNGKey(0), replicated(mesh)), "mesh": mesh}
-
-
-def cost_flops(cost) -> float | None:
-    """The ``flops`` of a (lowered or compiled) cost analysis: a dict, or a list of one per program."""
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return (cost or {}).get("flops")
 
 
 def lowered_flops(built: dict) -> float | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Optional
 
 COMMANDS = {
     "train": ("train", "learn placeholder token embeddings from a folder of images"),
@@ -52,6 +53,29 @@ def command_help(name: str, module) -> str:
     return "\n".join(lines)
 
 
+def unknown_config_key(error: BaseException) -> Optional[str]:
+    """The path of a ``--config.<path>=value`` override the config lacks (``train.not_a_key``) when
+    ``error`` is ml_collections refusing it, else None.
+
+    ml_collections' config flag looks each override up while the flag is defined (the command's
+    import), in ``ml_collections.config_flags.config_path``: AttributeError (a ConfigDict key),
+    KeyError or IndexError (inside another value) from its ``get_type``, ValueError from its
+    ``initialize_missing_parent_fields`` (a path under a field that is None, ``data.templates.x``).
+    Only an error raised through that module is the override's; the same types raised anywhere
+    else in an import are not.
+    """
+    if not isinstance(error, (AttributeError, KeyError, IndexError, ValueError)):
+        return None
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_globals.get("__name__") == "ml_collections.config_flags.config_path":
+            path = frame.f_locals.get("config_path", frame.f_locals.get("override"))
+            return path if isinstance(path, str) else str(error).strip("\"'")
+        tb = tb.tb_next
+    return None
+
+
 def run(argv=None) -> None:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -67,8 +91,10 @@ def run(argv=None) -> None:
     saved_argv, sys.argv = sys.argv, program_argv  # config flags read overrides while being defined
     try:
         module = importlib.import_module(f"jax_inversion.commands.{COMMANDS[name][0]}")
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config lacks
-        key = str(e).strip("\"'")
+    except (AttributeError, KeyError, IndexError, ValueError) as e:
+        key = unknown_config_key(e)
+        if key is None:  # raised by the command's own code: a bug, with its traceback
+            raise
         sys.exit(f"{name}: unknown config key {key!r} in the --config.* flags: see jax_inversion/configs/ for the keys")
     finally:
         sys.argv = saved_argv

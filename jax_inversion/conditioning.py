@@ -6,6 +6,8 @@ added embedding), and one UNet call that can also return cross-attention maps.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,8 +69,27 @@ def encode_with_rows(
     return text_encoder.apply({"params": params}, inputs_embeds=embeds, eos_positions=eos)
 
 
+def with_clip_skip(model: Pretrained, clip_skip: int) -> Pretrained:
+    """``model`` conditioned by its text encoder's ``clip_skip``-th layer from the end (A1111's "Clip skip", kohya's
+    ``--clip_skip``): 1 = the last layer (the default), 2 = the penultimate (what anime models are trained with),
+    each passed through the final LayerNorm as diffusers' ``clip_skip`` (= ours - 1) does. SD 1/2 only: SDXL
+    always reads the penultimate layers."""
+    layers = model.text_encoder.config.num_hidden_layers
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= layers:
+        raise ConfigError(f"clip_skip {clip_skip!r} is out of range: use 1 (the last layer) to {layers} for this text encoder")
+    if clip_skip != 1 and model.text_encoder_2 is not None:
+        raise ConfigError(f"clip_skip {clip_skip} applies to SD 1/2: SDXL already reads the penultimate layers; use clip_skip=1")
+    return dataclasses.replace(model, clip_skip=clip_skip)
+
+
+def _final_layer_norm(module: CLIPTextTransformer, x: jax.Array) -> jax.Array:
+    return module.text_model.final_layer_norm(x)
+
+
 def encode_text(model: Pretrained, frozen: dict, input_ids: dict, learned: dict, placeholder_ids: dict, resolution: int):
-    """UNet encoder states, SDXL's added embedding, and each encoder's input embeddings (frozen, and with the rows)."""
+    """UNet encoder states, SDXL's added embedding, and each encoder's input embeddings (frozen, and with the rows).
+
+    SD 1/2 read the layer ``model.clip_skip`` from the end (see :func:`with_clip_skip`)."""
     encoders = encoders_of(model)
     outputs, token_embeds, prompt_embeds = {}, {}, {}
     for name, (module, tok) in encoders.items():
@@ -77,7 +98,13 @@ def encode_text(model: Pretrained, frozen: dict, input_ids: dict, learned: dict,
         eos = jnp.argmax(input_ids[name] == tok.eos_token_id, axis=-1)
         outputs[name] = module.apply({"params": frozen[name]}, inputs_embeds=prompt_embeds[name], eos_positions=eos)
     if len(encoders) == 1:
-        return outputs["text_encoder"].last_hidden_state, None, token_embeds, prompt_embeds
+        out = outputs["text_encoder"]
+        if model.clip_skip == 1:
+            return out.last_hidden_state, None, token_embeds, prompt_embeds
+        states = model.text_encoder.apply(
+            {"params": frozen["text_encoder"]}, out.hidden_states[-model.clip_skip], method=_final_layer_norm
+        )
+        return states, None, token_embeds, prompt_embeds
     states = jnp.concatenate([outputs[name].hidden_states[-2] for name in encoders], axis=-1)
     batch = states.shape[0]
     time_ids = jnp.tile(jnp.asarray([[resolution, resolution, 0, 0, resolution, resolution]], jnp.float32), (batch, 1))

@@ -283,6 +283,14 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int | None =
     return np.asarray(ids, dtype=np.int32)
 
 
+def overlong_prompts(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> list[tuple[str, int]]:
+    """``[(prompt, tokens)]`` of the prompts longer than the text encoder reads (``model_max_length``, 77 for
+    CLIP, start and end tokens included): :func:`tokenize_prompts` would cut their ends."""
+    limit = max_length or tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False).input_ids] if prompts else []
+    return [(p, n) for p, n in zip(prompts, lengths) if n > limit]
+
+
 class BatchSampler:
     """Stateless sampler of training examples: ``indices(step)`` depends only on ``(seed, step)``.
 

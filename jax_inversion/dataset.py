@@ -91,6 +91,25 @@ def check_phase_data(config, phase: Phase, with_masks: bool) -> None:
         )
 
 
+def check_prompt_lengths(config, phase: Phase, model: Pretrained) -> None:
+    """Fails early (one line) when a template or caption of ``phase``, with its tokens expanded, is longer than a
+    text encoder reads: the cut would drop words (or the placeholder) silently."""
+    paths = data_lib.list_concept_images(phase.image_dir, caption_companions(config))
+    templates = data_lib.templates_for(config.data.learnable_property, config.data.templates)
+    captions = phase_captions(config, phase, paths)
+    prompts = [(t.format(phase.prompt_text), "data.templates") for t in templates]
+    prompts += [(c, f"the caption of {p}") for c, p in zip(captions, paths) if c is not None]
+    for _, (_, tok) in encoders_of(model).items():
+        texts = [p for p, _ in prompts]
+        for prompt, length in data_lib.overlong_prompts(tok, texts):
+            source = prompts[texts.index(prompt)][1]
+            shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+            raise data_lib.DataError(
+                f"prompt {shown!r} ({source}) is {length} tokens but the text encoder reads {tok.model_max_length} "
+                f"(start and end included): shorten it, or use fewer data.num_vectors"
+            )
+
+
 def concept_phase(phase: Phase, concept: ConceptSpec) -> Phase:
     """``phase`` on ``concept``'s images (and masks)."""
     return dataclasses.replace(phase, image_dir=concept.image_dir, mask_dir=concept.mask_dir)

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jax_inversion.configs.ti import get_config
+from jax_inversion.configs.ti import resolve_unset
 from jax_inversion.data import DataError
 from jax_inversion.files import is_remote
 from jax_inversion.loading import ModelLoadError
@@ -22,9 +22,9 @@ from jax_inversion.toyworld.concepts import CONCEPTS, write_concept
 
 DEFAULT_CONCEPT = "star"  # the toy world's unnamed shape: drawn in pretraining, only ever captioned "shape"
 TOY_TEMPLATES = ("a {}",)  # the toy world's captions name objects plainly
-DEFAULT_STEPS = 2000  # the embedded default's length when num_steps is left at the config's value (lr 0.04: 5e-3 x batch 8)
-DEFAULT_VECTORS = 8  # vectors of <concept> when num_vectors is left at 1 (see DEFAULT_MIN_TIMESTEP)
-# Timesteps from [200, 1000) when train.min_timestep is left at 0: where the star's shape is decided.
+DEFAULT_STEPS = 2000  # the embedded default's length when train.num_steps is unset (lr 0.04: 5e-3 x batch 8)
+DEFAULT_VECTORS = 8  # vectors of <concept> when data.num_vectors is unset (see DEFAULT_MIN_TIMESTEP)
+# Timesteps from [200, 1000) when train.min_timestep is unset: where the star's shape is decided.
 # Star found in 192 samples of "a <concept>" after 2,000 steps (README, benchmarks/identity_reads.py):
 # 4 vectors over all timesteps 0.70, 8 vectors 0.72; 4 vectors from t >= 200 0.80, 8 vectors 0.85.
 DEFAULT_MIN_TIMESTEP = 200
@@ -66,13 +66,15 @@ def with_default_model(config: ml_collections.ConfigDict) -> ml_collections.Conf
 
 
 def fill_defaults(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """Points an empty ``model`` / ``data.concept_dir`` at the embedded default.
+    """Points an empty ``model`` / ``data.concept_dir`` at the embedded default, and resolves the
+    unset fields (``configs/ti.py``'s :func:`~jax_inversion.configs.ti.resolve_unset`).
 
     The default model is the shipped toy-world model (``jax_inversion/toyworld/pretrained``)
     and the default concept its yellow star (a look pretraining showed but never named: its
     captions say "a yellow shape"), written into ``workdir``; prompts are the world's
     captions ("a <concept>"), the initializer the generic word "shape"; unless set, 2,000 steps
-    of 8 vectors on timesteps from 200 up.
+    of 8 vectors on timesteps from 200 up. Any value given, even ti.py's own (5,000 steps), is kept;
+    off the embedded default the unset fields take ti.py's defaults (5,000 steps, 1 vector, 0).
     """
     use_default_model = not config.model
     config = with_default_model(config)
@@ -86,10 +88,6 @@ def fill_defaults(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
             config.data.initializer_token = CONCEPTS[DEFAULT_CONCEPT].class_word
         if not config.data.templates:
             config.data.templates = TOY_TEMPLATES
-        if config.train.num_steps == get_config().train.num_steps:
-            config.train.num_steps = DEFAULT_STEPS
-        if config.data.num_vectors == get_config().data.num_vectors:
-            config.data.num_vectors = DEFAULT_VECTORS
-        if config.train.min_timestep == get_config().train.min_timestep:
-            config.train.min_timestep = DEFAULT_MIN_TIMESTEP
-    return config
+        return resolve_unset(config, {"train.num_steps": DEFAULT_STEPS, "data.num_vectors": DEFAULT_VECTORS,
+                                      "train.min_timestep": DEFAULT_MIN_TIMESTEP})
+    return resolve_unset(config)

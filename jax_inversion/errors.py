@@ -17,3 +17,10 @@ class ConfigError(UserError, ValueError):
 
 class TrainError(UserError, RuntimeError):
     """A run that cannot start or go on; the message says why and what to do."""
+
+
+class ModelLoadError(UserError, ValueError):
+    """The model path/id cannot be read as a Stable Diffusion model (diffusers directory or single file).
+
+    Defined here, below both readers (``loading`` and ``single_file``); ``loading.ModelLoadError`` is this class.
+    """

@@ -13,9 +13,10 @@ is safe by default: safetensors, and ``.bin``/``.pt`` only through ``torch.load(
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 from etils import epath
@@ -23,7 +24,7 @@ from etils import epath
 from jax_inversion.checkpoints import read_run
 from jax_inversion.errors import UserError
 from jax_inversion.extended import read_extended, write_extended
-from jax_inversion.files import atomic_write, is_remote, local_copy
+from jax_inversion.files import atomic_write, is_remote, local_copy, tensors_sha256
 
 FORMATS = ("diffusers", "a1111", "sdxl", "extended")
 _EXTENSIONS = {
@@ -36,6 +37,83 @@ _EXTENSIONS = {
 
 class ExportError(UserError, ValueError):
     """An export or import request that cannot be served; the message says what to do."""
+
+
+MODELSPEC_VERSION = "1.0.0"
+_IMPLEMENTATIONS = {  # modelspec.implementation: whose loader the tensor names follow
+    "diffusers": "diffusers",
+    "a1111": "https://github.com/AUTOMATIC1111/stable-diffusion-webui",
+    "sdxl": "https://github.com/Stability-AI/generative-models",
+    "extended": "jax_inversion",
+}
+
+
+def describe_method(config: Mapping) -> str:
+    """A run's method in words, from its config: ``textual inversion``, or its weighted terms and phases
+    (``diffusion 1 + anchor 0.95``, ``...; subject phase <subj>``, ``...; 4 timestep stages, K/V``)."""
+    terms = {k: v for k, v in (config.get("loss") or {}).items() if v}
+    data = config.get("data") or {}
+    extras = []
+    if data.get("subject_token"):
+        extras.append(f"subject phase {data['subject_token']}")
+    if int(data.get("num_stages") or 1) > 1:
+        extras.append(f"{data['num_stages']} timestep stages" + (", K/V" if data.get("separate_kv") else ""))
+    if terms in ({}, {"diffusion": 1.0}) and not extras:
+        return "textual inversion"
+    return "; ".join([" + ".join(f"{k} {v:g}" for k, v in terms.items())] + extras)
+
+
+def trained_clip_skip(metadata: Mapping) -> int:
+    """The clip skip an embedding file records (``jax_inversion.clip_skip``); 1 when it records none."""
+    try:
+        return max(1, int(metadata.get("jax_inversion.clip_skip", 1)))
+    except (TypeError, ValueError):
+        return 1
+
+
+def embedding_metadata(meta: Mapping, step: int, token: str, num_vectors: int, fmt: str, trigger: str) -> dict[str, str]:
+    """Header metadata of an exported file (strings): modelspec's keys (an ``architecture`` ending in
+    ``textual-inversion``, title, trigger phrase, date, resolution, prediction type; the tensors' hash is added
+    by the writer) and ours (``jax_inversion.*``: base model name and sha256, steps, vectors, method, clip skip).
+
+    ``meta`` is a checkpoint's metadata; a run saved before base models were recorded says ``unknown``."""
+    config = meta.get("config") or {}
+    base = meta.get("base_model") or {}
+    family = base.get("architecture") or ("stable-diffusion-xl-v1-base" if len(meta.get("embedding_dims") or {}) > 1
+                                          else f"custom-{meta.get('embedding_dim', 'unknown')}")
+    resolution = base.get("resolution") or (config.get("data") or {}).get("resolution") or 0
+    prediction = base.get("prediction_type", "epsilon")
+    method = describe_method(config)
+    out = {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": f"{family}/textual-inversion",
+        "modelspec.implementation": _IMPLEMENTATIONS[fmt],
+        "modelspec.title": trigger,
+        "modelspec.description": f"{method} of {token} ({num_vectors} vectors) on {base.get('name', 'an unrecorded base model')}, "
+                                 f"{step} steps, with jax_inversion",
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.trigger_phrase": trigger,
+        "modelspec.prediction_type": "v" if prediction == "v_prediction" else prediction,
+        "jax_inversion.token": token,
+        "jax_inversion.base_model": base.get("name", "unknown"),
+        "jax_inversion.base_model_sha256": base.get("sha256") or "unknown",
+        "jax_inversion.steps": str(int(step)),
+        "jax_inversion.vectors": str(int(num_vectors)),
+        "jax_inversion.method": method,
+        "jax_inversion.clip_skip": str(int(config.get("clip_skip", 1))),
+    }
+    if resolution:
+        out["modelspec.resolution"] = f"{resolution}x{resolution}"
+    return out
+
+
+def a1111_checkpoint_fields(meta: Mapping) -> tuple[Optional[str], Optional[str]]:
+    """A1111's ``(sd_checkpoint, sd_checkpoint_name)``: the base file's short hash (first 10 hex digits of its
+    sha256, A1111's "AutoV2") and name. A diffusers folder has no such file: its hash stays None."""
+    base = meta.get("base_model") or {}
+    single_file = str(base.get("path", "")).lower().endswith((".safetensors", ".ckpt"))
+    sha = base.get("sha256")
+    return (sha[:10] if single_file and sha else None), base.get("name")
 
 
 def run_embeddings(state: dict) -> dict[str, np.ndarray]:
@@ -70,8 +148,13 @@ def write_embedding_file(
     *,
     step: int = 0,
     overwrite: bool = False,
+    meta: Optional[Mapping] = None,
 ) -> str:
-    """Writes one concept's rows (``{encoder: [n, d]}``) in ``fmt``; the extension picks the container."""
+    """Writes one concept's rows (``{encoder: [n, d]}``) in ``fmt``; the extension picks the container.
+
+    ``meta`` (the run's checkpoint metadata) adds :func:`embedding_metadata` to the file: the safetensors
+    header, or the ``.pt``'s A1111 fields (``sd_checkpoint``, ``sd_checkpoint_name``) and a ``metadata`` dict;
+    the trigger phrase is ``token`` for diffusers' loader, the file name for A1111's."""
     ext = os.path.splitext(path)[1].lower()
     if fmt not in FORMATS:
         raise ExportError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -82,31 +165,41 @@ def write_embedding_file(
         raise ExportError("--format sdxl needs a model with two text encoders (SDXL); this run has one: use --format diffusers")
     if fmt in ("diffusers", "a1111") and two_encoders:
         raise ExportError(f"--format {fmt} holds one text encoder's rows; this run has two (SDXL): use --format sdxl")
+    trigger = token if fmt in ("diffusers", "sdxl", "extended") else os.path.splitext(os.path.basename(path))[0]
+    num_vectors = int(np.shape(rows.get("base", rows.get("text_encoder")))[-2])
+    metadata = embedding_metadata(meta, step, token, num_vectors, fmt, trigger) if meta is not None else None
     if fmt == "extended":
-        _atomic_write(path, overwrite, lambda tmp: write_extended(tmp, {token: rows}))
+        _atomic_write(path, overwrite, lambda tmp: write_extended(tmp, {token: rows}, metadata=metadata))
         return path
     from safetensors.numpy import save_file
 
     if fmt == "sdxl":
         tensors = {"clip_l": rows["text_encoder"], "clip_g": rows["text_encoder_2"]}
-        write = lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
-    elif fmt == "diffusers" and ext == ".safetensors":
-        write = lambda tmp: save_file({token: np.ascontiguousarray(rows["text_encoder"])}, tmp)
+    elif fmt == "diffusers":
+        tensors = {token: rows["text_encoder"]}
+    else:  # a1111
+        tensors = {"emb_params": rows["text_encoder"]}
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    if metadata is not None:
+        metadata["modelspec.hash_sha256"] = tensors_sha256(tensors)
+    if ext == ".safetensors":
+        write = lambda tmp: save_file(tensors, tmp, metadata=metadata)
     elif fmt == "diffusers":
         torch = _torch()
         write = lambda tmp: torch.save({token: torch.from_numpy(rows["text_encoder"].copy())}, tmp)
-    elif ext == ".safetensors":  # a1111 safetensors
-        write = lambda tmp: save_file({"emb_params": np.ascontiguousarray(rows["text_encoder"])}, tmp)
-    else:  # a1111 .pt
+    else:  # a1111 .pt: the fields A1111 reads (its sd_checkpoint is the base file's short hash)
         torch = _torch()
+        sd_checkpoint, sd_checkpoint_name = a1111_checkpoint_fields(meta or {})
         payload = {
             "string_to_token": {"*": 265},
             "string_to_param": {"*": torch.from_numpy(rows["text_encoder"].copy())},
-            "name": token,
+            "name": token,  # diffusers' loader registers this token; A1111 triggers by the file name
             "step": int(step),
-            "sd_checkpoint": None,
-            "sd_checkpoint_name": None,
+            "sd_checkpoint": sd_checkpoint,
+            "sd_checkpoint_name": sd_checkpoint_name,
         }
+        if metadata is not None:
+            payload["metadata"] = metadata
         write = lambda tmp: torch.save(payload, tmp)
     _atomic_write(path, overwrite, write)
     return path
@@ -126,6 +219,14 @@ def file_name_for(token: str) -> str:
     """``<my cat>`` -> ``my_cat``: a safe file stem for a token."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", token).strip("_.")
     return stem or "concept"
+
+
+def trigger_file_name(token: str) -> str:
+    """The file stem ``--all`` gives a concept, which A1111 then uses as its trigger word: the token itself when
+    it is already a plain word (``sks``), else its safe stem marked ``-ti`` (``<cat>`` -> ``cat-ti``), so that
+    the ordinary word ``cat`` in a prompt is never replaced by the embedding."""
+    stem = file_name_for(token)
+    return stem if stem == token else f"{stem}-ti"
 
 
 def split_concepts(rows: dict, meta: dict) -> dict[str, dict]:
@@ -151,9 +252,10 @@ def export_step(workdir: str, step: int, embeddings: dict, meta: dict) -> list[s
         path = step_file(workdir, name, step, fmt)
         if fmt == "extended":
             steps = int(meta.get("num_train_timesteps", 1000))
-            _atomic_write(path, True, lambda tmp: write_extended(tmp, {name: extended_parts(concept)}, steps))
+            metadata = embedding_metadata(meta, step, name, int(concept["text_encoder"].shape[-2]), fmt, name)
+            _atomic_write(path, True, lambda tmp: write_extended(tmp, {name: extended_parts(concept)}, steps, metadata))
         else:
-            write_embedding_file(path, fmt, name, concept, step=step, overwrite=True)
+            write_embedding_file(path, fmt, name, concept, step=step, overwrite=True, meta=meta)
         written.append(path)
     return written
 
@@ -185,7 +287,10 @@ def export_run(
         if "text_encoder_2" in rows:
             raise ExportError("--format extended holds one text encoder's rows; this run has two (SDXL): use --format sdxl")
         steps = int(meta.get("num_train_timesteps", 1000))
-        _atomic_write(out, overwrite, lambda tmp: write_extended(tmp, concepts, steps))
+        names = ", ".join(concepts)
+        vectors = sum(int(np.shape(r["base"] if "base" in r else r["text_encoder"])[-2]) for r in concepts.values())
+        metadata = embedding_metadata(meta, step, names, vectors, fmt, names)
+        _atomic_write(out, overwrite, lambda tmp: write_extended(tmp, concepts, steps, metadata))
         return [out]
     if not all_concepts and len(concepts) > 1:
         raise ExportError(
@@ -194,8 +299,8 @@ def export_run(
         )
     written = []
     for name, concept_rows in concepts.items():
-        path = os.path.join(out, file_name_for(name) + _EXTENSIONS[fmt][0]) if all_concepts else out
-        written.append(write_embedding_file(path, fmt, name, concept_rows, step=step, overwrite=overwrite))
+        path = os.path.join(out, trigger_file_name(name) + _EXTENSIONS[fmt][0]) if all_concepts else out
+        written.append(write_embedding_file(path, fmt, name, concept_rows, step=step, overwrite=overwrite, meta=meta))
     return written
 
 
@@ -255,6 +360,45 @@ def read_embedding_file(path: str) -> dict[str, Any]:
         (token, rows), = tensors.items()
         return {"token": token or None, "rows": {"text_encoder": np.asarray(rows)}}
     raise ExportError(f"{path} is not a diffusers, A1111, SDXL or extended embedding file (keys: {sorted(tensors)[:5]})")
+
+
+_FAMILIES = {(768,): "SD 1.x", (1024,): "SD 2.x", (768, 1280): "SDXL"}
+
+
+def describe_file(path: str) -> dict[str, Any]:
+    """What an embedding file holds, ours or another tool's: ``{"file", "format", "tokens": {token: "n x d"},
+    "model family", A1111's fields, header metadata}`` (for ``jax-inversion export --info``)."""
+    tensors, metadata = read_tensors(path)
+    info: dict[str, Any] = {"file": path}
+    if metadata.get("format") == "jax_inversion.extended":
+        parts = read_extended(path)
+        info["format"] = "jax_inversion extended"
+        info["tokens"] = {t: f"{p['base'].shape[0]} x {p['base'].shape[1]}" + (f", {p['stages']} stages" if p["stages"] else "")
+                          for t, p in parts.items()}
+        widths = tuple(sorted({int(p["base"].shape[-1]) for p in parts.values()}))
+    else:
+        parsed = read_embedding_file(path)
+        rows = {k: np.asarray(v) for k, v in parsed["rows"].items()}
+        if "string_to_param" in tensors:
+            info["format"] = "A1111 .pt"
+            for key in ("name", "step", "sd_checkpoint", "sd_checkpoint_name"):
+                info[key] = tensors.get(key)
+            metadata = {k: str(v) for k, v in (tensors.get("metadata") or {}).items()}
+        elif "text_encoder_2" in rows:
+            info["format"] = "SDXL (clip_l/clip_g)"
+        elif set(tensors) == {"emb_params"}:
+            info["format"] = "A1111/kohya safetensors (emb_params)"
+        else:
+            info["format"] = "diffusers"
+        shapes = {enc: r.reshape(-1, r.shape[-1]).shape for enc, r in rows.items()}
+        token = parsed["token"] or "(unnamed: A1111 uses the file name)"
+        info["tokens"] = {token: ", ".join(f"{n} x {d}" for n, d in shapes.values())}
+        widths = tuple(d for _, d in shapes.values())
+    info["model family"] = _FAMILIES.get(widths, f"unknown (embedding widths {', '.join(map(str, widths))})")
+    spec_keys = {k: v for k, v in metadata.items() if k not in ("format", "version", "spec")}
+    if spec_keys:
+        info["metadata"] = spec_keys
+    return info
 
 
 def initial_rows_from_file(path: str, widths: dict[str, int], num_vectors: int) -> dict[str, np.ndarray]:

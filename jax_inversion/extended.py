@@ -14,11 +14,13 @@ and the writer.
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_inversion.files import tensors_sha256
 
 FORMAT = "jax_inversion.extended"
 VERSION = "1"
@@ -30,10 +32,12 @@ def stage_of(timesteps, num_stages: int, num_train_timesteps: int):
     return xp.clip((xp.asarray(timesteps) * num_stages) // num_train_timesteps, 0, num_stages - 1)
 
 
-def write_extended(path: str, tokens: Mapping[str, Mapping], num_train_timesteps: int = 1000) -> None:
+def write_extended(path: str, tokens: Mapping[str, Mapping], num_train_timesteps: int = 1000,
+                   metadata: Optional[Mapping[str, str]] = None) -> None:
     """``tokens``: ``{token: {"text_encoder": base [n, d], optional "key"/"value" [S, n, d], "layers": {name: [n, d]}}}``.
 
-    A plain ``{token: {"text_encoder": rows}}`` (what training stores) writes base rows only.
+    A plain ``{token: {"text_encoder": rows}}`` (what training stores) writes base rows only. ``metadata``
+    (strings, e.g. ``export.embedding_metadata``) joins the header beside the format's own keys.
     """
     from safetensors.numpy import save_file
 
@@ -54,11 +58,12 @@ def write_extended(path: str, tokens: Mapping[str, Mapping], num_train_timesteps
         if entry["stages"] and entry["layers"]:
             raise ValueError(f"{token}: per-stage K/V rows and per-layer rows cannot be combined")
         spec["tokens"][token] = entry
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        path,
-        metadata={"format": FORMAT, "version": VERSION, "spec": json.dumps(spec)},
-    )
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    header = dict(metadata or {})
+    if metadata is not None:
+        header["modelspec.hash_sha256"] = tensors_sha256(tensors)
+    header.update(format=FORMAT, version=VERSION, spec=json.dumps(spec))
+    save_file(tensors, path, metadata=header)
 
 
 def read_extended(path: str) -> dict[str, dict]:

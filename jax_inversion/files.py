@@ -60,3 +60,15 @@ def atomic_write(path: str, write: Callable[[str], None], *, overwrite: bool, ex
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def tensors_sha256(tensors) -> str:
+    """modelspec's ``hash_sha256`` of ``{name: numpy array}``: sha256 of the safetensors data section (the tensors'
+    bytes, not the header, so metadata does not change it), ``0x``-prefixed."""
+    import hashlib
+
+    import numpy as np
+    from safetensors.numpy import save
+
+    blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+    return "0x" + hashlib.sha256(blob[8 + int.from_bytes(blob[:8], "little") :]).hexdigest()

@@ -2,8 +2,9 @@
 
 A model is a directory with ``model_index.json`` and ``unet/``, ``text_encoder/``,
 ``vae/``, ``tokenizer/``, ``scheduler/`` (SDXL adds ``text_encoder_2/``, ``tokenizer_2/``),
-or a hub id resolved through ``huggingface_hub`` where a hub is reachable.
-Weights are read from ``.safetensors`` without torch; ``.bin`` only through
+or a hub id resolved through ``huggingface_hub`` where a hub is reachable, or a single-file checkpoint
+(``.safetensors``/``.ckpt`` in the original LDM/SGM layout, A1111 style: :mod:`jax_inversion.single_file`).
+Weights are read from ``.safetensors`` without torch; ``.bin`` and ``.ckpt`` only through
 ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +21,11 @@ import numpy as np
 
 from jax_inversion.convert import convert_state_dict
 from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
-from jax_inversion.errors import UserError
+from jax_inversion.errors import ModelLoadError  # re-exported: loading.ModelLoadError, as before
 from jax_inversion.platform import current_platform, select_attention_backend
+from jax_inversion import single_file
 
 COMPONENTS = ("unet", "text_encoder", "vae")
-
-
-class ModelLoadError(UserError, ValueError):
-    """The model path/id cannot be read as a diffusers-format Stable Diffusion model."""
 
 
 @dataclasses.dataclass
@@ -47,6 +45,7 @@ class Pretrained:
     tokenizer_2: Any = None
     scheduler_config: dict = dataclasses.field(default_factory=dict)
     model_index: dict = dataclasses.field(default_factory=dict)
+    clip_skip: int = 1  # text-encoder layer that conditions the UNet, counted from the last (A1111/kohya); see conditioning.with_clip_skip
 
     @property
     def prediction_type(self) -> str:
@@ -163,24 +162,33 @@ def _shapes(abstract, dtype):
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract)
 
 
-def _load_component(directory: str, module, abstract, *, prefix: str = "", ignore=(), dtype=jnp.float32, shapes_only=False):
+def _load_component(directory: str, module, abstract, *, prefix: str = "", ignore=(), dtype=jnp.float32, shapes_only=False,
+                    read: Optional[Callable[[], dict]] = None):
+    """``read``: the component's diffusers-layout state dict (default: the weights in ``directory``, which
+    otherwise only names the component in errors)."""
     if shapes_only:
         return _shapes(abstract, dtype)
     try:
-        params = convert_state_dict(read_state_dict(directory), abstract, prefix=prefix, ignore=ignore)
+        params = convert_state_dict((read or (lambda: read_state_dict(directory)))(), abstract, prefix=prefix, ignore=ignore)
     except ValueError as e:
         raise ModelLoadError(f"{directory}: {e}") from None
     return _cast(params, dtype)
 
 
-def load_text_encoder(directory: str, dtype=jnp.float32, shapes_only: bool = False):
-    config = clip.CLIPTextConfig.from_dict(read_json(os.path.join(directory, "config.json")))
+def load_text_encoder(directory: str, dtype=jnp.float32, shapes_only: bool = False, config: Optional[dict] = None,
+                      read: Optional[Callable[[], dict]] = None):
+    """``config``/``read``: the ``config.json`` dict and state-dict reader of a component not in a folder
+    (a single file's); ``directory`` then only names it in errors."""
+    try:
+        config = clip.CLIPTextConfig.from_dict(config or read_json(os.path.join(directory, "config.json")))
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{directory}: text encoder config: {e}") from None
     module = clip.CLIPTextTransformer(config, dtype=dtype)
     abstract = clip.init_abstract_params(module)
     if shapes_only:
         return module, _shapes(abstract, dtype)
     try:
-        state = clip.add_text_model_prefix(read_state_dict(directory))
+        state = clip.add_text_model_prefix((read or (lambda: read_state_dict(directory)))())
         params = convert_state_dict(state, abstract, ignore=(r"position_ids$",))
     except ValueError as e:
         raise ModelLoadError(f"{directory}: {e}") from None
@@ -205,8 +213,10 @@ def load_pretrained(
     revision: Optional[str] = None,
     attention_backend: str = "auto",
     shapes_only: bool = False,
+    tokenizer: str = "",
+    original_config: Optional[str] = None,
 ) -> Pretrained:
-    """Loads the requested components of a diffusers-format model into Flax.
+    """Loads the requested components of a diffusers-format model or a single-file checkpoint into Flax.
 
     ``dtype`` is both the compute dtype of the modules and the storage dtype of these
     (frozen) params. ``attention_backend`` is the UNet's attention kernel (see
@@ -215,50 +225,87 @@ def load_pretrained(
 
     ``shapes_only``: the params are ``jax.ShapeDtypeStruct`` leaves read from the components' configs
     alone (no weight file is opened, none need exist): enough to compile a step ahead of time and
-    plan its memory (``jax-inversion compile``).
+    plan its memory (``jax-inversion compile``); a single file's header alone is read.
+
+    A path ending ``.safetensors`` or ``.ckpt`` is a single-file checkpoint (:mod:`jax_inversion.single_file`;
+    ``Pretrained.path`` is then its absolute path): ``original_config`` is its LDM yaml (default
+    ``<file>.yaml`` beside it, if any). ``tokenizer`` (config ``model_tokenizer``): a diffusers model folder,
+    tokenizer folder or hub id whose tokenizer(s) replace the model's own; a single file needs one unless a
+    ``tokenizer/`` folder lies beside it or the Hugging Face cache has its family's (see
+    ``single_file.resolve_tokenizers``).
     """
-    path = resolve_model_path(path_or_id, revision)
-    index_path = os.path.join(path, "model_index.json")
-    model_index = read_json(index_path) if os.path.exists(index_path) else {}
-    if not model_index and not os.path.isdir(os.path.join(path, "unet")):
-        raise ModelLoadError(f"{path} has no model_index.json and no unet/: it is not a diffusers-format model")
-    scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    if single_file.is_single_file(path_or_id):
+        checkpoint = single_file.read_single_file(path_or_id, tokenizer=tokenizer, original_config=original_config)
+        path, model_index, scheduler_config = checkpoint.path, checkpoint.model_index, checkpoint.scheduler_config
+        tokenizer_dirs = checkpoint.tokenizers
+        has = lambda name: name in checkpoint.configs  # noqa: E731
+        config_of = lambda name: checkpoint.configs[name]  # noqa: E731
+        reader = lambda name: (lambda: checkpoint.state_dict(name))  # noqa: E731
+        where = lambda name: f"{path} ({name})"  # noqa: E731
+        config_where = lambda name: f"{path} ({name} config as inferred)"  # noqa: E731
+    else:
+        path = resolve_model_path(path_or_id, revision)
+        index_path = os.path.join(path, "model_index.json")
+        model_index = read_json(index_path) if os.path.exists(index_path) else {}
+        if not model_index and not os.path.isdir(os.path.join(path, "unet")):
+            raise ModelLoadError(f"{path} has no model_index.json and no unet/: it is not a diffusers-format model")
+        scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
+        scheduler_config = read_json(scheduler_path) if os.path.exists(scheduler_path) else {}
+        has = lambda name: os.path.isdir(os.path.join(path, name))  # noqa: E731
+        names = ("tokenizer", "tokenizer_2") if has("tokenizer_2") else ("tokenizer",)
+        tokenizer_dirs = (single_file.tokenizer_folders(tokenizer, names) if tokenizer
+                          else {name: os.path.join(path, name) for name in names})
+        config_of = lambda name: read_json(os.path.join(path, name, "config.json"))  # noqa: E731
+        reader = lambda name: None  # noqa: E731  (the component folder's weight files)
+        where = lambda name: os.path.join(path, name)  # noqa: E731
+        config_where = lambda name: os.path.join(path, name, "config.json")  # noqa: E731
     out = Pretrained(
         path=path,
         model_index=model_index,
-        scheduler_config=read_json(scheduler_path) if os.path.exists(scheduler_path) else {},
-        tokenizer=load_tokenizer(os.path.join(path, "tokenizer")),
+        scheduler_config=scheduler_config,
+        tokenizer=load_tokenizer(tokenizer_dirs["tokenizer"]),
     )
-    if os.path.isdir(os.path.join(path, "tokenizer_2")):
-        out.tokenizer_2 = load_tokenizer(os.path.join(path, "tokenizer_2"))
+    if "tokenizer_2" in tokenizer_dirs:
+        out.tokenizer_2 = load_tokenizer(tokenizer_dirs["tokenizer_2"])
     if "unet" in components:
-        directory = os.path.join(path, "unet")
+        directory = where("unet")
         try:
-            config = unet_lib.UNet2DConditionConfig.from_dict(read_json(os.path.join(directory, "config.json")))
+            config = unet_lib.UNet2DConditionConfig.from_dict(config_of("unet"))
         except (TypeError, ValueError) as e:
-            raise ModelLoadError(f"{directory}/config.json: {e}") from None
+            raise ModelLoadError(f"{config_where('unet')}: {e}") from None
         config = dataclasses.replace(config, prediction_type=out.prediction_type)
         attention_dtype = jnp.float32 if config.upcast_attention else dtype
         select_attention_backend(attention_backend, current_platform(), attention_dtype)  # fails early, one line
         out.unet = unet_lib.UNet2DConditionModel(config, dtype=dtype, attention_backend=attention_backend)
         out.unet_params = _load_component(
-            directory, out.unet, unet_lib.init_abstract_params(out.unet), dtype=dtype, shapes_only=shapes_only
+            directory, out.unet, unet_lib.init_abstract_params(out.unet), dtype=dtype, shapes_only=shapes_only,
+            read=reader("unet"),
         )
     if "vae" in components:
-        directory = os.path.join(path, "vae")
+        directory = where("vae")
         try:
-            config = vae_lib.AutoencoderKLConfig.from_dict(read_json(os.path.join(directory, "config.json")))
+            config = vae_lib.AutoencoderKLConfig.from_dict(config_of("vae"))
         except (TypeError, ValueError) as e:
-            raise ModelLoadError(f"{directory}/config.json: {e}") from None
+            raise ModelLoadError(f"{config_where('vae')}: {e}") from None
         out.vae = vae_lib.AutoencoderKL(config, dtype=dtype)
         out.vae_params = _load_component(
-            directory, out.vae, vae_lib.init_abstract_params(out.vae), dtype=dtype, shapes_only=shapes_only
+            directory, out.vae, vae_lib.init_abstract_params(out.vae), dtype=dtype, shapes_only=shapes_only,
+            read=reader("vae"),
         )
     if "text_encoder" in components:
-        out.text_encoder, out.text_encoder_params = load_text_encoder(os.path.join(path, "text_encoder"), dtype, shapes_only)
-        if os.path.isdir(os.path.join(path, "text_encoder_2")):
+        out.text_encoder, out.text_encoder_params = load_text_encoder(
+            where("text_encoder"), dtype, shapes_only, config=config_of("text_encoder"), read=reader("text_encoder")
+        )
+        if has("text_encoder_2"):
             out.text_encoder_2, out.text_encoder_2_params = load_text_encoder(
-                os.path.join(path, "text_encoder_2"), dtype, shapes_only
+                where("text_encoder_2"), dtype, shapes_only, config=config_of("text_encoder_2"), read=reader("text_encoder_2")
             )
+        for name, tok, module in (("tokenizer", out.tokenizer, out.text_encoder), ("tokenizer_2", out.tokenizer_2, out.text_encoder_2)):
+            if tok is not None and module is not None and len(tok) > module.config.vocab_size:
+                raise ModelLoadError(
+                    f"the {name} in {tokenizer_dirs[name]} has {len(tok)} tokens but the text encoder of {path} has "
+                    f"{module.config.vocab_size} embedding rows: it is another model's tokenizer; pass this model's "
+                    "(--config.model_tokenizer)"
+                )
     release_freed_memory()
     return out

@@ -268,14 +268,13 @@ def term_cotangents(objective: "Objective", outputs: Mapping) -> dict:
     return cotangents
 
 
-def term_gradients(objective: "Objective", forward: Callable, learned) -> dict:
-    """``{term: gradient of weight * term w.r.t. learned}``, each in the shape of ``learned``.
+def term_gradients(objective: "Objective", outputs: Mapping, pullback: Callable) -> dict:
+    """``{term: gradient of weight * term w.r.t. the learned rows}``, each in the shape of the rows.
 
-    ``forward(learned) -> outputs`` runs once (``jax.vjp``); each term then costs one pullback
-    through it (a backward pass: for terms that read the UNet's outputs, about two forwards).
-    The gradients sum to the objective's.
+    ``outputs, pullback = jax.vjp(forward, learned)``: the forward ran once; each term costs one
+    pullback through it (a backward pass: for terms that read the UNet's outputs, about two
+    forwards). The gradients sum to the objective's. The train step logs their norms.
     """
-    outputs, pullback = jax.vjp(forward, learned)
     return {name: pullback(ct)[0] for name, ct in term_cotangents(objective, outputs).items()}
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_inversion import single_file
 from jax_inversion.loading import load_pretrained, read_json
 
 
@@ -47,8 +48,28 @@ def _torch_load(cls, directory: str):
     return model.eval()
 
 
-def check_parity(path: str, *, latent_size: Optional[int] = None, batch: int = 2, seed: int = 0) -> list[ParityResult]:
-    """Runs identical random inputs through UNet, text encoder(s) and VAE in both stacks."""
+def _torch_single_file(path: str, model_tokenizer: str):
+    """The PyTorch reference of a single-file checkpoint: diffusers' ``from_single_file``, offline, with a local
+    ``config=`` folder written from our own reading of the file (configs and tokenizers, no weights)."""
+    import tempfile
+
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    checkpoint = single_file.read_single_file(path, tokenizer=model_tokenizer)
+    cls = StableDiffusionXLPipeline if checkpoint.kind == "sdxl" else StableDiffusionPipeline
+    with tempfile.TemporaryDirectory(prefix="jax_inversion_single_file_config_") as config:
+        checkpoint.write_diffusers_configs(config)
+        return cls.from_single_file(path, config=config, local_files_only=True, torch_dtype=torch.float32)
+
+
+def check_parity(path: str, *, latent_size: Optional[int] = None, batch: int = 2, seed: int = 0,
+                 model_tokenizer: str = "") -> list[ParityResult]:
+    """Runs identical random inputs through UNet, text encoder(s) and VAE in both stacks.
+
+    A single-file checkpoint's PyTorch side is diffusers' ``from_single_file`` (its own key conversion)."""
     import torch
     from diffusers import AutoencoderKL as TorchVAE
     from diffusers import UNet2DConditionModel as TorchUNet
@@ -58,7 +79,12 @@ def check_parity(path: str, *, latent_size: Optional[int] = None, batch: int = 2
     torch.set_grad_enabled(False)
     diffusers_logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
-    model = load_pretrained(path, dtype=jnp.float32)
+    model = load_pretrained(path, dtype=jnp.float32, tokenizer=model_tokenizer)
+    if single_file.is_single_file(path):
+        pipeline = _torch_single_file(path, model_tokenizer)
+        torch_model = lambda name, class_of: getattr(pipeline, name).eval()  # noqa: E731
+    else:
+        torch_model = lambda name, class_of: _torch_load(class_of(name), os.path.join(model.path, name))  # noqa: E731
     rng = np.random.default_rng(seed)
     results: list[ParityResult] = []
 
@@ -66,16 +92,17 @@ def check_parity(path: str, *, latent_size: Optional[int] = None, batch: int = 2
         ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
         results.append(ParityResult(component, output, float(np.abs(ours - reference).max()), float(np.abs(reference).max())))
 
+    def text_class(name):
+        architectures = read_json(os.path.join(model.path, name, "config.json")).get("architectures") or ["CLIPTextModel"]
+        return getattr(transformers, architectures[0])
+
     for name, module, params, tokenizer in (
         ("text_encoder", model.text_encoder, model.text_encoder_params, model.tokenizer),
         ("text_encoder_2", model.text_encoder_2, model.text_encoder_2_params, model.tokenizer_2 or model.tokenizer),
     ):
         if module is None:
             continue
-        directory = os.path.join(model.path, name)
-        architectures = read_json(os.path.join(directory, "config.json")).get("architectures") or ["CLIPTextModel"]
-        torch_cls = getattr(transformers, architectures[0])
-        reference = _torch_load(torch_cls, directory)
+        reference = torch_model(name, text_class)
         ids = _text_ids(tokenizer, batch, rng, module.config.max_position_embeddings)
         ref = reference(torch.from_numpy(ids), output_hidden_states=True)
         ours = jax.jit(module.apply)({"params": params}, jnp.asarray(ids, jnp.int32))
@@ -86,7 +113,7 @@ def check_parity(path: str, *, latent_size: Optional[int] = None, batch: int = 2
 
     unet_config = model.unet.config
     size = latent_size or min(unet_config.sample_size, 32)
-    reference = _torch_load(TorchUNet, os.path.join(model.path, "unet"))
+    reference = torch_model("unet", lambda _: TorchUNet)
     latents = rng.standard_normal((batch, unet_config.in_channels, size, size)).astype(np.float32)
     timesteps = rng.integers(0, 1000, batch)
     states = rng.standard_normal((batch, 77, unet_config.cross_attention_dim[0])).astype(np.float32)
@@ -112,7 +139,7 @@ def check_parity(path: str, *, latent_size: Optional[int] = None, batch: int = 2
     )
     record("unet", "noise_prediction", np.asarray(ours).transpose(0, 3, 1, 2), ref)
 
-    reference = _torch_load(TorchVAE, os.path.join(model.path, "vae"))
+    reference = torch_model("vae", lambda _: TorchVAE)
     factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
     images = rng.uniform(-1, 1, (batch, 3, size * factor, size * factor)).astype(np.float32)
     mean_ref = reference.encode(torch.from_numpy(images)).latent_dist.mean

@@ -12,6 +12,7 @@ import dataclasses
 
 import ml_collections
 
+from jax_inversion.configs.ti import resolve_unset
 from jax_inversion.data import DataError, placeholder_string
 
 
@@ -113,8 +114,9 @@ def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
     <c> <c>_1 cat"; the concept's is ``data.class_word`` or its initializer, the subject's its
     initializer). Lego's concept phase says "<cpt> <subj>" (``data.concept_before_subject``, the
     default: the paper's concepts are adjectives and states, "frozen", written before the
-    subject) or "<subj> <cpt>".
+    subject) or "<subj> <cpt>". Unset ``data.num_vectors`` / ``train.num_steps`` read as ti.py's defaults.
     """
+    config = resolve_unset(config)
     data, train = config.data, config.train
     if data.num_stages < 1:
         raise DataError(f"data.num_stages={data.num_stages} must be at least 1: set --config.data.num_stages")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 import sys
 
 import jax
@@ -18,8 +20,10 @@ def initialize_distributed() -> None:
     - explicit: ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES``,
       ``JAX_PROCESS_ID`` (``launch/local_multiprocess.py``, ``launch/slurm_gpu.sbatch``, any launcher);
     - SLURM, inside ``srun`` with ``SLURM_NTASKS`` > 1: process id ``SLURM_PROCID``, count
-      ``SLURM_NTASKS``, coordinator the step's first node (port ``JAX_COORDINATOR_PORT`` or one
-      derived from the job id, as JAX does);
+      ``SLURM_NTASKS``, coordinator the step's first node (``scontrol show hostnames
+      $SLURM_STEP_NODELIST``, its first line; without scontrol only a plain list, else one line
+      asking for ``JAX_COORDINATOR_ADDRESS``), port ``JAX_COORDINATOR_PORT`` or one derived from
+      the job id, as JAX does;
     - Cloud TPU VMs (``TPU_WORKER_HOSTNAMES`` with several hosts, a Cloud TPU VM, or
       ``JAX_DISTRIBUTED=auto``): JAX's own detection (TPU metadata server, GKE, SLURM, Open MPI).
 
@@ -35,7 +39,11 @@ def initialize_distributed() -> None:
             sys.exit(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: set all three (or none)")
         _initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"]))
     elif _slurm_step() and int(os.environ["SLURM_NTASKS"]) > 1:
-        _initialize(_slurm_coordinator(), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_PROCID"]))
+        try:
+            coordinator = _slurm_coordinator()
+        except LaunchError as e:
+            sys.exit(str(e))
+        _initialize(coordinator, int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_PROCID"]))
     elif _tpu_pod() or os.environ.get("JAX_DISTRIBUTED") == "auto":
         _use_gloo_on_cpu()
         jax.distributed.initialize()
@@ -64,13 +72,40 @@ def _slurm_step() -> bool:
     return all(k in os.environ for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID"))
 
 
+class LaunchError(UserError, RuntimeError):
+    """A multi-process launch whose coordinator cannot be found."""
+
+
 def first_slurm_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
-    if "[" not in head:
-        return head
-    prefix, ranges = head[:-1].split("[", 1)
-    return prefix + ranges.split(",")[0].split("-")[0]
+    """The first host of a SLURM node list, as ``scontrol show hostnames`` expands it (its first line):
+    ``gpu[003-005,9],cpu1`` -> ``gpu003``, ``a[1-2]-ib`` -> ``a1-ib``.
+
+    A plain list (no brackets: ``node1,node2``) needs no expansion. A compressed one without
+    ``scontrol`` on PATH is :class:`LaunchError`, never a guess: hostlist syntax has suffixes and
+    several bracket groups (``a[1-2]-ib[0-1]``), and a wrong host hangs every process.
+    """
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        if "[" not in nodelist:
+            return nodelist.split(",")[0].strip()
+        raise LaunchError(
+            f"SLURM node list {nodelist!r} needs scontrol to expand and scontrol is not on PATH: set "
+            "JAX_COORDINATOR_ADDRESS=<first host>:<port> with JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+            "(as launch/slurm_gpu.sbatch does), or put scontrol on PATH"
+        )
+    try:
+        done = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LaunchError(
+            f"scontrol show hostnames {nodelist!r} failed ({type(e).__name__}: {e}): set JAX_COORDINATOR_ADDRESS=<first host>:<port>"
+        ) from None
+    hosts = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode != 0 or not hosts:
+        said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}, no hosts"])[-1]
+        raise LaunchError(
+            f"scontrol show hostnames {nodelist!r} failed ({said}): set JAX_COORDINATOR_ADDRESS=<first host>:<port>"
+        )
+    return hosts[0]
 
 
 def _slurm_coordinator() -> str:

@@ -11,7 +11,7 @@ layout guidance, as their released ``layout_control.py``): during the first
 :func:`losses.layout_guidance_loss` (per head, per token ``(1 - inside/total)^2``, averaged)
 of the guided tokens' cross-attention maps in the mid block and the first up block at 16x16,
 stopping once that loss is below ``threshold`` (0.2). The code steps ``latents -= grad *
-sigma^2`` under LMS (sigma-space latents): the same here for Euler, and the equivalent
+sigma^2`` under LMS (sigma-space latents): the same here for Euler (and Euler a), and the equivalent
 ``x -= grad * sigma^2 / (1 + sigma^2)`` (= ``1 - alpha_bar``) for DDIM and DPM-Solver, whose
 latents are ``x = z / sqrt(1 + sigma^2)``. ``LayoutGuidance(loss="location", layers="all")``
 is the earlier variant: unsquared, heads averaged, every 16x16 layer (down blocks too).
@@ -19,6 +19,8 @@ is the earlier variant: unsquared, heads averaged, every 16x16 layer (down block
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
 import re
 from typing import Mapping, Optional, Sequence
@@ -35,7 +37,7 @@ from jax_inversion import data as data_lib, layout as layout_lib, losses, tokens
 from jax_inversion.checkpoints import read_run
 from jax_inversion.conditioning import encoders_of, frozen_params, input_embedding_table, run_unet, text_conditioning, vae_factor
 from jax_inversion.errors import UserError
-from jax_inversion.export import ExportError, read_embedding_file, read_tensors, run_concepts
+from jax_inversion.export import ExportError, read_embedding_file, read_tensors, run_concepts, trained_clip_skip
 from jax_inversion.extended import read_extended, stage_of
 from jax_inversion.files import atomic_write
 from jax_inversion.loading import Pretrained
@@ -43,6 +45,8 @@ from jax_inversion.models.unet import Conditioning, cross_attention_layers
 from jax_inversion.models.vae import unscale_latents
 from jax_inversion.samplers import Sampler, make_sampler, sample_loop
 from jax_inversion.sharding import make_mesh
+
+log = logging.getLogger("jax_inversion")
 
 
 class SamplingError(UserError, ValueError):
@@ -56,6 +60,7 @@ class LearnedTokens:
     placeholders: dict  # {placeholder: [vector token strings]} in row order
     rows: dict  # {encoder: [n, d]} or {encoder: [S, K, n, d]} (per-stage key/value rows)
     num_train_timesteps: int = 1000
+    clip_skip: int = 1  # the text-encoder layer they were trained with (conditioning.with_clip_skip)
 
     @property
     def tokens(self) -> list[str]:
@@ -71,20 +76,28 @@ def tokens_from_checkpoint(embeddings: Mapping, meta: Mapping) -> LearnedTokens:
     """Learned tokens of a checkpoint's rows and metadata (batch-inversion concepts by their names)."""
     rows = {k: np.asarray(v, np.float32) for k, v in embeddings.items()}
     steps = int(meta.get("num_train_timesteps", 1000))
+    clip_skip = int((meta.get("config") or {}).get("clip_skip", 1))
     if meta.get("concept_batch"):  # [C, n, d]: each concept becomes its own token strings
         n = rows["text_encoder"].shape[-2]
         order = sorted(meta["concept_batch"], key=lambda c: c["index"])
         placeholders = {c["name"]: tokens_lib.vector_tokens(c["name"], n) for c in order}
-        return LearnedTokens(placeholders, {k: v.reshape(-1, v.shape[-1]) for k, v in rows.items()}, steps)
+        return LearnedTokens(placeholders, {k: v.reshape(-1, v.shape[-1]) for k, v in rows.items()}, steps, clip_skip)
     tokens = meta["layout"]["tokens"]
     placeholders = {c["name"]: tokens[c["rows"][0] : c["rows"][1]] for c in run_concepts(meta)}
-    return LearnedTokens(placeholders, rows, steps)
+    return LearnedTokens(placeholders, rows, steps, clip_skip)
 
 
 def tokens_from_run(workdir: str, step: Optional[int] = None) -> tuple[str, LearnedTokens]:
     """``(model path, tokens)`` of a run's checkpoint (latest or ``step``)."""
+    model, _, learned = run_source(workdir, step)
+    return model, learned
+
+
+def run_source(workdir: str, step: Optional[int] = None) -> tuple[str, str, LearnedTokens]:
+    """``(model path, its config.model_tokenizer ("" = the model's own), tokens)`` of a run's checkpoint."""
     _, state, meta = read_run(workdir, step)
-    return meta["model"], tokens_from_checkpoint(state["embeddings"], meta)
+    tokenizer = str((meta.get("config") or {}).get("model_tokenizer") or "")
+    return meta["model"], tokenizer, tokens_from_checkpoint(state["embeddings"], meta)
 
 
 def tokens_from_file(path: str, token: Optional[str] = None) -> LearnedTokens:
@@ -104,14 +117,14 @@ def tokens_from_file(path: str, token: Optional[str] = None) -> LearnedTokens:
             raise SamplingError(f"{path} mixes per-stage and plain tokens: sample them from separate files")
         rows = np.concatenate(staged, axis=2) if staged else np.concatenate(plain)
         steps = next(iter(parts.values()))["num_train_timesteps"]
-        return LearnedTokens(placeholders, {"text_encoder": rows}, steps)
+        return LearnedTokens(placeholders, {"text_encoder": rows}, steps, trained_clip_skip(metadata))
     parsed = read_embedding_file(path)
     name = token or parsed["token"]
     if not name:
         raise ExportError(f"{path} does not name its token: pass --token '<name>'")
     rows = {k: np.asarray(v, np.float32).reshape(-1, np.asarray(v).shape[-1]) for k, v in parsed["rows"].items()}
     n = rows["text_encoder"].shape[0]
-    return LearnedTokens({name: tokens_lib.vector_tokens(name, n)}, rows)
+    return LearnedTokens({name: tokens_lib.vector_tokens(name, n)}, rows, clip_skip=trained_clip_skip(metadata))
 
 
 def expand_prompt(prompt: str, learned: LearnedTokens) -> str:
@@ -157,19 +170,48 @@ class PromptStates:
     input_ids: jax.Array  # [B, L] of the first encoder
 
 
-def prompt_states(model: Pretrained, placeholder_ids: dict, learned: LearnedTokens, prompts: Sequence[str], resolution: int) -> PromptStates:
-    """Text states of ``prompts`` (placeholders expanded) for every stage's key and value rows."""
+def text_encoder_fn(model: Pretrained, placeholder_ids: dict, resolution: int):
+    """``encode(frozen, ids, rows) -> (states, added)``: :func:`conditioning.text_conditioning` compiled as one program
+    (run eagerly it dispatches every op of the text encoder(s) one by one)."""
+    return jax.jit(lambda frozen, ids, rows: text_conditioning(model, frozen, ids, rows, placeholder_ids, resolution))
+
+
+def prompt_states(model: Pretrained, placeholder_ids: dict, learned: LearnedTokens, prompts: Sequence[str], resolution: int,
+                  encode=None) -> PromptStates:
+    """Text states of ``prompts`` (placeholders expanded) for every stage's key and value rows; ``encode`` is a
+    :func:`text_encoder_fn` of the same model, tokens and resolution to reuse (default: a new one)."""
+    encode = encode or text_encoder_fn(model, placeholder_ids, resolution)
     prompts = [expand_prompt(p, learned) for p in prompts]
+    warned = set()
+    for _, tok in encoders_of(model).values():
+        for prompt, length in data_lib.overlong_prompts(tok, prompts):
+            if prompt not in warned:
+                warned.add(prompt)
+                log.warning("prompt %r is %d tokens but the text encoder reads %d (start and end included): its end is cut",
+                            prompt, length, tok.model_max_length)
     ids = {name: jnp.asarray(data_lib.tokenize_prompts(tok, prompts)) for name, (_, tok) in encoders_of(model).items()}
     frozen = frozen_params(model)
     keys, values, added = [], [], None
     for stage in range(learned.num_stages):
         for part, out in ((0, keys), (1, values)):
             rows = {e: jnp.asarray(r[stage, min(part, r.shape[1] - 1)] if r.ndim == 4 else r) for e, r in learned.rows.items()}
-            states, stage_added = text_conditioning(model, frozen, ids, rows, placeholder_ids, resolution)
+            states, stage_added = encode(frozen, ids, rows)
             out.append(states)
             added = added or stage_added
     return PromptStates(jnp.stack(keys), jnp.stack(values), added, ids["text_encoder"])
+
+
+def zeros_for_empty_prompt(model: Pretrained) -> bool:
+    """Whether guidance with no negative prompt uses zero states (diffusers' SDXL ``force_zeros_for_empty_prompt``,
+    on unless the model index turns it off) rather than the encoded empty prompt (SD 1/2)."""
+    return model.text_encoder_2 is not None and bool(model.model_index.get("force_zeros_for_empty_prompt", True))
+
+
+def zero_states(states: PromptStates) -> PromptStates:
+    """The unconditional branch of :func:`zeros_for_empty_prompt`: zero encoder states and pooled embedding, the
+    same time ids."""
+    added = None if states.added is None else {**states.added, "text_embeds": jnp.zeros_like(states.added["text_embeds"])}
+    return PromptStates(jnp.zeros_like(states.keys), jnp.zeros_like(states.values), added, states.input_ids)
 
 
 def token_positions(tokenizer, input_ids: np.ndarray, text: str, learned: LearnedTokens) -> np.ndarray:
@@ -253,7 +295,9 @@ def make_sample_fn(
     layout: Optional[LayoutGuidance] = None,
     capture: tuple = (),
 ):
-    """``sample(noise, cond, uncond) -> (latents, maps)``: the whole denoising loop, jit-compiled.
+    """``sample(noise, cond, uncond, key) -> (latents, maps)``: the whole denoising loop, jit-compiled.
+
+    ``key`` draws the per-step noise of ancestral samplers (``euler_a``); the others ignore it.
 
     ``cond``/``uncond`` are ``{"keys", "values", "added"}`` of :class:`PromptStates`. ``maps`` is
     the conditional branch's cross-attention ``[B, HW, L]`` averaged over the ``capture`` layers
@@ -261,7 +305,7 @@ def make_sample_fn(
     """
     params = model.unet_params
     stages = np.asarray(stage_of(np.asarray(sampler.timesteps).astype(np.int64), num_stages, num_train_timesteps), np.int32)
-    sigma_space = sampler.name == "euler"  # latents carry sigma: guidance steps scale by sigma^2
+    sigma_space = sampler.sigma_space  # latents carry sigma (Euler, Euler a): guidance steps scale by sigma^2
     sides = cross_attention_layers(model.unet.config, model.unet.config.sample_size)
     guided_layers = guidance_layers(model, model.unet.config.sample_size, layout.resolution, layout.layers) if layout else ()
     if layout is not None and layout.loss not in GUIDANCE_LOSSES:
@@ -306,22 +350,27 @@ def make_sample_fn(
         step_scale = sigma2 if sigma_space else sigma2 / (1.0 + sigma2)  # LMS's sigma^2, in x = z / sqrt(1 + sigma^2)
         return guided_latents(x, loss_and_grad, layout.max_iterations, layout.threshold, step_scale)
 
-    def sample(noise, cond, uncond):
+    def sample(noise, cond, uncond, key):
         guide_early = None
         if layout is not None:
             guide_early = lambda x, i: jax.lax.cond(i < layout.guidance_steps, lambda z: guide(z, i, cond), lambda z: z, x)
         maps = jnp.zeros((noise.shape[0], map_side * map_side, cond["keys"].shape[2])) if capture else None
         step = lambda x_in, t, i: denoise(x_in, t, i, cond, uncond)
-        result = sample_loop(sampler, step, sampler.initial_latents(noise), guide=guide_early, extra=maps)
+        result = sample_loop(sampler, step, sampler.initial_latents(noise), guide=guide_early, extra=maps, key=key)
         return result if capture else (result, jnp.zeros(()))
 
     return jax.jit(sample)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(vae, params, latents: jax.Array) -> jax.Array:
+    """The VAE decoder, compiled once per (module, latent shape): Flax modules hash by their fields."""
+    return vae.apply({"params": params}, unscale_latents(vae.config, latents), method="decode")
+
+
 def decode_images(model: Pretrained, latents: jax.Array) -> np.ndarray:
     """VAE decode -> uint8 ``[B, H, W, 3]``."""
-    decode = jax.jit(lambda p, z: model.vae.apply({"params": p}, unscale_latents(model.vae.config, z), method="decode"))
-    images = np.asarray(decode(model.vae_params, latents.astype(model.vae.dtype)), np.float32)
+    images = np.asarray(_decode(model.vae, model.vae_params, latents.astype(model.vae.dtype)), np.float32)
     return np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -420,8 +469,8 @@ def generate(
 ) -> SampleResult:
     """Images for ``request`` (batch sharded over ``devices`` when it divides evenly).
 
-    ``cache`` (a dict kept by the caller) reuses the compiled loop across calls without layout
-    guidance, e.g. validation during training.
+    ``cache`` (a dict kept by the caller) reuses the compiled text encoder and loop (without layout guidance)
+    across calls, e.g. validation during training; the VAE decoder is compiled once per shape anyway.
     """
     if request.num_images < 1 or request.steps < 1:
         raise SamplingError("--num-images and --steps must be at least 1")
@@ -431,8 +480,14 @@ def generate(
         raise SamplingError(f"cannot build the {request.scheduler} sampler for this model: {e}") from None
     placeholder_ids = add_tokens(model, learned)
     resolution = model.unet.config.sample_size * vae_factor(model)
-    cond = prompt_states(model, placeholder_ids, learned, [request.prompt] * request.num_images, resolution)
-    uncond = prompt_states(model, placeholder_ids, learned, [request.negative_prompt] * request.num_images, resolution)
+    cache = {} if cache is None else cache
+    encoder_key = ("encode", resolution, tuple(ids.first_id for ids in placeholder_ids.values()), model.clip_skip)
+    encode = cache.setdefault(encoder_key, text_encoder_fn(model, placeholder_ids, resolution))
+    cond = prompt_states(model, placeholder_ids, learned, [request.prompt] * request.num_images, resolution, encode)
+    if not request.negative_prompt and zeros_for_empty_prompt(model):
+        uncond = zero_states(cond)
+    else:
+        uncond = prompt_states(model, placeholder_ids, learned, [request.negative_prompt] * request.num_images, resolution, encode)
     layout = _layout(model, learned, request, np.asarray(cond.input_ids)) if request.layout_guidance else None
     capture = ()
     if request.attention_resolution:
@@ -442,14 +497,15 @@ def generate(
         if not capture:
             raise SamplingError(f"no cross-attention layer at {request.attention_resolution}x{request.attention_resolution} (the UNet has {sorted(set(layers.values()))})")
     key = (request.scheduler, request.steps, request.guidance, learned.num_train_timesteps, learned.num_stages, capture)
-    if cache is not None and layout is None and key in cache:
+    if layout is None and key in cache:
         sample = cache[key]
     else:
         sample = make_sample_fn(model, sampler, request.guidance, learned.num_train_timesteps, learned.num_stages, layout, capture)
-        if cache is not None and layout is None:
+        if layout is None:
             cache[key] = sample
     side = model.unet.config.sample_size
     noise = jax.random.normal(jax.random.PRNGKey(request.seed), (request.num_images, side, side, model.unet.config.in_channels))
+    step_key = jax.random.fold_in(jax.random.PRNGKey(request.seed), 1)  # euler_a's per-step noise, folded with the step
     as_dict = lambda s: {"keys": s.keys, "values": s.values, "added": s.added}
     devices = devices or jax.devices()
     if request.num_images % len(devices) == 0:
@@ -463,9 +519,9 @@ def generate(
             d["keys"], d["values"] = shard(d["keys"], 1), shard(d["values"], 1)
             d["added"] = shard(d["added"], 0) if d["added"] is not None else None
         with jax.set_mesh(mesh):
-            latents, maps = sample(noise, cond_d, uncond_d)
+            latents, maps = sample(noise, cond_d, uncond_d, step_key)
     else:
-        latents, maps = sample(noise, as_dict(cond), as_dict(uncond))
+        latents, maps = sample(noise, as_dict(cond), as_dict(uncond), step_key)
     images = decode_images(model, jax.device_get(latents))
     return SampleResult(
         images, np.asarray(latents), np.asarray(maps) if capture else None, np.asarray(cond.input_ids),
@@ -509,12 +565,17 @@ def attention_figure(tokenizer, result: SampleResult, image_index: int = 0, colu
 
 
 class Validator:
-    """Grids of ``prompts`` from in-training rows, written to ``workdir/validation`` and TensorBoard."""
+    """Grids of ``prompts`` from in-training rows, written to ``workdir/validation`` and TensorBoard.
+
+    Each prompt is drawn by :func:`generate`, as the ``sample`` command draws it: ``negative_prompt``
+    is the unconditional branch of guidance ("" = the empty prompt).
+    """
 
     def __init__(self, model: Pretrained, workdir: str, prompts: Sequence[str], num_images: int = 2, steps: int = 25,
-                 scheduler: str = "ddim", guidance: float = 7.5, seed: int = 0):
+                 scheduler: str = "ddim", guidance: float = 7.5, seed: int = 0, negative_prompt: str = ""):
         self.model, self.directory = model, os.path.join(workdir, "validation")
-        self.requests = [SampleRequest(p, num_images=num_images, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed)
+        self.requests = [SampleRequest(p, negative_prompt=negative_prompt, num_images=num_images, steps=steps,
+                                       scheduler=scheduler, guidance=guidance, seed=seed)
                          for p in prompts]
         self.cache: dict = {}
 
@@ -522,8 +583,11 @@ class Validator:
         learned = tokens_from_checkpoint(embeddings, meta)
         grids = [image_grid(generate(self.model, learned, r, devices=jax.local_devices(), cache=self.cache).images, columns=r.num_images) for r in self.requests]
         grid = np.concatenate(grids, axis=0)
+        first = self.requests[0]
         path = save_png(os.path.join(self.directory, f"step_{step:06d}.png"), grid,
-                        {"step": step, "prompts": " | ".join(r.prompt for r in self.requests)})
+                        {"step": step, "prompts": " | ".join(r.prompt for r in self.requests),
+                         "negative_prompt": first.negative_prompt, "scheduler": first.scheduler, "steps": first.steps,
+                         "guidance": first.guidance, "seed": first.seed})
         if writer is not None:
             writer.add_image("validation", grid, step, dataformats="HWC")
         return path

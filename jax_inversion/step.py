@@ -26,7 +26,7 @@ from jax_inversion.extended import stage_of
 from jax_inversion.loading import Pretrained
 from jax_inversion.models.unet import Conditioning
 from jax_inversion.models.vae import scale_latents
-from jax_inversion.objectives import Objective, term_cotangents
+from jax_inversion.objectives import Objective, term_gradients
 from jax_inversion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps, training_target
 from jax_inversion.schedule import timestep_range as schedule_timestep_range
 from jax_inversion.sharding import batch_sharded, replicated
@@ -238,7 +238,7 @@ def train_step(
         ``log_every`` > 0), also each term's gradient norm w.r.t. the learned rows,
         ``grad_norm/<term>``, at the steps the loop logs (``step + 1`` a multiple of ``log_every``;
         zeros at the others). The forward runs once; on a logged step each term costs one more
-        backward pass (:func:`objectives.term_cotangents`), inside a ``lax.cond``, so other steps
+        backward pass (:func:`objectives.term_gradients`), inside a ``lax.cond``, so other steps
         pay nothing and there is one compiled program.
       accumulation: k > 1 splits the batch into k micro-batches (examples ``j, j + k, ...``) run one
         after the other (``lax.scan``: activations of one micro-batch at a time); noise and
@@ -267,8 +267,8 @@ def train_step(
         (grads,) = pullback(objective_pullback(jnp.ones_like(loss))[0])
 
         def norms_of_terms():
-            cotangents = term_cotangents(term_objective, outputs)
-            return {name: optax.tree.norm(learned_rows_only(pullback(ct)[0])) for name, ct in cotangents.items()}
+            parts = term_gradients(term_objective, outputs, pullback)
+            return {name: optax.tree.norm(learned_rows_only(g)) for name, g in parts.items()}
 
         skipped = lambda: {name: jnp.zeros((), jnp.float32) for name in term_objective.weights}
         term_norms = jax.lax.cond((state.step + 1) % log_every == 0, norms_of_terms, skipped)

@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from jax_inversion import checkpoints, data as data_lib, tokens as tokens_lib
 from jax_inversion.aot import GIB, compile_ahead, device_memory_bytes
-from jax_inversion.conditioning import encoders_of, input_embedding_table, vae_factor
-from jax_inversion.dataset import build_dataset, check_phase_data, concept_batch, concept_phase, global_batch
+from jax_inversion.conditioning import encoders_of, input_embedding_table, vae_factor, with_clip_skip
+from jax_inversion.configs.ti import resolve_unset
+from jax_inversion.dataset import build_dataset, check_phase_data, check_prompt_lengths, concept_batch, concept_phase, global_batch
 from jax_inversion.errors import TrainError
 from jax_inversion.export import export_step, initial_rows_from_file
 from jax_inversion.files import is_remote
@@ -42,6 +43,7 @@ from jax_inversion.objectives import TermSetup, build_objective
 from jax_inversion.optim import make_optimizer
 from jax_inversion.phases import ConceptSpec, Phase, RunPlan, plan_run, read_concept_list
 from jax_inversion.platform import platform_name, resolve_dtype
+from jax_inversion.provenance import base_model_info
 from jax_inversion.sampling import Validator
 from jax_inversion.schedule import NoiseSchedule
 from jax_inversion.sharding import make_mesh, replicated
@@ -151,6 +153,7 @@ def run_metadata(config, placeholder_ids: dict, model: Pretrained, plan: RunPlan
         "embedding_dim": int(model.text_encoder.config.hidden_size),
         "embedding_dims": {name: int(module.config.hidden_size) for name, (module, _) in encoders_of(model).items()},
         "config": json.loads(config.to_json_best_effort()),
+        "base_model": base_model_info(model, training_resolution(config, model)),  # name, family, hash: exports record it
     }
 
 
@@ -249,6 +252,7 @@ def setup_run(config: ml_collections.ConfigDict, devices: Optional[list] = None,
     ``shapes_only``: the model's weights are shapes (``load_pretrained(shapes_only=True)``), and so is
     the returned state's leaves' content (zeros): enough to lower and compile the steps.
     """
+    config = resolve_unset(config)  # unset num_steps / num_vectors / min_timestep: ti.py's defaults
     if config.train.num_steps < 0:
         raise TrainError("train.num_steps is negative: pass --config.train.num_steps=N with N >= 0")
     devices = devices if devices is not None else jax.devices()
@@ -272,7 +276,9 @@ def setup_run(config: ml_collections.ConfigDict, devices: Optional[list] = None,
         if not config.model:
             raise TrainError("batch inversion needs a model: pass --config.model=PATH")
     model = load_pretrained(config.model, dtype=resolve_dtype(config.dtype, platform_name(devices[0].platform)),
-                            attention_backend=config.attention_backend, shapes_only=shapes_only)
+                            attention_backend=config.attention_backend, shapes_only=shapes_only,
+                            tokenizer=config.get("model_tokenizer", ""))
+    model = with_clip_skip(model, config.get("clip_skip", 1))
     encoders = encoders_of(model)
     placeholder_ids = {name: tokens_lib.add_placeholder_tokens(tok, plan.tokens) for name, (_, tok) in encoders.items()}
 
@@ -310,6 +316,7 @@ def setup_run(config: ml_collections.ConfigDict, devices: Optional[list] = None,
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[list] = None) -> TrainState:
     """Runs (or resumes) the job described by ``config`` in ``workdir`` over ``devices`` (default all)."""
+    config = resolve_unset(config)  # what config.json and the checkpoints' metadata record
     check_writable(workdir)
     run = setup_run(config, devices)
     wandb = wandb_module() if config.train.get("wandb") else None
@@ -319,6 +326,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
         phase_data = [concept_phase(plan.phases[0], c) for c in concepts]
     for phase in phase_data:  # bad data fails here, before the workdir is touched
         check_phase_data(config, phase, with_masks)
+        check_prompt_lengths(config, phase, model)
     same = replicated(mesh)
     metadata = run_metadata(config, run.placeholder_ids, model, plan)
     if concepts:
@@ -357,10 +365,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[lis
         return jax.device_put(state.replace(opt_state=run.optimizer.init(state.embeddings)), same)
 
     validate = None
-    if config.train.validation_every > 0 and config.train.validation_prompts:
+    if (config.train.validation_every > 0 or config.train.get("validation_at_start", False)) and config.train.validation_prompts:
         validate = Validator(
             model, workdir, config.train.validation_prompts, config.train.validation_images,
             config.train.validation_steps, config.train.validation_scheduler, seed=config.seed,
+            negative_prompt=config.train.get("validation_negative_prompt", ""),
         )
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
     return _loop(config, workdir, state, plan, prepare_phase, reset_optimizer, mesh, manager, metadata, validate, wandb)
@@ -413,7 +422,8 @@ def _loop(config, workdir, state, plan, prepare_phase, reset_optimizer, mesh, ma
           wandb=None) -> TrainState:
     """Runs the plan's phases from ``state.step``; a phase after the first starts with a fresh optimizer.
 
-    ``validate(step, embeddings, metadata, writer)``, if given, runs every ``train.validation_every`` steps.
+    ``validate(step, embeddings, metadata, writer)``, if given, runs every ``train.validation_every`` steps,
+    and at step 0 before the first step of a fresh run with ``train.validation_at_start``.
     """
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -430,6 +440,8 @@ def _loop(config, workdir, state, plan, prepare_phase, reset_optimizer, mesh, ma
     base_rng = jax.device_put(np.asarray(state.rng), replicated(mesh))  # not donated with the state
     try:
         with jax.set_mesh(mesh):
+            if validate is not None and first == 0 and config.train.get("validation_at_start", False) and is_main:
+                validate(0, jax.device_get(state.embeddings), metadata, writer)  # the initial rows: the base model's view
             for index, phase in enumerate(plan.phases):
                 if int(state.step) >= phase.stop or _agreed_stop(stop, check=False):
                     continue
@@ -559,7 +571,8 @@ def _run_phase(config, state, phase, step_fn, batch_at, base_rng, manager, metad
             rows = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), state.embeddings)
             for path in export_step(manager.workdir, done, rows, metadata):
                 log.info("step %d: wrote %s", done, path)
-        if validate is not None and done % config.train.validation_every == 0 and jax.process_index() == 0:
+        every = config.train.validation_every
+        if validate is not None and every > 0 and done % every == 0 and jax.process_index() == 0:
             validate(done, jax.device_get(state.embeddings), metadata, writer)
         if stopping:
             log.warning("SIGTERM: saved step %d, stopping", done)

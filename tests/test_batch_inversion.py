@@ -55,6 +55,15 @@ def test_joint_training_equals_each_concept_alone(one_level_sd1, concept_root, t
     assert {f"concept/{n}" for n in names} <= set(record)
     assert record["loss"] == pytest.approx(sum(record[f"concept/{n}"] for n in names), rel=1e-5)
 
+    # Gradient accumulation in batch inversion: 2 micro-batches (each concept's examples split between them) give
+    # the same steps as the whole concept-major batch.
+    accumulated = _config(one_level_sd1, steps)
+    accumulated.concepts = concept_root
+    accumulated.train.gradient_accumulation = 2
+    train(accumulated, str(tmp_path / "accumulated"))
+    same = np.asarray(read_run(str(tmp_path / "accumulated"))[1]["embeddings"]["text_encoder"])
+    np.testing.assert_allclose(same, rows, atol=1e-5 * np.abs(rows).max(), rtol=1e-4)
+
     for index, name in enumerate(names):
         alone = _config(one_level_sd1, steps)
         alone.seed = 3 + index  # the seed the batch gave this concept
@@ -69,8 +78,9 @@ def test_joint_training_equals_each_concept_alone(one_level_sd1, concept_root, t
     done = subprocess.run([sys.executable, "-m", "jax_inversion.cli", "export", f"--workdir={tmp_path / 'joint'}",
                            f"--out={tmp_path / 'exported'}", "--all"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path / "exported")) == ["ball.safetensors", "cube.safetensors", "dot.safetensors", "star.safetensors"]
-    parsed = read_embedding_file(str(tmp_path / "exported" / "dot.safetensors"))
+    assert sorted(os.listdir(tmp_path / "exported")) == ["ball-ti.safetensors", "cube-ti.safetensors", "dot-ti.safetensors",
+                                                         "star-ti.safetensors"]
+    parsed = read_embedding_file(str(tmp_path / "exported" / "dot-ti.safetensors"))
     assert parsed["token"] == "<dot>"
     np.testing.assert_array_equal(parsed["rows"]["text_encoder"], rows[2])
 

@@ -60,7 +60,7 @@ def test_export_earlier_step_and_all(run, tmp_path):
     assert np.array_equal(read_embedding_file(str(tmp_path / "s2.safetensors"))["rows"]["text_encoder"], np.asarray(early["embeddings"]["text_encoder"]))
     assert not np.array_equal(np.asarray(early["embeddings"]["text_encoder"]), rows)
     written = export_run(workdir, str(tmp_path / "all"), "diffusers", all_concepts=True)
-    assert written == [str(tmp_path / "all" / "ball.safetensors")]
+    assert written == [str(tmp_path / "all" / "ball-ti.safetensors")]  # A1111's trigger "ball-ti", never the word "ball"
 
 
 def test_round_trip_export_import(run, tmp_path):
@@ -185,7 +185,7 @@ def test_multi_concept_run_exports_all_or_one_extended_file(tmp_path):
     with pytest.raises(ExportError, match="pass --all"):
         export_run(str(tmp_path / "run"), str(tmp_path / "x.safetensors"), "diffusers")
     written = export_run(str(tmp_path / "run"), str(tmp_path / "out"), "diffusers", all_concepts=True)
-    assert [os.path.basename(p) for p in written] == ["subj.safetensors", "cpt.safetensors"]
+    assert [os.path.basename(p) for p in written] == ["subj-ti.safetensors", "cpt-ti.safetensors"]
     assert np.array_equal(read_embedding_file(written[1])["rows"]["text_encoder"], rows[1:3])
     assert read_embedding_file(written[1])["token"] == "<cpt>"
     one = export_run(str(tmp_path / "run"), str(tmp_path / "both.safetensors"), "extended")[0]
@@ -221,3 +221,80 @@ def test_atomic_write_gives_the_usual_permissions_and_keeps_what_exists(tmp_path
     with pytest.raises(FileExistsError, match="--overwrite"):
         atomic_write(path, lambda tmp: open(tmp, "w").write("second"), overwrite=False)
     assert open(path).read() == "first" and os.listdir(tmp_path) == ["embedding.safetensors"]
+
+
+def _data_section_sha256(path: str) -> str:
+    """sha256 of a safetensors file's bytes after its header, read straight from disk (modelspec's hash_sha256)."""
+    import hashlib
+
+    blob = open(path, "rb").read()
+    return "0x" + hashlib.sha256(blob[8 + int.from_bytes(blob[:8], "little") :]).hexdigest()
+
+
+def test_exports_carry_modelspec_and_a1111_metadata(run, one_level_sd1, tmp_path):
+    """Every export says what it is: modelspec keys (architecture ending in textual-inversion, trigger, date,
+    resolution, tensors' hash), base model name and hash, steps, vectors, method, clip skip; the .pt has A1111's
+    fields; export --info prints them, and a foreign file's too."""
+    import datetime
+    import glob
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from jax_inversion.export import describe_file
+
+    workdir, rows, _ = run
+    unet_files = sorted(glob.glob(os.path.join(one_level_sd1, "unet", "*.safetensors")))
+    digest = hashlib.sha256()
+    for f in unet_files:
+        digest.update(open(f, "rb").read())
+    base_sha = digest.hexdigest()
+    for fmt, name in [("diffusers", "d.safetensors"), ("a1111", "a.safetensors"), ("extended", "x.safetensors")]:
+        path = export_run(workdir, str(tmp_path / name), fmt)[0]
+        with safe_open(path, framework="np") as f:
+            meta = f.metadata()
+        assert meta["modelspec.sai_model_spec"] == "1.0.0"
+        assert meta["modelspec.architecture"].endswith("/textual-inversion")
+        assert meta["modelspec.trigger_phrase"] == ("a" if fmt == "a1111" else "<ball>")  # A1111 triggers by file name
+        assert meta["jax_inversion.steps"] == "4" and meta["jax_inversion.vectors"] == "2"
+        assert meta["jax_inversion.method"] == "textual inversion" and meta["jax_inversion.clip_skip"] == "1"
+        assert meta["jax_inversion.base_model"] == os.path.basename(one_level_sd1)
+        assert meta["jax_inversion.base_model_sha256"] == base_sha
+        assert meta["modelspec.resolution"] == "32x32"  # the tiny model's native side: UNet 16 x VAE factor 2
+        assert meta["modelspec.hash_sha256"] == _data_section_sha256(path)
+        written = datetime.datetime.fromisoformat(meta["modelspec.date"])
+        assert abs((datetime.datetime.now(datetime.timezone.utc) - written).total_seconds()) < 600
+    pt = export_run(workdir, str(tmp_path / "ball-ti.pt"), "a1111")[0]
+    payload = torch.load(pt, weights_only=True)
+    assert payload["name"] == "<ball>" and payload["step"] == 4  # diffusers' loader takes the token from "name"
+    assert payload["sd_checkpoint"] is None  # a diffusers folder is no A1111 checkpoint file: no short hash to give
+    assert payload["sd_checkpoint_name"] == os.path.basename(one_level_sd1)
+    assert payload["metadata"]["jax_inversion.token"] == "<ball>"
+    info = describe_file(pt)
+    assert info["format"] == "A1111 .pt" and info["step"] == 4 and info["tokens"] == {"<ball>": "2 x 32"}
+    # another tool's file: kohya/A1111 safetensors without metadata
+    foreign = str(tmp_path / "foreign.safetensors")
+    save_file({"emb_params": np.zeros((3, 768), np.float32)}, foreign)
+    info = describe_file(foreign)
+    assert info["format"].startswith("A1111/kohya") and info["model family"] == "SD 1.x" and "metadata" not in info
+    out = subprocess.run([sys.executable, "-m", "jax_inversion.cli", "export", "--info", pt], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "sd_checkpoint_name: " + os.path.basename(one_level_sd1) in out.stdout and "modelspec.trigger_phrase: ball-ti" in out.stdout
+
+
+def test_trigger_file_names_and_a1111_short_hash():
+    """--all names a file (A1111's trigger word) so that it never equals an ordinary word; A1111's sd_checkpoint is
+    the first 10 hex digits of the base file's sha256 (its "AutoV2"), and only a single file has one."""
+    from jax_inversion.export import a1111_checkpoint_fields, describe_method, trigger_file_name
+
+    assert trigger_file_name("<cat>") == "cat-ti" and trigger_file_name("<my cat>") == "my_cat-ti"
+    assert trigger_file_name("sks") == "sks"
+    sha = "0123456789abcdef" * 4
+    assert a1111_checkpoint_fields({"base_model": {"path": "/m/v1-5.safetensors", "sha256": sha, "name": "v1-5"}}) == ("0123456789", "v1-5")
+    assert a1111_checkpoint_fields({"base_model": {"path": "/m/sd15", "sha256": sha, "name": "sd15"}}) == (None, "sd15")
+    assert a1111_checkpoint_fields({}) == (None, None)
+    assert describe_method({"loss": {"diffusion": 1.0, "anchor": 0.0}}) == "textual inversion"
+    assert describe_method({"loss": {"diffusion": 1.0, "anchor": 0.95}, "data": {"num_stages": 4, "separate_kv": True}}) == (
+        "diffusion 1 + anchor 0.95; 4 timestep stages, K/V")

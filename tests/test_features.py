@@ -320,5 +320,15 @@ def test_wandb_offline_receives_scalars_and_images(tmp_path, monkeypatch):
         writer.add_scalar("loss", 1.0 / step, step)
     writer.add_image("validation", np.zeros((8, 8, 3), np.uint8), 3, dataformats="HWC")
     writer.close()
+    wandb.teardown()  # the wandb-core service writes the run file: wait for it to finish
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert len(runs) == 1
+    # The run file's history records hold each scalar's key and JSON value as plain protobuf strings: each value sent
+    # reached it. The image went to the run's media folder as the 8x8 PNG sent.
+    raw = runs[0].read_bytes()
+    for value in (b"1.0", b"0.5", b"0.3333333333333333"):
+        assert b"loss" in raw and value in raw, value
+    (image,) = runs[0].parent.glob("files/media/images/validation_3_*.png")
+    from PIL import Image
+
+    assert Image.open(image).size == (8, 8)

@@ -464,4 +464,29 @@ def test_losses_compose_inside_an_outer_jit_with_gradients():
         + float(masked_diffusion_mse(latents, noise, masks, np.ones(1)))
     )
     np.testing.assert_allclose(float(value), expected, rtol=1e-5)
-    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+    # The gradients against central finite differences along a random direction per argument. The anchor
+    # terms hold their targets fixed (stop_gradient: the sparse code, the anchor prompt), so the differences do too,
+    # with the sparse term written out by hand: sum_ij code_ij |v_i - e_j|^2 / elements.
+    with jax.enable_x64(True):
+        f64 = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), tree)
+        args = f64((v, maps, latents))
+        codes = np.asarray(anchor_sparse_codes(args[0], jnp.asarray(anchors, jnp.float64), 4))
+        held = np.asarray(args[0]) * 0.5
+
+        def by_hand(v, maps, latents):
+            sparse = jnp.sum(codes * jnp.sum((v[:, None] - anchors[None]) ** 2, axis=-1)) / 10.0
+            return (info_nce_context(v, *context) + sparse + jnp.mean((v - held) ** 2) + location_loss(maps, token_mask, masks)
+                    + attention_match_loss(maps, refs, token_mask) + masked_diffusion_mse(latents, noise, masks, np.ones(1)))
+
+        exact = jax.grad(total, argnums=(0, 1, 2))(*args)
+        for i in range(3):
+            direction = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape)), args[i])
+            shifted = lambda h: by_hand(*[jax.tree_util.tree_map(lambda x, d: x + h * d, a, direction) if j == i else a
+                                          for j, a in enumerate(args)])
+            eps = 1e-3  # the losses compute in float32 inside (_f32): a step well above its rounding
+            numeric = (float(shifted(eps)) - float(shifted(-eps))) / (2 * eps)
+            analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree_util.tree_leaves(exact[i]), jax.tree_util.tree_leaves(direction)))
+            np.testing.assert_allclose(analytic, numeric, rtol=2e-3, atol=1e-6, err_msg=f"argument {i}")
+    # and the float32 jitted ones agree with them
+    for g32, g64 in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(exact)):
+        np.testing.assert_allclose(np.asarray(g32), np.asarray(g64), rtol=1e-3, atol=1e-5)

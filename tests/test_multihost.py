@@ -179,6 +179,38 @@ def test_explicit_variables(calls, monkeypatch):
                           cluster_detection_method="deactivate")]
 
 
+FAKE_SCONTROL = """#!/bin/sh
+# scontrol show hostnames LIST, as SLURM's: one host a line; an unknown list fails
+[ "$1 $2" = "show hostnames" ] || exit 2
+echo "$3" >> "$(dirname "$0")/asked"
+case "$3" in
+  "gpu[007-008]") printf 'gpu007\\ngpu008\\n' ;;
+  "a[1-2]-ib") printf 'a1-ib\\na2-ib\\n' ;;
+  "n[1-2]-ib[0-1]") printf 'n1-ib0\\nn1-ib1\\nn2-ib0\\nn2-ib1\\n' ;;
+  *) echo "scontrol: error: Unable to create hostlist from $3" >&2; exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture
+def scontrol(tmp_path, monkeypatch):
+    """A fake ``scontrol`` first on PATH; returns the file listing the node lists it was asked."""
+    bin_dir = tmp_path / "slurm_bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    return bin_dir / "asked"
+
+
+@pytest.fixture
+def no_scontrol(tmp_path, monkeypatch):
+    """A PATH without scontrol."""
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+
+
 def _slurm(monkeypatch, tasks, tasks_per_node, procid, localid, nodeid):
     for key, value in dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="gpu[007-008]", SLURM_NTASKS=str(tasks),
                            SLURM_PROCID=str(procid), SLURM_LOCALID=str(localid), SLURM_NODEID=str(nodeid),
@@ -186,15 +218,16 @@ def _slurm(monkeypatch, tasks, tasks_per_node, procid, localid, nodeid):
         monkeypatch.setenv(key, value)
 
 
-def test_slurm_one_task_per_node_uses_all_gpus(calls, monkeypatch):
+def test_slurm_one_task_per_node_uses_all_gpus(calls, monkeypatch, scontrol):
     _slurm(monkeypatch, 2, "1(x2)", procid=1, localid=0, nodeid=1)
     runtime.initialize_distributed()
     port = 4242 % 4096 + 65535 - 4096 + 1
     assert calls == [dict(coordinator_address=f"gpu007:{port}", num_processes=2, process_id=1, local_device_ids=None,
                           cluster_detection_method="deactivate")]
+    assert scontrol.read_text().splitlines() == ["gpu[007-008]"]
 
 
-def test_slurm_one_task_per_gpu(calls, monkeypatch):
+def test_slurm_one_task_per_gpu(calls, monkeypatch, scontrol):
     _slurm(monkeypatch, 16, "8(x2)", procid=13, localid=5, nodeid=1)
     monkeypatch.setenv("JAX_COORDINATOR_PORT", "5555")
     runtime.initialize_distributed()  # every task sees the node's 8 GPUs: it takes GPU SLURM_LOCALID
@@ -226,12 +259,39 @@ def test_tpu_and_opt_in_use_jax_detection(calls, monkeypatch):
     assert calls == [{}, {}]
 
 
-@pytest.mark.parametrize("nodelist,first", [
-    ("node001", "node001"), ("node001,host2", "node001"), ("node[001-015],host2", "node001"),
-    ("node[009,011-015],host2", "node009"), ("a-b[1-2]", "a-b1"),
-])
-def test_first_slurm_host(nodelist, first):
+@pytest.mark.parametrize("nodelist,first", [("a[1-2]-ib", "a1-ib"), ("n[1-2]-ib[0-1]", "n1-ib0"), ("gpu[007-008]", "gpu007")])
+def test_first_slurm_host_is_scontrols_first_line(nodelist, first, scontrol):
     assert runtime.first_slurm_host(nodelist) == first
+    assert scontrol.read_text().splitlines() == [nodelist]
+
+
+def test_first_slurm_host_without_scontrol_expands_nothing(no_scontrol):
+    assert runtime.first_slurm_host("node001") == "node001"
+    assert runtime.first_slurm_host("node001,host2") == "node001"  # a plain list: nothing to expand
+    with pytest.raises(runtime.LaunchError) as error:
+        runtime.first_slurm_host("a[1-2]-ib")  # the hand parser said "a1"
+    message = str(error.value)
+    assert "\n" not in message and "'a[1-2]-ib'" in message and "scontrol is not on PATH" in message
+    assert "JAX_COORDINATOR_ADDRESS" in message
+
+
+def test_scontrol_failing_is_one_line(scontrol):
+    with pytest.raises(runtime.LaunchError, match=r"scontrol show hostnames 'bad\[' failed \(scontrol: error: Unable to create hostlist"):
+        runtime.first_slurm_host("bad[")
+
+
+def test_slurm_without_scontrol_needs_the_coordinator_address(calls, monkeypatch, no_scontrol):
+    _slurm(monkeypatch, 2, "1(x2)", procid=1, localid=0, nodeid=1)  # SLURM_STEP_NODELIST=gpu[007-008]
+    with pytest.raises(SystemExit) as exit_:
+        runtime.initialize_distributed()
+    assert "\n" not in str(exit_.value.code) and "JAX_COORDINATOR_ADDRESS" in str(exit_.value.code)
+    assert calls == []
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "gpu007:6000")  # what launch/slurm_gpu.sbatch sets
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    runtime.initialize_distributed()
+    assert calls == [dict(coordinator_address="gpu007:6000", num_processes=2, process_id=1, local_device_ids=None,
+                          cluster_detection_method="deactivate")]
 
 
 def test_slurm_tasks_on_node():

@@ -1,4 +1,5 @@
-"""Our JAX samplers reproduce diffusers' DDIM, DPM-Solver++(2M) and Euler schedulers (PyTorch, fp32)."""
+"""Our JAX samplers reproduce diffusers' DDIM, DPM-Solver++(2M), Euler and Euler ancestral schedulers,
+with and without Karras sigmas (PyTorch, fp32); the ancestral steps get the same noise as ours."""
 import itertools
 
 import jax
@@ -6,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
 from jax_inversion.samplers import SAMPLERS, make_sampler, sample_loop
 
@@ -32,7 +34,16 @@ EXTRA = [
     ("dpm++2m", "sample", "trailing", 10, {"rescale_betas_zero_snr": True}),
     ("ddim", "sample", "linspace", 12, {"clip_sample": True, "clip_sample_range": 0.8, "set_alpha_to_one": True}),
     ("ddim", "v_prediction", "trailing", 10, {"rescale_betas_zero_snr": True, "steps_offset": 0}),
+    ("euler_a", "epsilon", "linspace", 20, {}),
+    ("euler_a", "v_prediction", "trailing", 10, {"rescale_betas_zero_snr": True}),
+    ("euler_karras", "epsilon", "linspace", 20, {"final_sigmas_type": "sigma_min"}),
+    ("euler_karras", "v_prediction", "linspace", 12, {"sigma_min": 0.1, "sigma_max": 10.0}),
+    ("dpm++2m_karras", "epsilon", "linspace", 20, {}),
+    ("dpm++2m_karras", "sample", "linspace", 25, {"final_sigmas_type": "sigma_min"}),
+    ("dpm++2m_karras", "epsilon", "linspace", 12, {"beta_schedule": "squaredcos_cap_v2"}),
+    ("dpm++2m_karras", "v_prediction", "trailing", 10, {"rescale_betas_zero_snr": True}),
 ]
+KEY = jax.random.PRNGKey(42)  # the per-step noise of euler_a
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,18 +56,31 @@ def single_torch_thread():
 
 
 def torch_scheduler(name, config):
+    karras = name.endswith("_karras")
     if name == "ddim":
         return DDIMScheduler.from_config(config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler.from_config(config)
+    if name.startswith("euler"):
+        return EulerDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
     return DPMSolverMultistepScheduler.from_config(
-        config, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True, use_karras_sigmas=False
+        config, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True, use_karras_sigmas=karras
     )
+
+
+def feed_step_noise(monkeypatch, sampler, shape):
+    """diffusers' ancestral step draws its noise with ``randn_tensor``: hand it ours (``KEY`` folded
+    with each step index), NCHW, in step order. Returns a check that every step took one."""
+    noises = iter([nchw(sampler.step_noise(KEY, i, shape)) for i in range(sampler.num_steps)] if sampler.stochastic else [])
+    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", lambda shape, **kwargs: next(noises))
+    return lambda: next(noises, None) is None
 
 
 def torch_sample(scheduler, denoise, noise, steps):
     """The diffusers pipeline loop: scale the noise, then scale input, denoise and step per timestep."""
     scheduler.set_timesteps(steps)
+    if hasattr(scheduler, "set_begin_index"):  # else repeated timesteps (Karras, cosine betas) throw its step index off
+        scheduler.set_begin_index(0)
     x = noise * scheduler.init_noise_sigma
     with torch.no_grad():
         for t in scheduler.timesteps:
@@ -82,14 +106,20 @@ def nchw(x):
 
 
 @pytest.mark.parametrize("name,prediction,spacing,steps,extra", GRID + EXTRA)
-def test_toy_denoiser_matches_diffusers(name, prediction, spacing, steps, extra):
+def test_toy_denoiser_matches_diffusers(name, prediction, spacing, steps, extra, monkeypatch):
     config = {**SD_CONFIG, "prediction_type": prediction, "timestep_spacing": spacing, **extra}
     sampler = make_sampler(name, config, steps)
+    assert sampler.name == name
     reference = torch_scheduler(name, config)
     noise = noise_nhwc()
+    all_noise_used = feed_step_noise(monkeypatch, sampler, noise.shape)
     expected = torch_sample(reference, toy_torch, nchw(noise), steps)
+    assert all_noise_used()
 
-    np.testing.assert_array_equal(sampler.timesteps, reference.timesteps.numpy())
+    if name == "euler_karras":  # fractional timesteps of the sigmas; torch's float32 pow(0.5) is off sqrt by an ulp here and there
+        np.testing.assert_allclose(sampler.timesteps, reference.timesteps.numpy(), rtol=1e-6, atol=0)
+    else:
+        np.testing.assert_array_equal(sampler.timesteps, reference.timesteps.numpy())
     assert sampler.timesteps.shape == (steps,)
     assert sampler.init_noise_sigma == pytest.approx(float(reference.init_noise_sigma), rel=1e-6)
     if name == "ddim":
@@ -99,7 +129,7 @@ def test_toy_denoiser_matches_diffusers(name, prediction, spacing, steps, extra)
         np.testing.assert_allclose(sampler.sigmas, reference.sigmas.numpy(), rtol=1e-6)
 
     latents = jnp.asarray(noise) * sampler.init_noise_sigma
-    ours = jax.jit(lambda x: sample_loop(sampler, toy_jax, x))(latents)
+    ours = jax.jit(lambda x: sample_loop(sampler, toy_jax, x, key=KEY))(latents)
     ours = np.asarray(ours).transpose(0, 3, 1, 2)
     assert np.isfinite(ours).all()
     assert np.abs(ours - noise.transpose(0, 3, 1, 2)).max() > 0.1
@@ -111,15 +141,31 @@ def test_eager_steps_and_gradients_agree_with_loop(name):
     config = {**SD_CONFIG, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
     sampler = make_sampler(name, config, 6)
     latents = sampler.initial_latents(jnp.asarray(noise_nhwc(seed=1)))
-    run = jax.jit(lambda x: sample_loop(sampler, toy_jax, x))
+    run = jax.jit(lambda x: sample_loop(sampler, toy_jax, x, key=KEY))
     x, state = latents, sampler.init_state(latents)
     for i in range(sampler.num_steps):
         out = toy_jax(sampler.scale_model_input(x, i), jnp.asarray(sampler.timesteps[i]), i)
-        x, state = sampler.step(state, out, i, x)
+        x, state = sampler.step(state, out, i, x, sampler.step_noise(KEY, i, x.shape))
     np.testing.assert_allclose(np.asarray(x), np.asarray(run(latents)), atol=1e-6, rtol=0)
     assert float(sampler.sigma(0)) > float(sampler.sigma(sampler.num_steps - 1)) > 0
     grad = jax.grad(lambda x: run(x).sum())(latents)
     assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) > 0
+
+
+def test_euler_a_noise_follows_the_key():
+    """Same key, same latents; another key, other latents (all steps but the last add noise); no key: an error."""
+    sampler = make_sampler("euler_a", SD_CONFIG, 8)
+    latents = sampler.initial_latents(jnp.asarray(noise_nhwc(seed=2)))
+    run = jax.jit(lambda x, key: sample_loop(sampler, toy_jax, x, key=key))
+    first, again, other = (np.asarray(run(latents, k)) for k in (KEY, KEY, jax.random.PRNGKey(43)))
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-2
+    assert sampler.stochastic and sampler.sigma_space and not make_sampler("euler_karras", SD_CONFIG, 8).stochastic
+    assert float(sampler.coefs["sigma_up"][-1]) == 0.0 and (sampler.coefs["sigma_up"][:-1] > 0).all()
+    with pytest.raises(ValueError, match="PRNG key"):
+        sample_loop(sampler, toy_jax, latents)
+    with pytest.raises(ValueError, match="step noise"):
+        sampler.step((), latents, 0, latents)
 
 
 def test_unknown_sampler_and_bad_configs_raise():
@@ -144,7 +190,7 @@ def _unet_pair(path):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd1", "tiny_sd2"])
-def test_tiny_unet_with_guidance_matches_diffusers(fixture, request):
+def test_tiny_unet_with_guidance_matches_diffusers(fixture, request, monkeypatch):
     """10 guided steps of each sampler with our Flax UNet equal diffusers' pipeline loop with its UNet.
 
     The bound is 1e-4 absolute, or 10 ppm of the latents' range where the random epsilon model
@@ -172,11 +218,12 @@ def test_tiny_unet_with_guidance_matches_diffusers(fixture, request):
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + guidance * (out_cond - out_uncond)
 
-    for name in SAMPLERS:
+    for name in ("ddim", "dpm++2m", "euler", "euler_a"):  # the Karras ones differ only in tables (the toy test)
         sampler = make_sampler(name, config, 10)
+        feed_step_noise(monkeypatch, sampler, noise.shape)
         expected = torch_sample(torch_scheduler(name, config), denoise_torch, nchw(noise), 10)
         latents = sampler.initial_latents(jnp.asarray(noise))
-        result = jax.jit(lambda x: sample_loop(sampler, denoise_jax, x))(latents)
+        result = jax.jit(lambda x: sample_loop(sampler, denoise_jax, x, key=KEY))(latents)
         result = np.asarray(result).transpose(0, 3, 1, 2)
         assert np.abs(expected - noise.transpose(0, 3, 1, 2) * sampler.init_noise_sigma).max() > 0.1
         diff = np.abs(result - expected).max()

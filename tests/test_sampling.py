@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -143,11 +144,19 @@ def test_sample_and_attention_commands_write_pngs(one_level_sd1, tmp_path):
     embedding = write_embedding_file(str(tmp_path / "ball.safetensors"), "diffusers", "<ball>", {"text_encoder": rows})
     out = tmp_path / "grid.png"
     done = _cli("sample", f"--model={one_level_sd1}", f"--embedding={embedding}", "--prompt=a photo of <ball>",
-                "--num-images=4", "--steps=4", "--scheduler=dpm++2m", f"--out={out}")
+                "--num-images=4", "--steps=4", "--scheduler=dpm++2m", "--clip-skip=2", f"--out={out}")
     assert done.returncode == 0, done.stderr[-2000:]
     image = Image.open(out)
     assert image.size == (64, 64)  # 2 x 2 grid of 32 px images
-    assert image.text["prompt"] == "a photo of <ball>" and image.text["seed"] == "0"
+    assert image.text["prompt"] == "a photo of <ball>" and image.text["seed"] == "0" and image.text["clip_skip"] == "2"
+    # the command drew what the library draws for the same request: its flags reached the sampler
+    from jax_inversion.conditioning import with_clip_skip
+    from jax_inversion.loading import load_pretrained
+
+    request = sampling.SampleRequest("a photo of <ball>", num_images=4, steps=4, scheduler="dpm++2m")
+    model = with_clip_skip(load_pretrained(one_level_sd1), 2)
+    expected = sampling.image_grid(sampling.generate(model, sampling.tokens_from_file(embedding), request).images)
+    assert np.abs(np.asarray(image.convert("RGB"), np.int16) - expected.astype(np.int16)).max() <= 1
     assert np.asarray(image).std() > 5
 
     folder = tmp_path / "maps"
@@ -167,7 +176,7 @@ def test_sample_and_attention_commands_write_pngs(one_level_sd1, tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.heavy(19)
+@pytest.mark.heavy(27)
 def test_validation_grids_during_training(one_level_sd1, tmp_path):
     from tests.helpers import make_config
 
@@ -175,38 +184,125 @@ def test_validation_grids_during_training(one_level_sd1, tmp_path):
     from jax_inversion.train import train
 
     config = make_config(one_level_sd1, write_concept_images(str(tmp_path / "images"), count=2), num_steps=2,
-                         checkpoint_every=2, log_every=1, validation_every=2, validation_steps=3, validation_images=2)
+                         checkpoint_every=2, log_every=1, validation_every=2, validation_steps=3, validation_images=2,
+                         validation_scheduler="euler_a", validation_negative_prompt="blurry", validation_at_start=True)
     config.train.validation_prompts = ("a photo of <ball>", "<ball> on the beach")
     workdir = str(tmp_path / "run")
     train(config, workdir)
     image = Image.open(os.path.join(workdir, "validation", "step_000002.png"))
     assert image.size == (2 * 32, 2 * 32)  # one row per prompt, one column per image
-    assert json.loads(json.dumps(image.text))["prompts"] == "a photo of <ball> | <ball> on the beach"
+    text = json.loads(json.dumps(image.text))
+    assert text["prompts"] == "a photo of <ball> | <ball> on the beach"
+    assert (text["negative_prompt"], text["scheduler"], text["steps"]) == ("blurry", "euler_a", "3")
     grid = np.asarray(image.convert("RGB"))
+    start = Image.open(os.path.join(workdir, "validation", "step_000000.png"))  # validation_at_start: the initial rows
+    assert start.text["step"] == "0" and start.size == image.size
+    start = np.asarray(start.convert("RGB"))
+    assert start.std() > 5 and not np.array_equal(start, grid)
 
-    # The grid is what sampling the step-2 checkpoint with the same settings draws, on a freshly loaded model.
+    # The grid is what sampling the step-2 checkpoint with the same settings (the `sample` command's
+    # path, negative prompt included) draws, on a freshly loaded model; the negative prompt changes it.
     from jax_inversion.loading import load_pretrained
     from jax_inversion.sampling import SampleRequest, generate, image_grid, tokens_from_run
 
     model_path, learned = tokens_from_run(workdir, step=2)
     model = load_pretrained(model_path)
-    rows = [image_grid(generate(model, learned, SampleRequest(prompt, num_images=2, steps=3, seed=config.seed)).images, columns=2)
-            for prompt in config.train.validation_prompts]
+    cache = {}  # one compiled loop for the three draws
+    draw = lambda prompt, negative: image_grid(generate(model, learned, SampleRequest(
+        prompt, negative_prompt=negative, num_images=2, steps=3, scheduler="euler_a", seed=config.seed), cache=cache).images, columns=2)
+    rows = [draw(prompt, "blurry") for prompt in config.train.validation_prompts]
     np.testing.assert_array_equal(grid, np.concatenate(rows))
     assert grid[:32].std() > 5 and not np.array_equal(grid[:32], grid[32:])  # images, and the prompts differ
+    assert np.abs(draw(config.train.validation_prompts[0], "").astype(int) - grid[:32]).max() > 10
 
-    # TensorBoard holds the same grid under "validation" at step 2.
+    # TensorBoard holds the same grids under "validation" at steps 0 (first of all events) and 2.
     from tensorboardX.proto import event_pb2
 
     (events,) = [os.path.join(workdir, "tensorboard", f) for f in os.listdir(os.path.join(workdir, "tensorboard"))]
-    logged = {}
+    logged, order = {}, []
     with open(events, "rb") as f:
         while header := f.read(12):  # TFRecord: uint64 length, uint32 crc, data, uint32 crc
             data = f.read(int.from_bytes(header[:8], "little"))
             f.read(4)
             event = event_pb2.Event.FromString(data)
             for value in event.summary.value:
+                order.append((value.tag, event.step))
                 if value.tag == "validation":
                     logged[event.step] = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)).convert("RGB"))
-    assert list(logged) == [2]
+    assert list(logged) == [0, 2]
+    assert order[0] == ("validation", 0)  # before the first step's metrics
+    np.testing.assert_array_equal(logged[0], start)
     np.testing.assert_array_equal(logged[2], grid)
+
+
+def test_clip_skip_equals_diffusers_and_is_what_sample_reads(one_level_sd1):
+    """clip_skip N (A1111/kohya numbering) conditions on the N-th layer from the end through the final LayerNorm:
+    equal to diffusers' encode_prompt(clip_skip=N - 1); SDXL and out-of-range values are one line."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from jax_inversion import tokens as tokens_lib
+    from jax_inversion.conditioning import text_conditioning, with_clip_skip
+    from jax_inversion.errors import ConfigError
+    from jax_inversion.loading import load_pretrained
+
+    base = load_pretrained(one_level_sd1, components=("text_encoder",))
+    pipe = StableDiffusionPipeline.from_pretrained(one_level_sd1, safety_checker=None, torch_dtype=torch.float32)
+    # diffusers 0.42's clip_skip path reads transformers 4's `text_model` wrapper; transformers 5's CLIPTextModel holds
+    # final_layer_norm itself: alias it (outside nn.Module's registry) so diffusers' own code runs unchanged.
+    if not hasattr(pipe.text_encoder, "text_model"):
+        object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)
+    prompts = ["a red ball", "a photo of a cube on the beach"]
+    ids = {"text_encoder": jnp.asarray(sampling.data_lib.tokenize_prompts(base.tokenizer, prompts))}
+    placeholder = {"text_encoder": tokens_lib.add_placeholder_tokens(base.tokenizer, ["<clip-skip-test>"])}
+    rows = {"text_encoder": jnp.zeros((1, base.text_encoder.config.hidden_size))}
+    layers = base.text_encoder.config.num_hidden_layers
+    assert layers >= 2
+    for skip in (1, 2):
+        model = with_clip_skip(base, skip)
+        frozen = {"text_encoder": model.text_encoder_params}
+        ours, _ = text_conditioning(model, frozen, ids, rows, placeholder, 64)
+        with torch.no_grad():
+            ref, _ = pipe.encode_prompt(prompts, "cpu", 1, False, clip_skip=None if skip == 1 else skip - 1)
+        np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=2e-5)
+    assert not np.allclose(np.asarray(text_conditioning(with_clip_skip(base, 2), frozen, ids, rows, placeholder, 64)[0]),
+                           np.asarray(text_conditioning(base, frozen, ids, rows, placeholder, 64)[0]), atol=1e-3)
+    for bad in (0, layers + 1):
+        with pytest.raises(ConfigError, match=f"clip_skip {bad} is out of range"):
+            with_clip_skip(base, bad)
+
+
+def test_overlong_sampling_prompt_warns(model, caplog):
+    """A prompt longer than the 77 positions CLIP reads is cut, with a warning naming it."""
+    import logging
+
+    rows = np.zeros((1, model.text_encoder.config.hidden_size), np.float32)
+    learned = _learned(rows, "<long-prompt-test>")
+    placeholder_ids = sampling.add_tokens(model, learned)
+    long_prompt = "a " + " ".join(["red ball"] * 60)
+    with caplog.at_level(logging.WARNING, logger="jax_inversion"):
+        sampling.prompt_states(model, placeholder_ids, learned, ["a <long-prompt-test>", long_prompt], 64)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "123 tokens but the text encoder reads 77" in messages[0]
+
+
+def test_a_second_validation_compiles_nothing(model, tmp_path):
+    """Validation during training: the text encoder, the sampling loop and the VAE decoder are compiled on the first
+    grid; a second grid from new rows lowers no program at all (counted with jax.monitoring's lowering events)."""
+    from jax._src import dispatch
+
+    lowered = []
+    listener = lambda event, duration, **_: lowered.append(event) if event == dispatch.JAXPR_TO_MLIR_MODULE_EVENT else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        validator = sampling.Validator(model, str(tmp_path), ["a photo of <val-ball>", "<val-ball> on the beach"],
+                                       num_images=2, steps=3, negative_prompt="blurry")
+        meta = {"layout": {"tokens": ["<val-ball>", "<val-ball>_1"]}, "placeholder_token": "<val-ball>"}
+        rows = np.random.default_rng(0).standard_normal((2, model.text_encoder.config.hidden_size)).astype(np.float32)
+        validator(1, {"text_encoder": rows}, meta)
+        first = len(lowered)
+        validator(2, {"text_encoder": rows * 0.5}, meta)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert first >= 1 and len(lowered) == first, (first, len(lowered))  # (programs other tests compiled are reused)
+    assert os.path.exists(tmp_path / "validation" / "step_000002.png")

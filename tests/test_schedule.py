@@ -206,6 +206,15 @@ def test_everything_under_jit():
     np.testing.assert_allclose(np.asarray(weights), np.asarray(min_snr_weights(schedule, t, 5.0)), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(ratio), np.asarray(snr(schedule, t)), rtol=1e-6)
 
+    # Gradients of the noising and the v target by hand: noisy = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise,
+    # v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0, abar from SD's scaled-linear betas computed here in numpy.
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    abar = np.cumprod(1.0 - betas)[np.asarray(t)].reshape(-1, 1, 1, 1)
+    d_noisy = jax.grad(lambda a, b: add_noise(schedule, a, b, t).sum(), argnums=(0, 1))(x0, noise)
+    d_target = jax.grad(lambda a, b: training_target(schedule, a, b, t).sum(), argnums=(0, 1))(x0, noise)
+    for got, want in zip(d_noisy + d_target, (np.sqrt(abar), np.sqrt(1 - abar), -np.sqrt(1 - abar), np.sqrt(abar))):
+        np.testing.assert_allclose(np.asarray(got), np.broadcast_to(want, x0.shape), rtol=1e-5)
+
     leaves, treedef = jax.tree_util.tree_flatten(schedule)
     assert len(leaves) == 1
     rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,4 +1,5 @@
 """SDXL-style models: parity with two text encoders and added embeddings, training, sdxl export."""
+import jax
 import numpy as np
 
 from jax_inversion.checkpoints import read_run
@@ -46,3 +47,38 @@ def test_sdxl_train_and_export_loads_in_diffusers(tiny_sdxl, tmp_path):
     id_g = pipe.tokenizer_2.convert_tokens_to_ids("<ball>")
     assert np.array_equal(pipe.text_encoder.get_input_embeddings().weight[id_l].detach().numpy(), rows_l[0])
     assert np.array_equal(pipe.text_encoder_2.get_input_embeddings().weight[id_g].detach().numpy(), rows_g[0])
+
+
+def test_sdxl_sample_equals_diffusers(tiny_sdxl):
+    """`sample` on SDXL: a learned token in both encoders, guidance, DDIM; the same initial latents through
+    diffusers' StableDiffusionXLPipeline end where ours do. No negative prompt is diffusers' zeros
+    (force_zeros_for_empty_prompt), a negative prompt is encoded by both encoders."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    from jax_inversion import sampling
+    from jax_inversion.loading import load_pretrained
+
+    rng = np.random.default_rng(0)
+    rows = {"text_encoder": rng.standard_normal((1, 32)).astype(np.float32) * 0.3,
+            "text_encoder_2": rng.standard_normal((1, 48)).astype(np.float32) * 0.3}
+    learned = sampling.LearnedTokens({"<ball>": ["<ball>"]}, rows)
+    model = load_pretrained(tiny_sdxl)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float32)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_textual_inversion(torch.from_numpy(rows["text_encoder"]), token="<ball>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(torch.from_numpy(rows["text_encoder_2"]), token="<ball>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    pipe.set_progress_bar_config(disable=True)
+    side = model.unet.config.sample_size
+    resolution = side * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    for negative in ("", "a blue cube"):
+        request = sampling.SampleRequest("a photo of <ball>", negative_prompt=negative, num_images=2, steps=4, scheduler="ddim")
+        ours = sampling.generate(model, learned, request)
+        noise = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, side, side, model.unet.config.in_channels)))
+        with torch.no_grad():
+            ref = pipe("a photo of <ball>", negative_prompt=negative or None, num_inference_steps=4, guidance_scale=7.5,
+                       latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()), output_type="latent",
+                       height=resolution, width=resolution, num_images_per_prompt=2).images
+        np.testing.assert_allclose(ours.latents, ref.numpy().transpose(0, 2, 3, 1), atol=2e-4, err_msg=f"negative {negative!r}")

@@ -236,7 +236,7 @@ def test_score_concept_reads_identity_composition_and_transfer(monkeypatch, tmp_
     concept = concepts.CONCEPTS["checkered"]
     info = concepts.write_concept("checkered", str(tmp_path / "checkered"), count=4)
     detector = detector_lib.load_detector(SHIPPED_DETECTOR)
-    pooled = {}
+    pooled, runs = {}, {}
     for leaks in (False, True):
         monkeypatch.setattr(ev, "generate", _stand_in_generator(concept, leaks))
         scores = ev.score_concept(None, detector, None, "<c>", info, ev.EvalSettings(images_per_prompt=3), transfer_token="<c>",
@@ -244,7 +244,7 @@ def test_score_concept_reads_identity_composition_and_transfer(monkeypatch, tmp_
         assert [s.prompt for s in scores] == ["a <c>", "a <c> and a red square", "a <c> and a yellow triangle", "a <c> and a white moon",
                                               "a red <c> square", "a yellow <c> triangle"]
         assert [len(s.concept) for s in scores] == [4, 3, 3, 3, 3, 3]
-        pooled[leaks] = ev.summary(scores)
+        pooled[leaks], runs[leaks] = ev.summary(scores), scores
     faithful, leaky = pooled[False], pooled[True]
     for key in ("identity/concept", "composition/concept", "composition/companion", "composition/both", "transfer/concept", "transfer/companion"):
         assert faithful[key] == (1.0, 1.0, 1.0), (key, faithful[key])
@@ -254,8 +254,12 @@ def test_score_concept_reads_identity_composition_and_transfer(monkeypatch, tmp_
     only = ev.score_concept(None, detector, None, "<c>", info, ev.EvalSettings(images_per_prompt=3), transfer_token="<c>",
                             kinds=("identity", "transfer"))
     assert [s.prompt for s in only] == ["a <c>", "a red <c> square", "a yellow <c> triangle"]
-    table = ev.markdown_table([("faithful", scores)])
-    assert "| faithful | a red <c> square | 3 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | 0.00 [0.00, 0.00] | 1.00 [1.00, 1.00] |" in table
+    table = ev.markdown_table([("faithful", runs[False]), ("leaky", runs[True])]).splitlines()
+    # columns: concept found, companion found, both, leakage (then image alignment)
+    assert any(line.startswith("| faithful | a red <c> square | 3 | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] "
+                               "| 0.00 [0.00, 0.00] |") for line in table), table
+    assert any(line.startswith("| leaky | a red <c> square | 3 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | 0.00 [0.00, 0.00] "
+                               "| 1.00 [1.00, 1.00] |") for line in table), table
 
 
 def test_bootstrap_interval_against_hand_values():

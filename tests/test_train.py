@@ -225,7 +225,7 @@ def test_bad_input_is_one_line_and_keeps_workdir(name, extra, needles, existing_
 def test_unknown_config_key_and_unwritable_workdir(one_level_sd1, tmp_path):
     unknown = _cli(f"--workdir={tmp_path}/w", "--config.train.not_a_key=1")
     assert unknown.stderr.strip().splitlines() == [
-        "train: unknown config key 'not_a_key' in the --config.* flags: see jax_inversion/configs/ for the keys"
+        "train: unknown config key 'train.not_a_key' in the --config.* flags: see jax_inversion/configs/ for the keys"
     ]
     assert unknown.returncode != 0 and not (tmp_path / "w").exists()
     _one_line_error(_cli(f"--workdir={tmp_path}/w", "--config.train.num_steps=abc"), "num_steps", "invalid literal")
@@ -317,3 +317,28 @@ def test_the_step_is_compiled_before_step_one_and_a_step_too_big_for_the_device_
     assert "\n" not in message and "GiB per device" in message and "--config.train.remat=dots" in message
     assert "--config.train.batch_size" in message
     assert CheckpointManager(small, 1, 1, read_only=True).latest_step() is None
+
+
+def test_overlong_prompts_and_bad_clip_skip_fail_before_the_workdir(one_level_sd1, concept_dir, tmp_path):
+    """A template or caption longer than CLIP's 77 positions (tokens expanded) is one line naming it, its length and
+    the limit; so is a clip_skip the text encoder cannot give. Nothing is written."""
+    from jax_inversion.data import DataError
+    from jax_inversion.errors import ConfigError
+
+    workdir = tmp_path / "w"
+    config = make_config(one_level_sd1, concept_dir)
+    config.data.templates = ("a photo of {} with " + "a red ball " * 24,)  # 3 + 2 vectors + 1 + 72 words + start, end = 80
+    with pytest.raises(DataError, match=r"is 80 tokens but the text encoder reads 77 \(start and end included\)"):
+        train(config, str(workdir))
+    caption_dir = tmp_path / "captioned"
+    write_concept_images(str(caption_dir), count=2)
+    (caption_dir / "ball_0.txt").write_text("a photo of <ball> " + "red " * 80)
+    config = make_config(one_level_sd1, str(caption_dir))
+    config.data.caption_extension = ".txt"
+    with pytest.raises(DataError, match="the caption of .*ball_0.png"):
+        train(config, str(workdir))
+    config = make_config(one_level_sd1, concept_dir)
+    config.clip_skip = 99
+    with pytest.raises(ConfigError, match="clip_skip 99 is out of range"):
+        train(config, str(workdir))
+    assert not workdir.exists() or not any(workdir.iterdir())

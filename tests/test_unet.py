@@ -80,7 +80,8 @@ def test_separate_key_value_states_and_per_layer_override(sd2):
     # Overriding one layer changes the output, but less than overriding all of them.
     one = {"mid_block.attentions.0.transformer_blocks.0.attn2": (other, other)}
     single = apply(params, sample, t, Conditioning(states, layer_states=one))
-    assert 0 < float(jnp.abs(single - base).max())
+    change = lambda out: float(jnp.abs(out - base).mean())
+    assert 0 < change(single) < change(both), (change(single), change(both))
 
 
 def test_value_states_match_torch_attention(tiny_sd2, sd2):

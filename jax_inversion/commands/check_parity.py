@@ -7,7 +7,11 @@ import tempfile
 from absl import flags
 
 _MODEL = flags.DEFINE_string(
-    "model", None, "diffusers-format model directory or hub id; default: a tiny random model built here"
+    "model", None, "diffusers-format model directory, hub id or single-file .safetensors/.ckpt (its PyTorch side: "
+    "diffusers' from_single_file); default: a tiny random model built here"
+)
+_MODEL_TOKENIZER = flags.DEFINE_string(
+    "model_tokenizer", "", "tokenizer(s) for --model: a diffusers model or tokenizer folder (a single file has none)"
 )
 _TOLERANCE = flags.DEFINE_float("tolerance", 1e-4, "largest max-abs difference (fp32) that passes")
 _LATENT_SIZE = flags.DEFINE_integer("latent_size", None, "UNet latent side (default: min(sample_size, 32))")
@@ -33,7 +37,8 @@ def main(argv) -> None:
         path = make_tiny_model(tempfile.mkdtemp(prefix="jax_inversion_tiny_"))
         print(f"no --model given: built a tiny random SD1-style model in {path}")
     try:
-        results = check_parity(path, latent_size=_LATENT_SIZE.value, batch=_BATCH.value, seed=_SEED.value)
+        results = check_parity(path, latent_size=_LATENT_SIZE.value, batch=_BATCH.value, seed=_SEED.value,
+                               model_tokenizer=_MODEL_TOKENIZER.value)
     except ModelLoadError as e:
         sys.exit(f"check-parity: {e}")
     failed = False

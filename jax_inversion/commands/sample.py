@@ -20,7 +20,7 @@ def main(argv) -> None:
         result = sampling.generate(model, learned, request)
         path = f.out_path(sampling.prompt_file_name(request.prompt, request.seed))
         info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
-                "steps": request.steps, "guidance": request.guidance, "scheduler": request.scheduler,
+                "steps": request.steps, "guidance": request.guidance, "scheduler": request.scheduler, "clip_skip": model.clip_skip,
                 "layout_guidance": request.layout_guidance, "boxes": list(result.boxes)}
         sampling.save_png(path, sampling.image_grid(result.images), info)
     print(f"wrote {path}")

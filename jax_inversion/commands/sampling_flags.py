@@ -7,7 +7,10 @@ from jax_inversion.samplers import SAMPLERS
 
 WORKDIR = flags.DEFINE_string("workdir", None, "a training run: its model and learned tokens (latest checkpoint or --step)")
 STEP = flags.DEFINE_integer("step", None, "checkpoint step of --workdir (default: the latest)")
-MODEL = flags.DEFINE_string("model", None, "diffusers-format model directory or hub id (with --embedding; overrides the run's model)")
+MODEL = flags.DEFINE_string("model", None, "diffusers-format model directory, hub id or single-file .safetensors/.ckpt "
+                            "(with --embedding; overrides the run's model)")
+MODEL_TOKENIZER = flags.DEFINE_string("model-tokenizer", None, "tokenizer(s) for the model: a diffusers model or tokenizer "
+                                      "folder (default: the run's config.model_tokenizer, else the model's own)")
 EMBEDDING = flags.DEFINE_string("embedding", None, "an exported embedding file (diffusers, A1111, SDXL or extended) instead of --workdir")
 TOKEN = flags.DEFINE_string("token", None, "the token of an --embedding file that does not name it, e.g. '<cat>'")
 PROMPT = flags.DEFINE_string("prompt", None, "the prompt, using the learned tokens, e.g. 'a photo of <cat> on the beach'")
@@ -15,8 +18,13 @@ NEGATIVE = flags.DEFINE_string("negative-prompt", "", "negative prompt (the unco
 NUM_IMAGES = flags.DEFINE_integer("num-images", 4, "images to draw (sharded over devices when divisible)")
 STEPS = flags.DEFINE_integer("steps", 50, "denoising steps")
 GUIDANCE = flags.DEFINE_float("guidance", 7.5, "classifier-free guidance scale")
-SCHEDULER = flags.DEFINE_enum("scheduler", "ddim", list(SAMPLERS), "sampler")
+SCHEDULER = flags.DEFINE_enum(
+    "scheduler", "ddim", list(SAMPLERS), "sampler; A1111's DDIM, DPM++ 2M, Euler, Euler a, DPM++ 2M Karras, Euler Karras "
+    "are ddim, dpm++2m, euler, euler_a, dpm++2m_karras, euler_karras")
 SEED = flags.DEFINE_integer("seed", 0, "seed of the initial noise")
+CLIP_SKIP = flags.DEFINE_integer(
+    "clip-skip", None, "SD 1/2: condition on the text encoder's N-th layer from the end (A1111's Clip skip; 2 for anime "
+    "models); default: what the tokens were trained with (the run's config, or the file's jax_inversion.clip_skip), else 1")
 OUT = flags.DEFINE_string("out", None, "output PNG (a folder: the file is named after the prompt and seed)")
 LAYOUT_GUIDANCE = flags.DEFINE_bool("layout-guidance", False, "Compositional Inversion's spatial inversion while sampling")
 LAYOUT_WORDS = flags.DEFINE_list("layout-words", [], "prompt words/tokens to place, e.g. '<cat>,dog' (default: the learned tokens)")
@@ -39,20 +47,24 @@ def parse_boxes(text: str) -> tuple:
 
 
 def load_source(command: str):
-    """``(model, learned tokens)`` from --workdir or --model + --embedding."""
+    """``(model, learned tokens)`` from --workdir or --model + --embedding, the model read at --clip-skip."""
+    from jax_inversion.conditioning import with_clip_skip
     from jax_inversion.loading import load_pretrained
-    from jax_inversion.sampling import SamplingError, tokens_from_file, tokens_from_run
+    from jax_inversion.sampling import SamplingError, run_source, tokens_from_file
 
     if bool(WORKDIR.value) == bool(EMBEDDING.value):
         raise SamplingError("pass either --workdir DIR (a training run) or --model DIR --embedding FILE")
     if WORKDIR.value:
-        model_path, learned = tokens_from_run(WORKDIR.value, STEP.value)
+        model_path, tokenizer, learned = run_source(WORKDIR.value, STEP.value)
         model_path = MODEL.value or model_path
+        tokenizer = "" if MODEL.value else tokenizer  # another model: its own tokenizer unless --model-tokenizer
     else:
         if not MODEL.value:
             raise SamplingError("--embedding needs --model: the diffusers-format model the embedding was trained for")
-        model_path, learned = MODEL.value, tokens_from_file(EMBEDDING.value, TOKEN.value)
-    return load_pretrained(model_path), learned
+        model_path, tokenizer, learned = MODEL.value, "", tokens_from_file(EMBEDDING.value, TOKEN.value)
+    tokenizer = tokenizer if MODEL_TOKENIZER.value is None else MODEL_TOKENIZER.value
+    clip_skip = learned.clip_skip if CLIP_SKIP.value is None else CLIP_SKIP.value
+    return with_clip_skip(load_pretrained(model_path, tokenizer=tokenizer), clip_skip), learned
 
 
 def request(attention_resolution: int = 0):

@@ -7,13 +7,37 @@ The recipe is the original one: base learning rate 5e-3 scaled by the global bat
     jax-inversion train --config configs/ti.py --workdir DIR \
         --config.model=PATH --config.data.concept_dir=DIR \
         --config.data.placeholder_token='<cat>' --config.data.initializer_token=cat
+
+``train.num_steps``, ``data.num_vectors`` and ``train.min_timestep`` are None ("unset") here:
+:func:`resolve_unset` gives them :data:`UNSET_DEFAULTS` (5,000, 1, 0) before anything reads them,
+or the embedded default job's values (2,000, 8, 200: ``default_job.py``) when training on it. A value
+given (``--config.train.num_steps=5000``, a method config's own) is always kept.
 """
+import copy
+
 import ml_collections
+
+# The documented defaults of the fields left None by get_config (see the module docstring).
+UNSET_DEFAULTS = {"train.num_steps": 5000, "data.num_vectors": 1, "train.min_timestep": 0}
+
+
+def resolve_unset(config: ml_collections.ConfigDict, defaults: dict = None) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose unset (None) fields of :data:`UNSET_DEFAULTS` hold ``defaults``'
+    value for them, else :data:`UNSET_DEFAULTS`'; fields holding a value keep it. Idempotent."""
+    values = {**UNSET_DEFAULTS, **(defaults or {})}
+    resolved = copy.deepcopy(config)
+    for path, value in values.items():
+        group, key = path.split(".")
+        if group in resolved and key in resolved[group] and resolved[group][key] is None:
+            resolved[group][key] = value
+    return resolved
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.model = ""  # diffusers-format directory or hub id; "" = the shipped toy-world model
+    config.model = ""  # diffusers-format directory, hub id, or single-file .safetensors/.ckpt (A1111 layout); "" = the shipped toy-world model
+    config.model_tokenizer = ""  # tokenizer(s) to use instead of the model's: a diffusers model or tokenizer folder (a single file has none; README)
+    config.clip_skip = 1  # SD 1/2: condition on the text encoder's N-th layer from the end (A1111's "Clip skip"; 2 for anime models)
     config.seed = 0
     config.dtype = "auto"  # frozen models' dtype: auto = bfloat16 on GPU/TPU, float32 on CPU; or float32, bfloat16, float16
     config.attention_backend = "auto"  # auto, xla, chunked, cudnn or pallas (jax_inversion/platform.py)
@@ -24,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.concept_dir = ""  # "" with model "" = the toy world's unnamed star
     config.data.placeholder_token = "<concept>"
     config.data.initializer_token = ""  # a word or phrase spread over the vectors in order (see tokens.initializer_groups); "" = random init
-    config.data.num_vectors = 1
+    config.data.num_vectors = ml_collections.config_dict.placeholder(int)  # vectors of the placeholder; unset: 1 (8 on the embedded default)
     config.data.learnable_property = "object"  # "object" | "style"
     config.data.templates = ml_collections.config_dict.placeholder(tuple)  # custom templates with one "{}"
     config.data.caption_extension = ""  # e.g. ".txt": a caption file beside an image (holding "{}" or the placeholder) is its prompt; images without one use the templates
@@ -48,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.separate_kv = False  # separate rows feeding cross-attention keys and values
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 5000  # steps of the concept phase
+    config.train.num_steps = ml_collections.config_dict.placeholder(int)  # steps of the concept phase; unset: 5000 (2000 on the embedded default)
     config.train.subject_steps = 0  # steps of the subject phase before it (with data.subject_token)
     config.train.batch_size = 8  # global batch, split over all devices
     config.train.learning_rate = 5e-3  # base rate: times the global batch with scale_lr (0.04 at batch 8)
@@ -62,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.weight_decay = 1e-2  # applies to the learned rows only; frozen rows never move
     config.train.max_grad_norm = 0.0  # 0 = no clipping (the original recipes clip nothing)
     config.train.min_snr_gamma = 0.0  # 0 = off; 5.0 is the usual Min-SNR value
-    config.train.min_timestep = 0  # timesteps drawn uniformly from [min_timestep, max_timestep) (kohya's --min_timestep)
+    config.train.min_timestep = ml_collections.config_dict.placeholder(int)  # timesteps drawn uniformly from [min_timestep, max_timestep) (kohya's --min_timestep); unset: 0 (200 on the embedded default)
     config.train.max_timestep = 0  # 0 = the scheduler's num_train_timesteps (1000 for SD)
     config.train.noise_offset = 0.0  # diffusers' --noise_offset: noise += offset * N(0, 1) per example and channel (0 = off)
     config.train.gradient_accumulation = 1  # k: each step's batch_size examples run as k sequential micro-batches (same step, less memory)
@@ -77,7 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.validation_prompts = ml_collections.config_dict.placeholder(tuple)  # e.g. ("a photo of <concept>",)
     config.train.validation_images = 2  # per prompt
     config.train.validation_steps = 25
-    config.train.validation_scheduler = "ddim"
+    config.train.validation_scheduler = "ddim"  # any sampler of `sample --scheduler`: ddim, dpm++2m, euler, euler_a, dpm++2m_karras, euler_karras
+    config.train.validation_negative_prompt = ""  # the unconditional branch of the grids' guidance, as `sample --negative-prompt`
+    config.train.validation_at_start = False  # also draw the grid before the first step (step_000000.png: the initial rows)
     config.train.wandb = False  # also log metrics to Weights & Biases (pip install wandb; WANDB_MODE=offline works)
     config.train.wandb_project = "jax-inversion"
 
