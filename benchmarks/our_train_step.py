@@ -44,7 +44,7 @@ def main() -> None:
     from jax_inversion.tokenizer_files import write_clip_tokenizer
     from jax_inversion.optim import make_optimizer
     from jax_inversion.sharding import make_mesh
-    from jax_inversion.step import init_state, make_train_step
+    from jax_inversion.step import StepConfig, init_state, make_train_step
     from jax_inversion.platform import resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
@@ -69,7 +69,7 @@ def main() -> None:
     optimizer, lr = make_optimizer(config.train, args.batch)
     mesh = make_mesh()
     step = make_train_step(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout}, optimizer,
-                           build_objective({"diffusion": 1.0}), lr, 0.0, mesh, args.resolution)
+                           build_objective({"diffusion": 1.0}), lr, mesh, StepConfig(resolution=args.resolution))
     embeddings = {"text_encoder": jnp.zeros((1, 768), jnp.float32)}
     state = init_state(embeddings, optimizer, 0)
     rng = np.random.default_rng(0)

@@ -308,7 +308,7 @@ def build_our_step(model, batch_size: int, resolution: int, devices=None) -> dic
     from jax_inversion.conditioning import input_embedding_table, vae_factor
     from jax_inversion.optim import make_optimizer
     from jax_inversion.sharding import batch_sharded, make_mesh, replicated
-    from jax_inversion.step import init_state, make_train_step
+    from jax_inversion.step import StepConfig, init_state, make_train_step
 
     tokenizer = model.tokenizer
     table = input_embedding_table(model, "text_encoder")
@@ -318,7 +318,7 @@ def build_our_step(model, batch_size: int, resolution: int, devices=None) -> dic
     optimizer, lr = make_optimizer(resolve_unset(get_config()).train, batch_size)
     mesh = make_mesh(devices)
     step = make_train_step(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout}, optimizer,
-                           build_objective({"diffusion": 1.0}), lr, 0.0, mesh, resolution)
+                           build_objective({"diffusion": 1.0}), lr, mesh, StepConfig(resolution=resolution))
     init = table[tokens_lib.initializer_id(tokenizer, INITIALIZER)][None]
     embeddings = {"text_encoder": jnp.asarray(init, jnp.float32)}
     rng = np.random.default_rng(0)

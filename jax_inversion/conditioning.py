@@ -56,19 +56,6 @@ def prompt_embeddings(text_encoder: CLIPTextTransformer, params, ids: jax.Array,
     return token_embeds, tokens_lib.substitute(token_embeds, ids, learned, first_id)
 
 
-def encode_with_rows(
-    text_encoder: CLIPTextTransformer, params, ids: jax.Array, learned: jax.Array, first_id: int, eos_token_id=None
-):
-    """Text encoder outputs with the learned rows (``[n, d]`` or per example ``[B, n, d]``) at the placeholder ids.
-
-    The pooled output is taken at the first ``eos_token_id`` (placeholder ids are larger than
-    EOS, so transformers' legacy argmax rule would pick them).
-    """
-    _, embeds = prompt_embeddings(text_encoder, params, ids, learned, first_id)
-    eos = None if eos_token_id is None else jnp.argmax(ids == eos_token_id, axis=-1)
-    return text_encoder.apply({"params": params}, inputs_embeds=embeds, eos_positions=eos)
-
-
 def with_clip_skip(model: Pretrained, clip_skip: int) -> Pretrained:
     """``model`` conditioned by its text encoder's ``clip_skip``-th layer from the end (A1111's "Clip skip", kohya's
     ``--clip_skip``): 1 = the last layer (the default), 2 = the penultimate (what anime models are trained with),

@@ -31,7 +31,8 @@ DEFAULT_MIN_TIMESTEP = 200
 
 
 def write_concept_images(directory: str, count: int = 6, size: int = 64, seed: int = 0) -> str:
-    """A striped ball on varied backgrounds and positions: the default concept."""
+    """A striped ball on varied backgrounds and positions: the tests' small concept (the embedded default job
+    draws the toy world's star instead, ``toyworld.concepts.write_concept``)."""
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(count):

@@ -54,6 +54,32 @@ def init_state(embeddings: dict, optimizer: optax.GradientTransformation, seed: 
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What shapes one phase's step beyond the model, its tokens and the objective: a frozen, hashable value bound
+    to the step (flax's lm1b ``TransformerConfig``), not a dozen positional parameters.
+
+    ``resolution``: training images' side (SDXL's time ids). ``min_snr_gamma``: Min-SNR weights (0 = off).
+    ``trainable``: rows ``[a, b)`` this phase learns (None: all). ``num_stages`` > 1: rows ``[S, K, n, d]``, each
+    example using its timestep's stage; ``separate_kv`` (K = 2): part 0 feeds keys, part 1 values. ``remat``: see
+    :data:`conditioning.REMAT_POLICIES`. ``noise_offset``: diffusers' ``--noise_offset``. ``timestep_range``:
+    ``(min, max)`` training timesteps (max 0: all). ``accumulation``: k sequential micro-batches per step.
+    ``log_every`` > 0: per-term gradient norms at logged steps. ``concepts``: batch inversion's ``((name, seed), ...)``.
+    """
+
+    resolution: int
+    min_snr_gamma: float = 0.0
+    trainable: Optional[tuple[int, int]] = None
+    num_stages: int = 1
+    separate_kv: bool = False
+    remat: str = "none"
+    noise_offset: float = 0.0
+    timestep_range: tuple[int, int] = (0, 0)
+    accumulation: int = 1
+    log_every: int = 0
+    concepts: tuple[tuple[str, int], ...] = ()
+
+
 def timestep_bounds(timestep_range: tuple[int, int], schedule: NoiseSchedule) -> tuple[int, int]:
     """``(low, high)`` of training timesteps from ``(min_timestep, max_timestep)`` (``max`` 0: all).
 
@@ -73,32 +99,26 @@ def make_forward(
     schedule: NoiseSchedule,
     placeholder_ids: dict,
     objective,
-    min_snr_gamma: float,
-    resolution: int,
-    trainable: Optional[tuple[int, int]] = None,
-    num_stages: int = 1,
-    separate_kv: bool = False,
+    config: StepConfig,
     reference_ids: Optional[dict] = None,
-    remat: str = "none",
-    noise_offset: float = 0.0,
-    timestep_range: tuple[int, int] = (0, 0),
 ):
     """``forward(learned, frozen, batch, rng) -> outputs``: everything the objective's terms read.
 
-    ``trainable`` (rows ``[a, b)``) marks the positions of the tokens this phase learns. With
-    ``num_stages > 1`` the learned rows are ``[S, K, n, d]`` and each example uses its
-    timestep's stage; ``separate_kv`` (K = 2) feeds part 0 to keys and part 1 to values.
-    ``reference_ids`` (``{encoder: class word id}``) is used when the objective needs the
-    class-word prompt's attention maps. ``noise_offset`` (diffusers' ``--noise_offset``) adds
-    ``offset * N(0, 1)`` per example and channel to the noise. ``timestep_range`` ``(low, high)``
+    ``config`` (:class:`StepConfig`): ``trainable`` marks the positions of the tokens this phase
+    learns; ``num_stages``/``separate_kv`` pick each example's rows; ``noise_offset`` adds
+    ``offset * N(0, 1)`` per example and channel to the noise; ``timestep_range`` ``(low, high)``
     draws timesteps uniformly from ``[low, high)`` (``high`` 0: ``num_train_timesteps``), as
     kohya's ``--min_timestep``/``--max_timestep``: a higher ``low`` spends the steps where an
-    object's shape is decided rather than on fine detail.
+    object's shape is decided rather than on fine detail. ``reference_ids`` (``{encoder: class
+    word id}``) is used when the objective needs the class-word prompt's attention maps.
 
     ``forward.draw(batch, rng) -> (latents, noise, timesteps)`` draws what the forward would; a
     batch holding ``latents``/``noise``/``timesteps`` already (gradient accumulation's
     micro-batches of one drawn batch) is not drawn again.
     """
+    min_snr_gamma, resolution, trainable = config.min_snr_gamma, config.resolution, config.trainable
+    num_stages, separate_kv, remat = config.num_stages, config.separate_kv, config.remat
+    noise_offset, timestep_range = config.noise_offset, config.timestep_range
     vae_config = model.vae.config
     needs = getattr(objective, "needs", frozenset())
     capture = tuple(getattr(objective, "capture_layers", ()))
@@ -344,40 +364,28 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     objective: Callable,
     lr_schedule: Callable,
-    min_snr_gamma: float,
     mesh: jax.sharding.Mesh,
-    resolution: int,
-    trainable: Optional[tuple[int, int]] = None,
-    num_stages: int = 1,
-    separate_kv: bool = False,
+    config: StepConfig,
     reference_ids: Optional[dict] = None,
-    concepts: Optional[Sequence[tuple[str, int]]] = None,
-    remat: str = "none",
-    log_every: int = 0,
-    noise_offset: float = 0.0,
-    accumulation: int = 1,
-    timestep_range: tuple[int, int] = (0, 0),
 ) -> CompiledStep:
     """:func:`train_step` for this model and objective, jit-compiled over ``mesh`` (state donated).
 
-    ``concepts`` (``[(name, seed)]``, batch inversion): the learned rows are ``[C, n, d]`` and the
+    ``config.concepts`` (``((name, seed), ...)``, batch inversion): the learned rows are ``[C, n, d]`` and the
     batch is concept-major (``B / C`` examples each). Concept ``c`` draws its noise from
     ``fold_in(PRNGKey(seed_c), step)`` and has its own objective (summed over concepts), so its
     rows follow exactly the updates of training it alone with that seed.
 
     ``batch`` holds ``latent_mean``/``latent_std`` ``[B, h, w, c]``, ``input_ids``
     ``{encoder: [B, L]}`` and, when the objective needs them, ``masks`` ``[B, h, w]``, all
-    sharded on ``data``. Only rows ``trainable`` change. See :func:`make_forward` for the rest.
+    sharded on ``data``. Only rows ``config.trainable`` change. See :func:`make_forward` for the rest.
 
-    ``log_every`` > 0: every term's gradient norm w.r.t. the learned rows, ``grad_norm/<term>``,
+    ``config.log_every`` > 0: every term's gradient norm w.r.t. the learned rows, ``grad_norm/<term>``,
     at the steps the loop logs (where ``step + 1`` is a multiple of it). One term: it is
     ``grad_norm``, every step, for free. Several: see :func:`train_step`. Not in batch inversion,
     nor with ``accumulation`` > 1 (gradient accumulation, see :func:`train_step`).
     """
-    forward = make_forward(
-        model, schedule, placeholder_ids, objective, min_snr_gamma, resolution, trainable, num_stages, separate_kv,
-        reference_ids, remat, noise_offset, timestep_range,
-    )
+    forward = make_forward(model, schedule, placeholder_ids, objective, config, reference_ids)
+    trainable, concepts, accumulation, log_every = config.trainable, config.concepts, config.accumulation, config.log_every
     n_tokens = len(placeholder_ids["text_encoder"].tokens)
     a, b = trainable if trainable is not None else (0, n_tokens)
     names = tuple(name for name, _ in concepts or ())

@@ -47,7 +47,7 @@ from jax_inversion.provenance import base_model_info
 from jax_inversion.sampling import Validator
 from jax_inversion.schedule import NoiseSchedule
 from jax_inversion.sharding import make_mesh, replicated
-from jax_inversion.step import TrainState, init_state, make_train_step, timestep_bounds
+from jax_inversion.step import StepConfig, TrainState, init_state, make_train_step, timestep_bounds
 
 log = logging.getLogger("jax_inversion")
 
@@ -231,19 +231,20 @@ class RunSetup:
 
     def make_step(self, phase: Phase, resolution: int):
         """The jitted step of ``phase`` (:func:`step.make_train_step`) at ``resolution``."""
-        config = self.config
-        common = dict(
-            trainable=phase.trainable, reference_ids=self.reference_ids, remat=config.train.remat,
-            noise_offset=config.train.noise_offset, accumulation=self.accumulation, timestep_range=self.timesteps,
-        )
+        return make_train_step(self.model, self.schedule, self.placeholder_ids, self.optimizer, self.objective,
+                               self.lr_schedule, self.mesh, self.step_config(phase, resolution), self.reference_ids)
+
+    def step_config(self, phase: Phase, resolution: int) -> StepConfig:
+        """``phase``'s :class:`step.StepConfig` at ``resolution``: batch inversion learns plain rows, without
+        stages or per-term gradient norms."""
+        train = self.config.train
+        common = StepConfig(resolution=resolution, min_snr_gamma=train.min_snr_gamma, trainable=phase.trainable,
+                            remat=train.remat, noise_offset=train.noise_offset, timestep_range=self.timesteps,
+                            accumulation=self.accumulation)
         if self.concepts:
-            common["concepts"] = [(c.name, c.seed) for c in self.concepts]
-        else:
-            common.update(num_stages=self.plan.num_stages, separate_kv=self.plan.separate_kv, log_every=config.train.log_every)
-        return make_train_step(
-            self.model, self.schedule, self.placeholder_ids, self.optimizer, self.objective, self.lr_schedule,
-            config.train.min_snr_gamma, self.mesh, resolution, **common,
-        )
+            return dataclasses.replace(common, concepts=tuple((c.name, c.seed) for c in self.concepts))
+        return dataclasses.replace(common, num_stages=self.plan.num_stages, separate_kv=self.plan.separate_kv,
+                                   log_every=train.log_every)
 
 
 def setup_run(config: ml_collections.ConfigDict, devices: Optional[list] = None, shapes_only: bool = False) -> RunSetup:

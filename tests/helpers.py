@@ -4,10 +4,20 @@ from typing import Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from jax_inversion.conditioning import encode_with_rows
+from jax_inversion.conditioning import prompt_embeddings
 from jax_inversion.configs.ti import get_config
 from jax_inversion.extended import stage_of
 from jax_inversion.models.unet import Conditioning
+
+
+def encode_with_rows(text_encoder, params, ids: jax.Array, learned: jax.Array, first_id: int, eos_token_id=None):
+    """Text encoder outputs with the learned rows (``[n, d]`` or per example ``[B, n, d]``) at the placeholder ids
+    (the tests' direct way in; the library encodes through ``conditioning.encode_text``). The pooled output is
+    taken at the first ``eos_token_id`` (placeholder ids are larger than EOS, so transformers' legacy argmax
+    rule would pick them)."""
+    _, embeds = prompt_embeddings(text_encoder, params, ids, learned, first_id)
+    eos = None if eos_token_id is None else jnp.argmax(ids == eos_token_id, axis=-1)
+    return text_encoder.apply({"params": params}, inputs_embeds=embeds, eos_positions=eos)
 
 
 def make_config(model, concept_dir, **train):

@@ -260,7 +260,7 @@ def _with(config, **values):
 def test_noise_offset_shifts_each_example_channel(model_and_layout):
     from jax_inversion.objectives import build_objective
     from jax_inversion.schedule import NoiseSchedule
-    from jax_inversion.step import make_forward
+    from jax_inversion.step import StepConfig, make_forward
 
     model, placeholders = model_and_layout
     layout = {"text_encoder": placeholders}
@@ -268,7 +268,7 @@ def test_noise_offset_shifts_each_example_channel(model_and_layout):
     batch = {"latent_mean": jnp.zeros((64, 8, 8, 4)), "latent_std": jnp.zeros((64, 8, 8, 4))}
     draws = {}
     for offset in (0.0, 0.1):
-        forward = make_forward(model, schedule, layout, build_objective({"diffusion": 1.0}), 0.0, 32, noise_offset=offset)
+        forward = make_forward(model, schedule, layout, build_objective({"diffusion": 1.0}), StepConfig(32, noise_offset=offset))
         draws[offset] = forward.draw(batch, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(draws[0.0][2], draws[0.1][2])  # same timesteps
     shift = np.asarray(draws[0.1][1] - draws[0.0][1])
@@ -281,14 +281,14 @@ def test_timestep_range_bounds_the_drawn_timesteps(model_and_layout):
     from jax_inversion.errors import ConfigError
     from jax_inversion.objectives import build_objective
     from jax_inversion.schedule import NoiseSchedule
-    from jax_inversion.step import make_forward
+    from jax_inversion.step import StepConfig, make_forward
 
     model, placeholders = model_and_layout
     layout = {"text_encoder": placeholders}
     schedule = NoiseSchedule.from_config(model.scheduler_config)
     batch = {"latent_mean": jnp.zeros((512, 8, 8, 4)), "latent_std": jnp.ones((512, 8, 8, 4))}
     objective = build_objective({"diffusion": 1.0})
-    draw = lambda r: make_forward(model, schedule, layout, objective, 0.0, 32, timestep_range=r).draw(batch, jax.random.PRNGKey(0))
+    draw = lambda r: make_forward(model, schedule, layout, objective, StepConfig(32, timestep_range=r)).draw(batch, jax.random.PRNGKey(0))
     whole, ranged, capped = draw((0, 0)), draw((200, 0)), draw((200, 400))
     for drawn in (ranged, capped):
         np.testing.assert_array_equal(drawn[0], whole[0])  # same latents
@@ -301,7 +301,7 @@ def test_timestep_range_bounds_the_drawn_timesteps(model_and_layout):
     assert np.asarray(whole[2]).min() < 10
     for bad in ((400, 200), (-1, 0), (0, schedule.num_train_timesteps + 1)):
         with pytest.raises(ConfigError, match="min_timestep"):
-            make_forward(model, schedule, layout, objective, 0.0, 32, timestep_range=bad)
+            make_forward(model, schedule, layout, objective, StepConfig(32, timestep_range=bad))
 
 
 def test_wandb_offline_receives_scalars_and_images(tmp_path, monkeypatch):

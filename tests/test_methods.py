@@ -93,7 +93,7 @@ def _probe(config, workdir):
     from jax_inversion.schedule import NoiseSchedule
     from jax_inversion.conditioning import frozen_params, input_embedding_table, vae_factor
     from jax_inversion.dataset import build_dataset
-    from jax_inversion.step import make_forward
+    from jax_inversion.step import StepConfig, make_forward
     from jax_inversion.train import class_word_ids
 
     model = load_pretrained(config.model)
@@ -110,8 +110,8 @@ def _probe(config, workdir):
     phase = plan.phases[-1]
     dataset = build_dataset(config, model, phase, workdir, "masks" in objective.needs)
     forward = make_forward(
-        model, NoiseSchedule.from_config(model.scheduler_config), layouts, objective, 0.0, resolution,
-        trainable=phase.trainable, num_stages=plan.num_stages, separate_kv=plan.separate_kv,
+        model, NoiseSchedule.from_config(model.scheduler_config), layouts, objective,
+        StepConfig(resolution=resolution, trainable=phase.trainable, num_stages=plan.num_stages, separate_kv=plan.separate_kv),
         reference_ids=class_word_ids(config, model) if "reference_maps" in objective.needs else None,
     )
     n = 16
@@ -544,7 +544,7 @@ def test_train_step_term_gradient_norms_equal_jax_grad_of_each_weighted_term(one
     from jax_inversion.data import BatchSampler
     from jax_inversion.dataset import build_dataset, global_batch
     from jax_inversion.objectives import TERMS
-    from jax_inversion.step import make_forward
+    from jax_inversion.step import StepConfig, make_forward
     from jax_inversion.train import setup_run
 
     config = _small(compositional.get_config("paper,location"), one_level_sd1, images["concept"], steps=1)
@@ -563,8 +563,9 @@ def test_train_step_term_gradient_norms_equal_jax_grad_of_each_weighted_term(one
     state = jax.tree_util.tree_map(jnp.array, run.state)  # the step donates its state: keep ours
     _, metrics = step(jax.tree_util.tree_map(jnp.array, state), batch, rng)
 
-    forward = make_forward(run.model, run.schedule, run.placeholder_ids, run.objective, config.train.min_snr_gamma,
-                           dataset.resolution, trainable=phase.trainable, timestep_range=run.timesteps)
+    forward = make_forward(run.model, run.schedule, run.placeholder_ids, run.objective,
+                           StepConfig(resolution=dataset.resolution, min_snr_gamma=config.train.min_snr_gamma,
+                                      trainable=phase.trainable, timestep_range=run.timesteps))
     outputs = lambda rows: forward(rows, step.frozen, batch, jax.random.fold_in(rng, 0))
     a, b = phase.trainable
     trainable_norm = lambda g: float(np.linalg.norm(np.asarray(g["text_encoder"])[a:b]))

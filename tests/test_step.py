@@ -8,7 +8,7 @@ import pytest
 from jax_inversion.data import BatchSampler
 from jax_inversion.dataset import build_dataset, global_batch
 from jax_inversion.default_job import write_concept_images
-from jax_inversion.step import make_forward
+from jax_inversion.step import StepConfig, make_forward
 from jax_inversion.train import setup_run
 from tests.helpers import make_config
 
@@ -31,8 +31,9 @@ def _one_step(config, workdir, batch=None):
     rng = jax.random.PRNGKey(3)
     start = jax.tree_util.tree_map(np.asarray, run.state)
     state, metrics = step(jax.tree_util.tree_map(jnp.array, run.state), batch, rng)
-    forward = make_forward(run.model, run.schedule, run.placeholder_ids, run.objective, config.train.min_snr_gamma,
-                           dataset.resolution, trainable=phase.trainable, timestep_range=run.timesteps)
+    forward = make_forward(run.model, run.schedule, run.placeholder_ids, run.objective,
+                           StepConfig(resolution=dataset.resolution, min_snr_gamma=config.train.min_snr_gamma,
+                                      trainable=phase.trainable, timestep_range=run.timesteps))
     outputs = jax.jit(lambda rows: forward(rows, step.frozen, batch, jax.random.fold_in(rng, 0)))(start.embeddings)
     return dataset, batch, start, state, metrics, jax.tree_util.tree_map(np.asarray, outputs)
 

@@ -61,7 +61,7 @@ def test_loss_decreases_and_frozen_rows_identical(one_level_sd1, concept_dir, tm
     """Fixed concept, fixed noise: the denoising loss on a fixed evaluation batch falls over 50 steps."""
     import jax.numpy as jnp
 
-    from jax_inversion.conditioning import encode_with_rows
+    from tests.helpers import encode_with_rows
 
     config = make_config(one_level_sd1, concept_dir, num_steps=50, learning_rate=2e-2, checkpoint_every=50, log_every=10)
     config.data.flip_probability = 0.0
@@ -264,7 +264,7 @@ def test_remat_policies_give_the_same_gradient(one_level_sd1):
     from jax_inversion.objectives import build_objective
     from jax_inversion.schedule import NoiseSchedule
     from jax_inversion.conditioning import frozen_params
-    from jax_inversion.step import make_forward
+    from jax_inversion.step import StepConfig, make_forward
 
     model = load_pretrained(one_level_sd1)
     layout = tokens_lib.add_placeholder_tokens(model.tokenizer, ["<ball>"])
@@ -278,7 +278,7 @@ def test_remat_policies_give_the_same_gradient(one_level_sd1):
     grads = {}
     for remat in ("none", "full"):
         forward = make_forward(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout},
-                               objective, 0.0, 32, remat=remat)
+                               objective, StepConfig(resolution=32, remat=remat))
         loss = lambda r: objective(forward(r, frozen_params(model), batch, jax.random.PRNGKey(0)))[0]
         grads[remat] = np.asarray(jax.jit(jax.grad(loss))(rows)["text_encoder"])
     assert np.abs(grads["none"]).max() > 0
