@@ -262,6 +262,90 @@ def test_score_concept_reads_identity_composition_and_transfer(monkeypatch, tmp_
                                "| 1.00 [1.00, 1.00] |") for line in table), table
 
 
+def _cluttered_generator(concept, with_distractor: bool):
+    """``generate`` for a model drawing the star of each prompt, with or without the concept's clutter
+    (its distractor object beside the star, or its fixed background instead of a dark grey one)."""
+    from types import SimpleNamespace
+
+    def draw(model, learned, request, cache=None):
+        objects = [world.WorldObject(box=(4, 4, 30, 30), **concept.attributes)]
+        if " and " in request.prompt:  # "a <c> and a blue circle"
+            colour, shape = request.prompt.split()[-2:]
+            objects.append(world.WorldObject(shape, colour, box=(34, 34, 60, 60)))
+        if with_distractor and concept.distractor_objects:
+            objects.append(world.WorldObject(box=(34, 34, 60, 60), **concept.distractor_objects[0]))
+        background = tuple(concept.background) if with_distractor and concept.background else (30, 30, 30)
+        image, _ = world.render(world.Scene(tuple(objects), background, concept.gradient))
+        return SimpleNamespace(images=np.repeat(image[None], request.num_images, axis=0))
+
+    return draw
+
+
+def test_cluttered_concepts_write_their_distractors_and_masks_only_the_star(tmp_path):
+    detector = detector_lib.load_detector(SHIPPED_DETECTOR)
+    star = detector.index("object:yellow star")
+    info = concepts.write_concept("star_with_square", str(tmp_path / "square"), count=8, seed=2)
+    assert list(info["distractors"]) == ["object:red square"] and concepts.read_concept(info["images"])["distractors"] == ["object:red square"]
+    names = sorted(os.listdir(info["images"]))
+    images = np.stack([np.asarray(Image.open(os.path.join(info["images"], n))) for n in names])
+    masks = np.stack([np.asarray(Image.open(os.path.join(info["masks"], n))) > 127 for n in names])
+    probs = detector(images)[0] > 0.5
+    assert probs[:, star].mean() >= 7 / 8 and probs[:, detector.index("object:red square")].mean() >= 7 / 8
+    for scene, mask in zip(concepts.concept_scenes(concepts.CONCEPTS["star_with_square"].attributes, 8, 2,
+                                                   info["distractor_objects"], (), 0.0), masks):
+        (sx0, sy0, sx1, sy1), (dx0, dy0, dx1, dy1) = scene.objects[0].box, scene.objects[1].box
+        assert mask[sy0:sy1, sx0:sx1].sum() > 0.9 * mask.sum() > 0 and not mask[dy0:dy1, dx0:dx1].any()
+    assert (scene.objects[1].shape, scene.objects[1].colour) == ("square", "red")
+
+    teal = concepts.write_concept("star_on_teal", str(tmp_path / "teal"), count=8, seed=2)
+    written = concepts.read_concept(teal["images"])
+    assert written["distractors"] == ["background:20,130,130"] and written["background"] == [20, 130, 130]
+    teal_images = np.stack([np.asarray(Image.open(p)) for p in sorted(_pngs(teal["images"]))])
+    assert (detector(teal_images)[0][:, star] > 0.5).mean() >= 7 / 8
+    # the border rule: the training background reads as present, the varied random backgrounds as absent
+    assert ev.shows_background(teal_images, concepts.TEAL).all()
+    random_backgrounds, _ = world.render_all(concepts.concept_scenes(concepts.CONCEPTS["star"].attributes, 100, seed=5), seed=5)
+    assert ev.shows_background(random_backgrounds, concepts.TEAL).mean() <= 0.05
+    assert not ev.shows_background(images, concepts.TEAL).any()
+
+
+def _pngs(directory):
+    return [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".png")]
+
+
+@pytest.mark.parametrize("name", ["star_with_square", "star_on_teal"])
+def test_score_concept_reads_distractors(monkeypatch, tmp_path, name):
+    """A stand-in model drawing the clutter with the star reads as distractor found 1.0, one without it 0.0."""
+    concept = concepts.CONCEPTS[name]
+    info = concepts.write_concept(name, str(tmp_path / name), count=2)
+    detector = detector_lib.load_detector(SHIPPED_DETECTOR)
+    kinds = ("identity", "composition") if name == "star_on_teal" else ("identity",)  # three objects: beyond the detector's scenes
+    runs = {}
+    for clutter in (True, False):
+        monkeypatch.setattr(ev, "generate", _cluttered_generator(concept, clutter))
+        runs[clutter] = ev.score_concept(None, detector, None, "<c>", info, ev.EvalSettings(images_per_prompt=2), kinds=kinds)
+        pooled = ev.summary(runs[clutter])
+        for kind in kinds:
+            assert pooled[f"{kind}/distractor"] == ((1.0,) * 3 if clutter else (0.0,) * 3), (clutter, kind, pooled)
+            assert pooled[f"{kind}/concept"] == (1.0, 1.0, 1.0)
+    table = ev.markdown_table([("clutter", runs[True]), ("clean", runs[False])]).splitlines()
+    assert table[0].endswith("| image alignment | distractor found |") and table[1] == "|" + "---|" * 9
+    assert any(line.startswith("| clutter | a <c> | 2 |") and line.endswith("| 1.00 [1.00, 1.00] |") for line in table), table
+    assert any(line.startswith("| clean | a <c> | 2 |") and line.endswith("| 0.00 [0.00, 0.00] |") for line in table), table
+
+
+def test_any_concept_folder_evaluates_its_own_transfer_prompts():
+    """A concept.json naming no concept of the project builds its transfer prompts from its own fields."""
+    concept = {"name": "someone_elses", "companions": ["a red square"], "attribute_label": "state:tilted",
+               "transfer_subjects": ["blue circle"]}
+    assert ev.concept_prompts(concept, "<s> <c>", "<c>") == [
+        ("a <s> <c>", "identity", None), ("a <s> <c> and a red square", "composition", "a red square"),
+        ("a <c> blue circle", "transfer", "blue circle")]
+    concept["attribute_label"] = "texture:striped"
+    assert ev.concept_prompts(concept, "<c>", "<c>")[-1] == ("a blue <c> circle", "transfer", "blue circle")
+    assert concepts.transfer_prompt("texture:dotted", "<c>", "red square") == concepts.CONCEPTS["dotted_moon"].transfer_prompt("<c>", "red square")
+
+
 def test_bootstrap_interval_against_hand_values():
     assert ev.bootstrap_interval([1, 1, 1, 1]) == (1.0, 1.0, 1.0)
     mean, low, high = ev.bootstrap_interval(np.r_[np.ones(200), np.zeros(200)])
@@ -277,11 +361,15 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
 
     from jax_inversion.loading import load_pretrained
 
-    done = _cli("toyworld", "pretrain", f"--workdir={tmp_path}", "--config.num_scenes=64", "--config.vae.steps=2",
-                "--config.diffusion.steps=2", "--config.detector.steps=2", "--config.detector.num_scenes=64", "--config.log_every=1",
-                "--config.detector.eval_scenes=32",
-                f"--config.detector.vae_from={tmp_path}/model")  # the model the same command writes first
-    assert done.returncode == 0, done.stderr[-3000:]
+    # In this process (the command's flags and errors: test_toyworld_bad_input_is_one_line): the same config it reads.
+    from jax_inversion.toyworld.config import get_config
+    from jax_inversion.toyworld.pretrain import pretrain
+
+    config = get_config()
+    config.num_scenes, config.vae.steps, config.diffusion.steps, config.log_every = 64, 2, 2, 1
+    config.detector.steps, config.detector.num_scenes, config.detector.eval_scenes = 2, 64, 32
+    config.detector.vae_from = f"{tmp_path}/model"  # the model the same run writes first
+    pretrain(config, str(tmp_path))
     log = [json.loads(line) for line in open(tmp_path / "pretrain_log.jsonl")]
     assert [r["stage"] for r in log if r["stage"] in ("vae", "diffusion", "detector")] == ["vae"] * 2 + ["diffusion"] * 2 + ["detector"] * 2
     assert [r["stage"] for r in log if r["stage"].startswith("detector_eval")] == ["detector_eval", "detector_eval_through_vae"]
@@ -294,10 +382,10 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
 
     # a continuation on the unnamed world (how the shipped model got its last rounds): same VAE, text
     # encoder + UNet trained on, the tokenizer grown by the word "shape"
-    done = _cli("toyworld", "pretrain", f"--workdir={tmp_path}/more", f"--config.init_from={tmp_path}/model", "--config.stages=model",
-                "--config.world=unnamed", "--config.num_scenes=64", "--config.diffusion.steps=3", "--config.diffusion.save_every=2",
-                "--config.log_every=1")
-    assert done.returncode == 0, done.stderr[-3000:]
+    more_config = get_config()
+    more_config.init_from, more_config.stages, more_config.world = f"{tmp_path}/model", "model", "unnamed"
+    more_config.num_scenes, more_config.diffusion.steps, more_config.diffusion.save_every, more_config.log_every = 64, 3, 2, 1
+    pretrain(more_config, f"{tmp_path}/more")
     more_log = [json.loads(line) for line in open(tmp_path / "more" / "pretrain_log.jsonl")]
     assert [(r["stage"], r["step"]) for r in more_log if r["stage"] in ("diffusion", "saved")] == [
         ("diffusion", 1), ("diffusion", 2), ("saved", 2), ("diffusion", 3)]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -46,17 +46,36 @@ class Concept:
     labels: tuple[str, ...]  # detector labels that together are the concept's presence
     attribute_label: str = ""  # the label of the attribute alone (Lego's transfer to new subjects); "" for none
     transfer_subjects: tuple[str, ...] = ()  # new subjects for the attribute ("red square")
+    # Irrelevant semantics every training image carries: their labels ("object:red square", or
+    # "background:r,g,b", read by evaluate's border rule), what draws them: seen objects beside the
+    # concept object (attribute dicts) and a fixed background colour and gradient (() = random ones).
+    distractors: tuple[str, ...] = ()
+    distractor_objects: tuple[dict, ...] = ()
+    background: tuple[int, ...] = ()
+    gradient: float = 0.0
 
     def transfer_prompt(self, token: str, subject: str) -> str:
         """"a red <c> square" for a texture, "a <c> red square" for a state: the captions' word order."""
-        colour, shape = subject.split()
-        return f"a {colour} {token} {shape}" if self.attribute_label.startswith("texture:") else f"a {token} {colour} {shape}"
+        return transfer_prompt(self.attribute_label, token, subject)
+
+
+def transfer_prompt(attribute_label: str, token: str, subject: str) -> str:
+    """The attribute's token on a new subject in the captions' word order: textures go before the
+    shape word ("a red <c> square"), states before the colour ("a <c> red square")."""
+    colour, shape = subject.split()
+    return f"a {colour} {token} {shape}" if attribute_label.startswith("texture:") else f"a {token} {colour} {shape}"
+
+
+def background_label(colour: tuple[int, ...]) -> str:
+    """"background:20,130,130": a fixed background as a distractor label (no detector label; evaluate's border rule)."""
+    return "background:" + ",".join(str(int(v)) for v in colour)
 
 
 _SHAPE_WORDS = dict(  # a star-shaped concept: the generic word "shape" is its class word
     class_word="shape", attribute_word="", positives=("shape",), negatives=("circle",),
     companions=("a red square", "a blue circle", "a white moon"),
 )
+TEAL = (20, 130, 130)  # star_on_teal's background: two channels above world.random_background's range (15..99)
 CONCEPTS = {
     "star": Concept(
         "star", "unnamed", dict(shape="star", colour="yellow", texture=world.PLAIN, state=world.NORMAL), None,
@@ -87,18 +106,50 @@ CONCEPTS = {
         companions=("a red circle", "a yellow triangle", "a white moon"), labels=("object:green square", "state:melting"),
         attribute_label="state:melting", transfer_subjects=("red circle", "yellow triangle"),
     ),
+    # Cluttered concepts: the star of ``star`` with irrelevant semantics in every training image.
+    "star_with_square": Concept(
+        "star_with_square", "unnamed", dict(shape="star", colour="yellow", texture=world.PLAIN, state=world.NORMAL), None,
+        **dict(_SHAPE_WORDS, companions=("a blue circle", "a white moon", "a green triangle")),  # never the distractor
+        labels=("object:yellow star",), distractors=("object:red square",),
+        distractor_objects=(dict(shape="square", colour="red", texture=world.PLAIN, state=world.NORMAL),),
+    ),
+    "star_on_teal": Concept(
+        "star_on_teal", "unnamed", dict(shape="star", colour="yellow", texture=world.PLAIN, state=world.NORMAL), None,
+        **_SHAPE_WORDS, labels=("object:yellow star",), distractors=(background_label(TEAL),), background=TEAL, gradient=0.4,
+    ),
 }
 
 
-def concept_scenes(attributes: dict, count: int, seed: int) -> list[world.Scene]:
-    """``count`` single-object scenes of the object ``attributes`` at varied boxes and backgrounds."""
+def concept_scenes(attributes: dict, count: int, seed: int, others: Sequence[dict] = (),
+                   background: Sequence[int] = (), gradient: float = 0.0) -> list[world.Scene]:
+    """``count`` scenes of the object ``attributes`` at varied boxes and backgrounds.
+
+    ``others``: objects drawn beside it in every scene (the concept object first, then these, at
+    varied non-overlapping boxes, all smaller); ``background``: a fixed colour (with ``gradient``)
+    instead of random ones.
+    """
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        background, gradient = world.random_background(rng)
-        size = int(rng.integers(28, 40))
-        x0, y0 = (int(v) for v in rng.integers(3, world.SIZE - size - 3, 2))
-        out.append(world.Scene((world.WorldObject(box=(x0, y0, x0 + size, y0 + size), **attributes),), background, gradient))
+        colour, ramp = world.random_background(rng)
+        if background:
+            colour, ramp = tuple(int(v) for v in background), float(gradient)
+        if not others:
+            size = int(rng.integers(28, 40))
+            x0, y0 = (int(v) for v in rng.integers(3, world.SIZE - size - 3, 2))
+            out.append(world.Scene((world.WorldObject(box=(x0, y0, x0 + size, y0 + size), **attributes),), colour, ramp))
+            continue
+        while True:  # sizes as in the world's two-object scenes; a few tries find room
+            boxes = []
+            for size in [int(rng.integers(22, 28))] + [int(rng.integers(18, 24)) for _ in others]:
+                box = world._random_box(rng, size, boxes)
+                if box is None:
+                    break
+                boxes.append(box)
+            if len(boxes) == 1 + len(others):
+                break
+        objects = [world.WorldObject(box=b, **a) for b, a in zip(boxes, [attributes, *others])]
+        out.append(world.Scene(tuple(objects), colour, ramp))
     return out
 
 
@@ -126,7 +177,8 @@ def write_concept(name: str, directory: str, count: int = 8, seed: int = 0) -> d
     info = dataclasses.asdict(concept)
     info["images"] = os.path.join(directory, "images")
     info["masks"] = os.path.join(directory, "masks")
-    _write_images(info["images"], concept_scenes(concept.attributes, count, seed), seed, info["masks"])
+    scene_list = concept_scenes(concept.attributes, count, seed, concept.distractor_objects, concept.background, concept.gradient)
+    _write_images(info["images"], scene_list, seed, info["masks"])  # masks: the concept object alone
     if concept.subject is not None:
         info["subject_images"] = os.path.join(directory, "subject")
         info["subject_masks"] = os.path.join(directory, "subject_masks")

@@ -12,6 +12,11 @@ image. A learned concept is sampled in three kinds of prompt, each read per samp
   token alone on a new subject; attribute found, the new subject found, and leakage: the
   training subject's colour or shape showing up.
 
+A cluttered concept's training images also carry irrelevant semantics (``distractors`` in
+concept.json); identity and composition samples are read for them too: distractor found when
+any shows (an object label: the detector's probability > 0.5, a prompted companion excepted; a
+``background:r,g,b``: :func:`shows_background`'s border rule), i.e. the token learned the clutter.
+
 Every rate comes with a 95% percentile-bootstrap interval over its samples. A random token
 of the vocabulary's mean norm, sampled with the same prompts and seeds, is the baseline.
 """
@@ -30,11 +35,13 @@ from jax_inversion.data import list_concept_images
 from jax_inversion.loading import load_pretrained
 from jax_inversion.sampling import LearnedTokens, SampleRequest, generate, tokens_from_run
 from jax_inversion.toyworld import ToyWorldError, world
-from jax_inversion.toyworld.concepts import CONCEPTS, read_concept
+from jax_inversion.toyworld.concepts import read_concept, transfer_prompt
 from jax_inversion.toyworld.detector import Detector, load_detector
 
 KINDS = ("identity", "composition", "transfer")
-MEASURES = ("concept", "companion", "both", "leakage", "alignment")  # what PromptSamples reads per sample
+MEASURES = ("concept", "companion", "both", "leakage", "alignment", "distractor")  # what PromptSamples reads per sample
+BORDER = 4  # pixels: the outer frame a background is read from (objects rarely reach it)
+BACKGROUND_TOLERANCE = 30.0  # RGB distance of the frame's median colour to the training background
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +64,7 @@ class PromptSamples:
     images: np.ndarray
     companion: Optional[np.ndarray] = None  # composition: the companion object; transfer: the new subject
     leakage: Optional[np.ndarray] = None  # transfer: the training subject's colour or shape
+    distractor: Optional[np.ndarray] = None  # identity/composition of a cluttered concept: any distractor shown
 
     @property
     def both(self) -> Optional[np.ndarray]:
@@ -90,6 +98,40 @@ def object_label(phrase: str) -> str:
     return f"object:{words[-2]} {words[-1]}"
 
 
+def border_colour(images: np.ndarray, border: int = BORDER) -> np.ndarray:
+    """``[N, 3]``: per image, the per-channel median of its outer ``border``-pixel frame."""
+    images = np.asarray(images, np.float64)
+    frame = np.ones(images.shape[1:3], bool)
+    frame[border:-border, border:-border] = False
+    return np.median(images[:, frame], axis=1)
+
+
+def shows_background(images: np.ndarray, colour: Sequence[float], tolerance: float = BACKGROUND_TOLERANCE) -> np.ndarray:
+    """``[N]`` bool: the sample shows the background ``colour`` (the detector has no background labels).
+
+    The rule: the median colour of the image's outer 4-pixel frame is within ``tolerance`` (Euclidean,
+    0..255 RGB) of ``colour``. A median, so that an object poking into the frame does not move it; a
+    top-to-bottom gradient brightens one half of the frame as much as it darkens the other, so the
+    frame's median stays near the background's mid colour.
+    """
+    return np.linalg.norm(border_colour(images) - np.asarray(colour, np.float64), axis=-1) <= tolerance
+
+
+def distractor_found(detector: Detector, probs: np.ndarray, images: np.ndarray, distractors: Sequence[str],
+                     prompted: Sequence[str] = ()) -> np.ndarray:
+    """``[N]`` bool: any of ``distractors`` shows (objects: probability > 0.5; ``background:r,g,b``: the border rule);
+    a distractor the prompt itself names (in ``prompted``) is not counted."""
+    found = np.zeros(len(images), bool)
+    for label in distractors:
+        if label in prompted:
+            continue
+        if label.startswith("background:"):
+            found |= shows_background(images, [float(v) for v in label.split(":", 1)[1].split(",")])
+        else:
+            found |= probs[:, detector.index(label)] > 0.5
+    return found
+
+
 def reference_features(detector: Detector, image_dir: str) -> np.ndarray:
     images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((world.SIZE, world.SIZE))) for p in list_concept_images(image_dir)])
     return detector(images)[1]
@@ -100,7 +142,8 @@ def concept_prompts(concept: dict, token_text: str, transfer_token: str) -> list
     prompts = [(f"a {token_text}", "identity", None)]
     prompts += [(f"a {token_text} and {c}", "composition", c) for c in concept["companions"]]
     if concept.get("attribute_label") and transfer_token:
-        prompts += [(CONCEPTS[concept["name"]].transfer_prompt(transfer_token, s), "transfer", s) for s in concept["transfer_subjects"]]
+        attribute = concept["attribute_label"]  # from the json itself: any concept folder evaluates
+        prompts += [(transfer_prompt(attribute, transfer_token, s), "transfer", s) for s in concept.get("transfer_subjects", ())]
     return prompts
 
 
@@ -115,6 +158,7 @@ def score_concept(model, detector: Detector, learned: LearnedTokens, token_text:
     reference = reference_features(detector, concept["images"])
     labels = [detector.index(name) for name in concept["labels"]]
     subject = concept.get("subject") or {}
+    distractors = list(concept.get("distractors") or [])
     leak_labels = [detector.index(f"colour:{subject['colour']}"), detector.index(f"shape:{subject['shape']}")] if subject else []
     out = []
     for prompt, kind, other in concept_prompts(concept, token_text, transfer_token):
@@ -128,6 +172,8 @@ def score_concept(model, detector: Detector, learned: LearnedTokens, token_text:
         score = PromptSamples(prompt, kind, found[:, labels].all(axis=1), alignment(features, reference), images)
         if kind == "composition":
             score.companion = found[:, detector.index(object_label(other))]
+        if kind in ("identity", "composition") and distractors:
+            score.distractor = distractor_found(detector, probs, images, distractors, [object_label(other)] if other else [])
         elif kind == "transfer":
             score.concept = found[:, detector.index(concept["attribute_label"])]
             score.companion = found[:, detector.index(object_label(other))]
@@ -161,19 +207,23 @@ def fmt_interval(value: Optional[tuple], digits: int = 2) -> str:
 
 def markdown_table(rows: Sequence[tuple[str, Sequence[PromptSamples]]]) -> str:
     """One line per (label, prompt), then per label a pooled line per kind; cells are mean [95% interval]."""
-    lines = ["| tokens | prompt | samples | concept found | companion found | both | leakage | image alignment |",
-             "|---|---|---|---|---|---|---|---|"]
+    measures = [m for m in MEASURES if m != "distractor"]
+    header = "| tokens | prompt | samples | concept found | companion found | both | leakage | image alignment |"
+    if any(s.distractor is not None for _, scores in rows for s in scores):  # a cluttered concept: one more column
+        measures.append("distractor")
+        header += " distractor found |"
+    lines = [header, "|" + "---|" * (3 + len(measures))]
     line = lambda label, prompt, n, cells: f"| {label} | {prompt} | {n} | " + " | ".join(
-        fmt_interval(c, 3 if m == "alignment" else 2) for m, c in zip(MEASURES, cells)) + " |"
+        fmt_interval(c, 3 if m == "alignment" else 2) for m, c in zip(measures, cells)) + " |"
     for label, scores in rows:
         for s in scores:
-            reads = [getattr(s, m) for m in MEASURES]
+            reads = [getattr(s, m) for m in measures]
             lines.append(line(label, s.prompt, len(s.concept), [None if v is None else bootstrap_interval(v) for v in reads]))
         pooled = summary(scores)
         for kind in KINDS:
             if f"{kind}/concept" in pooled:
                 n = sum(len(s.concept) for s in scores if s.kind == kind)
-                lines.append(line(f"**{label}**", f"**all {kind}**", n, [pooled.get(f"{kind}/{m}") for m in MEASURES]))
+                lines.append(line(f"**{label}**", f"**all {kind}**", n, [pooled.get(f"{kind}/{m}") for m in measures]))
     return "\n".join(lines)
 
 
