@@ -387,6 +387,7 @@ def sample_loop(
     guide: Optional[Callable] = None,
     extra: Any = None,
     key: Optional[jax.Array] = None,
+    guide_state: Any = None,
 ):
     """Runs every step of ``sampler`` from ``latents`` in one ``lax.fori_loop``.
 
@@ -398,10 +399,12 @@ def sample_loop(
       latents: the initial latents, already at the first noise level (see
         :meth:`Sampler.initial_latents`).
       guide: optional ``guide(x, i) -> x``, applied to the unscaled latents before step ``i``
-        (layout guidance).
+        (layout guidance); with ``guide_state``, ``guide(x, i, state) -> (x, state)``.
       extra: optional initial value of a quantity averaged over the steps (e.g. attention maps).
       key: PRNG key of the per-step noise of stochastic samplers (``euler_a``), folded with the step
         index (:meth:`Sampler.step_noise`); required by them, ignored by the others.
+      guide_state: optional initial state ``guide`` carries from step to step (a pytree of arrays,
+        e.g. layout guidance's "done" flag).
 
     Returns:
       The final latents; ``(latents, mean of extra_i)`` when ``extra`` is given.
@@ -411,15 +414,19 @@ def sample_loop(
         raise ValueError(f"the {sampler.name} sampler adds noise each step: pass sample_loop a PRNG key")
 
     def body(i, carry):
-        x, state, total = carry
+        x, state, total, guided = carry
         if guide is not None:
-            x = guide(x, i)
+            if guide_state is None:
+                x = guide(x, i)
+            else:
+                x, guided = guide(x, i, guided)
         out = denoise(sampler.scale_model_input(x, i), sampler.timestep(i), i)
         if extra is not None:
             out, step_extra = out
             total = total + step_extra / sampler.num_steps
         x, state = sampler.step(state, out, i, x, sampler.step_noise(key, i, x.shape))
-        return x, state, total
+        return x, state, total, guided
 
-    final, _, total = jax.lax.fori_loop(0, sampler.num_steps, body, (latents, sampler.init_state(latents), extra))
+    init = (latents, sampler.init_state(latents), extra, guide_state)
+    final, _, total, _ = jax.lax.fori_loop(0, sampler.num_steps, body, init)
     return final if extra is None else (final, total)

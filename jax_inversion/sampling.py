@@ -10,7 +10,10 @@ layout guidance, as their released ``layout_control.py``): during the first
 ``guidance_steps`` steps, up to ``max_iterations`` gradient steps on the latent lower
 :func:`losses.layout_guidance_loss` (per head, per token ``(1 - inside/total)^2``, averaged)
 of the guided tokens' cross-attention maps in the mid block and the first up block at 16x16,
-stopping once that loss is below ``threshold`` (0.2). The code steps ``latents -= grad *
+stopping for good (no guidance at any later step) once that loss is at most ``threshold`` (0.2):
+the code computes it once before its step loop (:func:`layout_guide`). With one learned token in
+a prompt of two objects and no layout words, the token goes in the code's left box and the
+other object's words in its right box (:func:`default_layout`). The code steps ``latents -= grad *
 sigma^2`` under LMS (sigma-space latents): the same here for Euler (and Euler a), and the equivalent
 ``x -= grad * sigma^2 / (1 + sigma^2)`` (= ``1 - alpha_bar``) for DDIM and DPM-Solver, whose
 latents are ``x = z / sqrt(1 + sigma^2)``. ``LayoutGuidance(loss="location", layers="all")``
@@ -244,6 +247,10 @@ class LayoutGuidance:
     resolution: int = 16
     loss: str = "squared"  # "squared": the code's per-head (1 - inside/total)^2; "location": the training term
     layers: str = "code"  # "code": mid block + first up block at `resolution`; "all": every layer at it + mid
+    # True: the code's rule, once the loss is at most `threshold` no later step is guided; False: ours before,
+    # every one of the first `guidance_steps` steps checks the loss afresh (at least one iteration each)
+    stop_for_good: bool = True
+    words: tuple = ()  # the guided words, for messages only
 
 
 GUIDANCE_LOSSES = {"squared": losses.layout_guidance_loss, "location": losses.location_loss}
@@ -272,18 +279,50 @@ def guidance_layers(model: Pretrained, latent_size: int, resolution: int, which:
     return tuple(n for n in layers if n in at or n in mid)
 
 
-def guided_latents(x: jax.Array, loss_and_grad, max_iterations: int, threshold: float, step_scale) -> jax.Array:
-    """Up to ``max_iterations`` steps ``x -= step_scale * grad``, stopping for good once the loss is below
-    ``threshold`` (checked before each step, as the code's ``while loss / scale > threshold``).
-    ``loss_and_grad(x) -> (loss, grad)`` returns the unscaled loss and the gradient to step along."""
+def guided_latents(x: jax.Array, loss_and_grad, max_iterations: int, threshold: float, step_scale, done=False):
+    """The code's ``while loss / scale > threshold and iteration < max_iter``: each iteration takes the loss
+    and gradient at ``x`` and steps ``x -= step_scale * grad`` (the step is taken even when that loss is
+    already at most ``threshold``: the code checks it before the next iteration); nothing runs when
+    ``done``. ``loss_and_grad(x) -> (loss, grad)`` returns the unscaled loss and the gradient to step along.
+    Returns ``(x, done, iterations)``, ``done`` whether the last loss taken is at most ``threshold``.
+    A ``lax.while_loop``: iterations not run cost nothing."""
 
-    def body(_, carry):
-        z, active = carry
+    def more(carry):
+        _, finished, k = carry
+        return ~finished & (k < max_iterations)
+
+    def body(carry):
+        z, _, k = carry
         loss, grad = loss_and_grad(z)
-        active = active & (loss >= threshold)
-        return jnp.where(active, z - (step_scale * grad).astype(z.dtype), z), active
+        return z - (step_scale * grad).astype(z.dtype), loss <= threshold, k + 1
 
-    return jax.lax.fori_loop(0, max_iterations, body, (x, jnp.asarray(True)))[0]
+    return jax.lax.while_loop(more, body, (x, jnp.asarray(done), jnp.asarray(0, jnp.int32)))
+
+
+def layout_guide(layout: LayoutGuidance, loss_and_grad, step_scale):
+    """``guide(x, i, (done, iterations)) -> (x, (done, iterations))`` for :func:`samplers.sample_loop`
+    (initial state :func:`layout_guide_state`): at each of the first ``layout.guidance_steps`` steps,
+    :func:`guided_latents` with ``loss_and_grad(x, i)`` and step ``step_scale(i)``. ``done`` is carried
+    from step to step (the code's loss is set once before its step loop): once a loss is at most the
+    threshold, later steps run no iteration; ``layout.stop_for_good=False`` (ours before) clears it
+    at each step. ``iterations`` counts the gradient steps taken so far."""
+
+    def guide(x, i, state):
+        done, count = state
+        if not layout.stop_for_good:
+            done = jnp.zeros_like(done)
+        run = lambda z: guided_latents(z, lambda w: loss_and_grad(w, i), layout.max_iterations, layout.threshold,
+                                       step_scale(i), done)
+        skip = lambda z: (z, done, jnp.asarray(0, jnp.int32))
+        x, done, k = jax.lax.cond(i < layout.guidance_steps, run, skip, x)
+        return x, (done, count + k)
+
+    return guide
+
+
+def layout_guide_state():
+    """The initial ``(done, iterations)`` of :func:`layout_guide`: the code's ``loss = 10000``."""
+    return jnp.asarray(False), jnp.asarray(0, jnp.int32)
 
 
 def make_sample_fn(
@@ -343,20 +382,23 @@ def make_sample_fn(
             values.append(GUIDANCE_LOSSES[layout.loss](maps, jnp.asarray(positions), mask))
         return sum(values) / len(values)
 
-    def guide(x, i, cond):
-        scaled = jax.value_and_grad(lambda z: layout.loss_scale * layout_loss(z, i, cond))
-        loss_and_grad = lambda z: (lambda v, g: (v / layout.loss_scale, g))(*scaled(z))
+    def step_scale(i):
         sigma2 = sampler.sigma(i) ** 2
-        step_scale = sigma2 if sigma_space else sigma2 / (1.0 + sigma2)  # LMS's sigma^2, in x = z / sqrt(1 + sigma^2)
-        return guided_latents(x, loss_and_grad, layout.max_iterations, layout.threshold, step_scale)
+        return sigma2 if sigma_space else sigma2 / (1.0 + sigma2)  # LMS's sigma^2, in x = z / sqrt(1 + sigma^2)
 
     def sample(noise, cond, uncond, key):
-        guide_early = None
+        guide, guide_state = None, None
         if layout is not None:
-            guide_early = lambda x, i: jax.lax.cond(i < layout.guidance_steps, lambda z: guide(z, i, cond), lambda z: z, x)
+            def loss_and_grad(x, i):
+                scaled = jax.value_and_grad(lambda z: layout.loss_scale * layout_loss(z, i, cond))
+                value, grad = scaled(x)
+                return value / layout.loss_scale, grad
+
+            guide, guide_state = layout_guide(layout, loss_and_grad, step_scale), layout_guide_state()
         maps = jnp.zeros((noise.shape[0], map_side * map_side, cond["keys"].shape[2])) if capture else None
         step = lambda x_in, t, i: denoise(x_in, t, i, cond, uncond)
-        result = sample_loop(sampler, step, sampler.initial_latents(noise), guide=guide_early, extra=maps, key=key)
+        result = sample_loop(sampler, step, sampler.initial_latents(noise), guide=guide, extra=maps, key=key,
+                             guide_state=guide_state)
         return result if capture else (result, jnp.zeros(()))
 
     return jax.jit(sample)
@@ -410,7 +452,7 @@ class SampleRequest:
     scheduler: str = "ddim"
     seed: int = 0
     layout_guidance: bool = False
-    layout_words: tuple = ()  # words/placeholders of the prompt to place; default: the learned placeholders
+    layout_words: tuple = ()  # words/placeholders of the prompt to place; default: default_layout_words, else the placeholders
     boxes: tuple = ()  # one [x0, y0, x1, y1] per layout word; default: layout model or fixed boxes
     layout_model: str = ""
     attention_resolution: int = 0  # > 0: also return the mean cross-attention maps at this side
@@ -426,32 +468,89 @@ class SampleResult:
     boxes: tuple
 
 
-def _layout(model: Pretrained, learned: LearnedTokens, request: SampleRequest, input_ids) -> LayoutGuidance:
-    words = list(request.layout_words) or list(learned.placeholders)
-    if len(words) > 2 and not request.boxes:
-        raise SamplingError("layout guidance without --boxes places two words: pass --layout-words 'A,B' or --boxes")
-    boxes = [list(b) for b in request.boxes]
-    if not boxes:
-        table = input_embedding_table(model, "text_encoder")
-        if len(words) == 1:
-            boxes = [layout_lib.fixed_boxes()[0].tolist()]
+# The released code's prompt templates join the learned concept and a COCO object with " and " (concept first)
+# or " in front of " (a background concept last); " with " is ours.
+LAYOUT_CONJUNCTIONS = (" and ", " in front of ", " with ")
+_ARTICLES = frozenset({"a", "an", "the"})
+_PHRASE_ENDS = frozenset({"and", "with", "of", "on", "in", "at", "near", "under", "by", "behind", "beside", "next",
+                          "inside", "over", "above", "below", "from", "to", "for", "while", "holding", "wearing"})
+
+
+def default_layout_words(prompt: str, placeholders: Sequence[str]) -> list[str]:
+    """``[placeholder, *other object's words]`` when ``prompt`` has exactly one of ``placeholders`` and another
+    object joined by one of :data:`LAYOUT_CONJUNCTIONS`; else ``[]``.
+
+    The released code (``get_constant_layout``) places the learned concept and each word of the other object of
+    its "<concept> and <object>" / "<object> in front of <concept>" prompts (COCO names such as "traffic
+    light", no articles). Ours: the side of the conjunction without the placeholder is the other object;
+    of it, the words next to the conjunction, up to punctuation or a preposition ("a dog on the grass" ->
+    "dog"), articles dropped ("a <ball> and a dog" -> ``["<ball>", "dog"]``).
+    """
+    present = [p for p in placeholders if p in prompt]
+    if len(present) != 1:
+        return []
+    (placeholder,) = present
+    for conjunction in LAYOUT_CONJUNCTIONS:
+        parts = prompt.split(conjunction)
+        if len(parts) < 2:
+            continue
+        if placeholder in parts[0] and placeholder not in parts[-1]:
+            pieces = re.findall(r"[\w'-]+|[^\w\s]", parts[-1])  # the code: prompt.split(" and ")[-1]
+        elif placeholder in parts[-1] and placeholder not in parts[0]:
+            pieces = re.findall(r"[\w'-]+|[^\w\s]", parts[0])[::-1]  # the code: prompt.split(" in front of ")[0]
         else:
-            predictor = layout_lib.load_layout_model(request.layout_model) if request.layout_model else None
+            continue
+        words = []
+        for piece in pieces:
+            if not re.match(r"[\w'-]", piece) or piece.lower() in _PHRASE_ENDS:
+                break
+            if piece.lower() not in _ARTICLES:
+                words.append(piece)
+        if words:
+            return [placeholder] + (words if placeholder in parts[0] else words[::-1])
+    return []
+
+
+def _layout(model: Pretrained, learned: LearnedTokens, request: SampleRequest, input_ids) -> LayoutGuidance:
+    words = list(request.layout_words)
+    boxes = [list(b) for b in request.boxes]
+    companion = []  # the other object's words: one box for all of them (the code's)
+    if not words:
+        found = default_layout_words(request.prompt, list(learned.placeholders))
+        if found and len(boxes) in (0, 2):
+            words, companion = found[:1], found[1:]
+        else:
+            words = list(learned.placeholders)
+    if len(words) + bool(companion) > 2 and not boxes:
+        raise SamplingError("layout guidance without --boxes places two words: pass --layout-words 'A,B' or --boxes")
+    if not boxes:
+        table = input_embedding_table(model, "text_encoder") if request.layout_model else None
+        if len(words) == 1 and not companion:
+            boxes = [list(layout_lib.FIXED_BOXES[0])]
+        elif not request.layout_model:
+            boxes = [list(b) for b in layout_lib.FIXED_BOXES]  # the code's left and right boxes
+        else:
+            predictor = layout_lib.load_layout_model(request.layout_model)
             nouns = layout_lib.layout_nouns(predictor)
 
             def embed(word):  # a learned token is placed as its nearest noun (the paper's mapping)
                 rows = _word_rows(model, learned, table, word)
-                if word in learned.placeholders and predictor is not None:
+                if word in learned.placeholders:
                     rows = tokens_lib.word_embedding(model.tokenizer, table, layout_lib.nearest_word(rows, model.tokenizer, table, nouns))
                 return rows
 
-            boxes = [b.tolist() for b in layout_lib.predict_boxes_from_embeddings(predictor, embed(words[0]), embed(words[1]))]
+            second = " ".join(companion) if companion else words[1]
+            boxes = [b.tolist() for b in layout_lib.predict_boxes_from_embeddings(predictor, embed(words[0]), embed(second))]
+    if companion:
+        boxes = boxes[:1] + boxes[1:] * len(companion)
+        words = words + companion
+        log.info("layout guidance places %s in %s and %s in %s", words[0], boxes[0], " ".join(companion), boxes[1])
     if len(boxes) != len(words):
         raise SamplingError(f"{len(boxes)} boxes for {len(words)} layout words: give one box per word")
     for box in boxes:
         data_lib.box_mask(box, 4)  # validates
     positions = tuple(token_positions(model.tokenizer, input_ids, w, learned) for w in words)
-    return LayoutGuidance(positions, tuple(tuple(float(v) for v in b) for b in boxes))
+    return LayoutGuidance(positions, tuple(tuple(float(v) for v in b) for b in boxes), words=tuple(words))
 
 
 def _word_rows(model, learned: LearnedTokens, table, word: str) -> np.ndarray:

@@ -338,15 +338,20 @@ def test_layout_guidance_loss_is_squared_per_head_hand_value():
 
 
 def test_guided_latents_stop_below_threshold_hand_steps():
-    """loss(x) = x^2 (grad 2x), step 0.25: x goes 1 -> 0.5 -> 0.25 -> 0.125; the loss before the 4th step,
-    0.015625, is below 0.02, so that step and the 5th are skipped."""
+    """loss(x) = x^2 (grad 2x), step 0.25: x goes 1 -> 0.5 -> 0.25 -> 0.125; the 4th iteration's loss, 0.015625,
+    is at most 0.02: as in the code's while loop, its step (-> 0.0625) is still taken and the 5th is not."""
     from jax_inversion.sampling import guided_latents
 
     loss_and_grad = lambda x: (jnp.sum(x**2), 2 * x)
-    out = guided_latents(jnp.ones(1), loss_and_grad, 5, 0.02, 0.25)
-    np.testing.assert_allclose(np.asarray(out), [0.125])
-    out = guided_latents(jnp.ones(1), loss_and_grad, 5, 0.0, 0.25)
+    out, done, iterations = guided_latents(jnp.ones(1), loss_and_grad, 5, 0.02, 0.25)
+    np.testing.assert_allclose(np.asarray(out), [0.0625])
+    assert bool(done) and int(iterations) == 4
+    out, done, iterations = guided_latents(jnp.ones(1), loss_and_grad, 5, 0.0, 0.25)
     np.testing.assert_allclose(np.asarray(out), [1 / 32])
+    assert not bool(done) and int(iterations) == 5
+    out, done, iterations = guided_latents(jnp.ones(1), loss_and_grad, 5, 0.02, 0.25, done=True)  # done before
+    np.testing.assert_allclose(np.asarray(out), [1.0])
+    assert int(iterations) == 0
 
 
 def test_attention_match_loss_sum_reduction_hand_value():

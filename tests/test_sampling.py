@@ -98,13 +98,81 @@ def _inside_mass(result, positions, box):
     return float(((token_maps * mask).sum(-1) / token_maps.sum(-1)).mean())
 
 
+def test_layout_guidance_stops_for_good_once_below_threshold():
+    """The released code sets its loss once before the step loop: a stand-in loss of 1.0 at steps 0-1 and 0.1 (below
+    0.2) from step 2 gives 5 + 5 + 1 iterations, then none at steps 3-9; ours before (stop_for_good=False) ran one
+    at each of steps 3-9 too. Through samplers.sample_loop (Euler, zero model output: only guidance moves x)."""
+    from jax_inversion.samplers import make_sampler, sample_loop
+
+    loss_and_grad = lambda x, i: (jnp.where(i < 2, 1.0, 0.1), jnp.ones_like(x))
+
+    def guided(stop_for_good, steps):
+        layout = sampling.LayoutGuidance((), (), stop_for_good=stop_for_good)
+        guide = sampling.layout_guide(layout, loss_and_grad, lambda i: 0.5)
+        body = lambda i, carry: guide(carry[0], i, carry[1])
+        x, (done, count) = jax.jit(lambda x: jax.lax.fori_loop(0, steps, body, (x, sampling.layout_guide_state())))(jnp.zeros(2))
+        return int(count), bool(done), np.asarray(x)
+
+    assert guided(True, 2)[:2] == (10, False)
+    assert guided(True, 3)[:2] == (11, True)
+    count, done, x = guided(True, 20)
+    assert (count, done) == (11, True)
+    np.testing.assert_allclose(x, [-5.5, -5.5])
+    assert guided(False, 20)[0] == 18
+
+    sampler = make_sampler("euler", {"num_train_timesteps": 1000}, 12)
+    layout = sampling.LayoutGuidance((), (), stop_for_good=True)
+    guide = sampling.layout_guide(layout, loss_and_grad, lambda i: 0.5)
+    final = sample_loop(sampler, lambda x_in, t, i: jnp.zeros_like(x_in), jnp.zeros((1, 2, 2, 4)), guide=guide,
+                        guide_state=sampling.layout_guide_state())
+    np.testing.assert_allclose(np.asarray(final), -5.5)
+
+
+def test_layout_places_the_token_left_and_the_other_object_right(tmp_path):
+    """No --layout-words, one learned token: the code's get_constant_layout boxes, token left, the other object's
+    words right; the prompts without a second object keep the token alone in the left box."""
+    from transformers import CLIPTokenizer
+
+    from jax_inversion.layout import FIXED_BOXES
+    from jax_inversion.tokenizer_files import write_clip_tokenizer
+
+    words = sampling.default_layout_words
+    assert words("a <ball> and a dog", ["<ball>"]) == ["<ball>", "dog"]
+    assert words("a photo of <ball> and a teddy bear on the grass.", ["<ball>"]) == ["<ball>", "teddy", "bear"]
+    assert words("a dog in front of a <ball>", ["<ball>"]) == ["<ball>", "dog"]
+    assert words("a <ball> with the red hat", ["<ball>"]) == ["<ball>", "red", "hat"]
+    assert words("a photo of <ball>", ["<ball>"]) == []
+    assert words("<cat> and <dog>", ["<cat>", "<dog>"]) == []
+
+    write_clip_tokenizer(str(tmp_path), ["a", "photo", "of", "and", "dog"])
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    tokenizer.add_tokens(["<ball>"])
+    model = type("Stub", (), {"tokenizer": tokenizer})()  # _layout reads only the tokenizer without a layout model
+    learned = _learned(np.zeros((1, 32), np.float32))
+    left, right = (tuple(float(v) for v in b) for b in FIXED_BOXES)
+
+    def layout(prompt, **request):
+        ids = np.asarray(tokenizer([prompt], padding="max_length", max_length=77).input_ids)
+        return sampling._layout(model, learned, sampling.SampleRequest(prompt, layout_guidance=True, **request), ids)
+
+    guidance = layout("a <ball> and a dog")
+    assert guidance.words == ("<ball>", "dog")
+    assert guidance.boxes == (left, right)
+    assert [int(np.argmax(p[0])) for p in guidance.positions] == [2, 5]  # <start> a <ball> and a dog
+    assert layout("a photo of <ball>").words == ("<ball>",)
+    assert layout("a photo of <ball>").boxes == (left,)
+    assert layout("a <ball> and a dog", layout_words=("<ball>",), boxes=((0.0, 0.0, 0.5, 1.0),)).words == ("<ball>",)
+
+
 @pytest.mark.heavy(30)
 def test_layout_guidance_moves_attention_into_the_box(tiny_sd1):
     """Fixed seed, same prompt: with guidance, <ball>'s mean 16x16 cross-attention mass inside its box is higher.
 
     The random tiny model's cross-attention logits are ~0 (uniform maps that barely depend on the
     latent: guidance moves the mass by 4e-4), so its cross-attention queries and keys are scaled by 8
-    to make the maps depend on the latent as a trained model's do.
+    to make the maps depend on the latent as a trained model's do. The box is a quarter of the image: with
+    the left half the loss reaches the 0.2 threshold early and the code's rule stops guidance for good, too
+    soon to move the mean over 20 steps by 0.01 (ours before, re-checking at each step, does).
     """
     import flax
 
@@ -117,7 +185,7 @@ def test_layout_guidance_moves_attention_into_the_box(tiny_sd1):
     )
     rows = np.random.default_rng(2).standard_normal((1, 32)).astype(np.float32) * 0.3
     learned = _learned(rows)
-    box = (0.0, 0.0, 0.5, 1.0)
+    box = (0.0, 0.0, 0.5, 0.5)
     # Measured on the 16x16 layers guidance steers (the released code's: the first up block's; the mid block is 8x8).
     base = dict(num_images=2, steps=20, scheduler="euler", seed=5, attention_resolution=16, attention_layers=("up_blocks",))
     without = sampling.generate(model, learned, sampling.SampleRequest("a photo of <ball> and a cube", **base))

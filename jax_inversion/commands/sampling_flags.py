@@ -27,7 +27,9 @@ CLIP_SKIP = flags.DEFINE_integer(
     "models); default: what the tokens were trained with (the run's config, or the file's jax_inversion.clip_skip), else 1")
 OUT = flags.DEFINE_string("out", None, "output PNG (a folder: the file is named after the prompt and seed)")
 LAYOUT_GUIDANCE = flags.DEFINE_bool("layout-guidance", False, "Compositional Inversion's spatial inversion while sampling")
-LAYOUT_WORDS = flags.DEFINE_list("layout-words", [], "prompt words/tokens to place, e.g. '<cat>,dog' (default: the learned tokens)")
+LAYOUT_WORDS = flags.DEFINE_list(
+    "layout-words", [], "prompt words/tokens to place, e.g. '<cat>,dog' (default: as the released code, the learned token "
+    "left and the prompt's other object right, '<cat>' and 'dog' for 'a <cat> and a dog'; else the learned tokens)")
 BOXES = flags.DEFINE_string("boxes", "", "one box per layout word: 'x0,y0,x1,y1;x0,y0,x1,y1' (fractions)")
 LAYOUT_MODEL = flags.DEFINE_string("layout-model", "", "a train-layout file predicting the two words' boxes")
 
