@@ -27,6 +27,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.concept_before_subject = True  # "<cpt> <subj>": "a photo of frozen dog"
     config.train.subject_steps = 1000
     config.train.num_steps = 1000
-    config.loss.context = 0.01
-    config.loss_options.context.temperature = 0.07
+    config.loss.context = 0.01  # ReVersion's released default for its contrastive steering loss; Lego's own value is not known here
+    config.loss_options.context.temperature = 0.07  # ReVersion's, likewise
     return config
