@@ -170,6 +170,17 @@ def initial_rows(config, model: Pretrained, plan: RunPlan) -> dict:
             else:
                 init_ids += [None] * group.num_vectors
         initial[name] = tokens_lib.initial_embeddings(table, init_ids, rng)
+    context = config.loss_options.get("context", {})
+    if context.get("init_from_positives") and context.get("positives"):  # Lego: each vector starts at its positive words
+        concept, lists = plan.concept, [list(words) for words in context.positives]
+        if len(lists) not in (1, concept.num_vectors):
+            raise TrainError(f"loss_options.context.positives has {len(lists)} word lists for {concept.num_vectors} "
+                             f"concept vectors: give 1 (shared) or {concept.num_vectors}")
+        for name, (_, tok) in encoders_of(model).items():
+            table = input_embedding_table(model, name)
+            for k in range(concept.num_vectors):
+                words = lists[k] if len(lists) > 1 else lists[0]
+                initial[name][concept.start + k] = np.mean([tokens_lib.word_embedding(tok, table, w) for w in words], axis=0)
     if config.init_from:
         concept = plan.concept
         widths = {name: rows.shape[-1] for name, rows in initial.items()}

@@ -580,3 +580,33 @@ def test_train_step_term_gradient_norms_equal_jax_grad_of_each_weighted_term(one
     whole = jax.jit(jax.grad(lambda rows: run.objective(outputs(rows))[0]))(state.embeddings)
     np.testing.assert_allclose(np.asarray(whole["text_encoder"]), total, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(float(metrics["grad_norm"]), trainable_norm(whole), rtol=2e-4)
+
+
+def test_lego_concept_vectors_can_start_at_their_positive_words(one_level_sd1, images):
+    """loss_options.context.init_from_positives: each <cpt> vector starts at the mean input embedding of its own
+    positive words (one list per vector, or one shared), by hand; <subj> keeps its initializer; a list count that
+    fits neither is one line."""
+    from jax_inversion import tokens as tokens_lib
+    from jax_inversion.conditioning import input_embedding_table
+    from jax_inversion.configs import lego
+    from jax_inversion.errors import TrainError
+    from jax_inversion.loading import load_pretrained
+    from jax_inversion.phases import plan_run
+    from jax_inversion.train import initial_rows
+
+    config = _small(lego.get_config(), one_level_sd1, images["concept"], steps=1)
+    config.data.subject_dir, config.data.subject_initializer_token = images["subject"], "ball"
+    config.data.num_vectors = 2
+    config.loss_options.context.positives = [["striped", "red"], ["cube"]]
+    config.loss_options.context.init_from_positives = True
+    model = load_pretrained(one_level_sd1, components=("text_encoder",))
+    rows = initial_rows(config, model, plan_run(config))["text_encoder"]
+    table = input_embedding_table(model, "text_encoder")
+    vocab = model.tokenizer.get_vocab()
+    row = lambda word: table[vocab[word + "</w>"]]
+    np.testing.assert_allclose(rows[1], (row("striped") + row("red")) / 2, rtol=1e-6)
+    np.testing.assert_allclose(rows[2], row("cube"), rtol=1e-6)
+    np.testing.assert_allclose(rows[0], tokens_lib.word_embedding(model.tokenizer, table, "ball"), rtol=1e-6)
+    config.loss_options.context.positives = [["striped"], ["red"], ["cube"]]
+    with pytest.raises(TrainError, match="3 word lists for 2 concept vectors"):
+        initial_rows(config, model, plan_run(config))

@@ -123,6 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss_options.context.positives = ml_collections.config_dict.placeholder(tuple)  # one word list per concept vector (or one shared)
     config.loss_options.context.negatives = ml_collections.config_dict.placeholder(tuple)  # antonyms, same shape
     config.loss_options.context.temperature = 0.07
+    config.loss_options.context.init_from_positives = False  # Lego: start each concept vector at the mean of its positive words (overrides data.initializer_token for those rows)
     config.loss_options.anchor = ml_collections.ConfigDict()
     config.loss_options.anchor.words = ml_collections.config_dict.placeholder(tuple)  # None = the 80 COCO classes
     config.loss_options.anchor.max_atoms = 5  # active anchors in the sparse code
