@@ -68,11 +68,15 @@ def _train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
     return np.sqrt((np.float32(1.0) - alphas_cumprod) / alphas_cumprod).astype(np.float32)
 
 
-def _inference_sigmas(train_sigmas: np.ndarray, timesteps: np.ndarray, final: str) -> np.ndarray:
-    """Training sigmas linearly interpolated at ``timesteps`` plus the final sigma (0 or the smallest)."""
-    sigmas = np.interp(timesteps, np.arange(train_sigmas.size), train_sigmas)
+def _with_final_sigma(sigmas: np.ndarray, train_sigmas: np.ndarray, final: str) -> np.ndarray:
+    """float32 ``sigmas`` followed by the sigma after the last step: 0 (``final="zero"``) or the smallest training one."""
     last = 0.0 if final == "zero" else float(train_sigmas[0])
     return np.concatenate([sigmas, [last]]).astype(np.float32)
+
+
+def _inference_sigmas(train_sigmas: np.ndarray, timesteps: np.ndarray, final: str) -> np.ndarray:
+    """Training sigmas linearly interpolated at ``timesteps`` plus the final sigma (0 or the smallest)."""
+    return _with_final_sigma(np.interp(timesteps, np.arange(train_sigmas.size), train_sigmas), train_sigmas, final)
 
 
 def _karras_sigmas(sigma_min: float, sigma_max: float, steps: int) -> np.ndarray:
@@ -291,8 +295,7 @@ def _dpm(schedule: NoiseSchedule, config: Mapping, steps: int, spacing: str, kar
         if _get(config, "beta_schedule", "linear") != "squaredcos_cap_v2":
             timesteps = timesteps.round()
         timesteps = timesteps.astype(np.int64)
-        last = 0.0 if final == "zero" else float(train_sigmas[0])
-        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        sigmas = _with_final_sigma(sigmas, train_sigmas, final)
     else:
         lambdas = np.log(np.sqrt(acp)) - np.log(np.sqrt(np.float32(1.0) - acp))
         clipped = int(np.searchsorted(lambdas[::-1], float(_get(config, "lambda_min_clipped", -np.inf))))
@@ -325,8 +328,7 @@ def _euler(schedule: NoiseSchedule, config: Mapping, steps: int, spacing: str, k
         low, high = _get(config, "sigma_min", float(spaced[-1])), _get(config, "sigma_max", float(spaced[0]))
         karras_sigmas = _karras_sigmas(float(low), float(high), steps)
         timesteps = _sigma_to_t(karras_sigmas, np.log(train_sigmas)).astype(np.float32)
-        last = 0.0 if final == "zero" else float(train_sigmas[0])
-        sigmas = np.concatenate([karras_sigmas, [last]]).astype(np.float32)
+        sigmas = _with_final_sigma(karras_sigmas, train_sigmas, final)
     else:
         sigmas = _inference_sigmas(train_sigmas, timesteps, final)
     top = sigmas.max()

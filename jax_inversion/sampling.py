@@ -581,7 +581,9 @@ def generate(
     resolution = model.unet.config.sample_size * vae_factor(model)
     cache = {} if cache is None else cache
     encoder_key = ("encode", resolution, tuple(ids.first_id for ids in placeholder_ids.values()), model.clip_skip)
-    encode = cache.setdefault(encoder_key, text_encoder_fn(model, placeholder_ids, resolution))
+    if encoder_key not in cache:
+        cache[encoder_key] = text_encoder_fn(model, placeholder_ids, resolution)
+    encode = cache[encoder_key]
     cond = prompt_states(model, placeholder_ids, learned, [request.prompt] * request.num_images, resolution, encode)
     if not request.negative_prompt and zeros_for_empty_prompt(model):
         uncond = zero_states(cond)

@@ -160,6 +160,14 @@ def run_metadata(config, placeholder_ids: dict, model: Pretrained, plan: RunPlan
 def initial_rows(config, model: Pretrained, plan: RunPlan) -> dict:
     """``{encoder: rows}`` to start from: ``[n, d]``, or ``[S, K, n, d]`` with timestep stages / K-V parts."""
     initial = {}
+    context = config.loss_options.get("context", {})
+    positives = None  # Lego's init_from_positives: one word list per concept vector
+    if context.get("init_from_positives") and context.get("positives"):
+        concept, lists = plan.concept, [list(words) for words in context.positives]
+        if len(lists) not in (1, concept.num_vectors):
+            raise TrainError(f"loss_options.context.positives has {len(lists)} word lists for {concept.num_vectors} "
+                             f"concept vectors: give 1 (shared) or {concept.num_vectors}")
+        positives = lists * concept.num_vectors if len(lists) == 1 else lists
     for i, (name, (_, tok)) in enumerate(encoders_of(model).items()):
         table = input_embedding_table(model, name)
         rng = np.random.default_rng([config.seed, 2, i])
@@ -170,17 +178,8 @@ def initial_rows(config, model: Pretrained, plan: RunPlan) -> dict:
             else:
                 init_ids += [None] * group.num_vectors
         initial[name] = tokens_lib.initial_embeddings(table, init_ids, rng)
-    context = config.loss_options.get("context", {})
-    if context.get("init_from_positives") and context.get("positives"):  # Lego: each vector starts at its positive words
-        concept, lists = plan.concept, [list(words) for words in context.positives]
-        if len(lists) not in (1, concept.num_vectors):
-            raise TrainError(f"loss_options.context.positives has {len(lists)} word lists for {concept.num_vectors} "
-                             f"concept vectors: give 1 (shared) or {concept.num_vectors}")
-        for name, (_, tok) in encoders_of(model).items():
-            table = input_embedding_table(model, name)
-            for k in range(concept.num_vectors):
-                words = lists[k] if len(lists) > 1 else lists[0]
-                initial[name][concept.start + k] = np.mean([tokens_lib.word_embedding(tok, table, w) for w in words], axis=0)
+        for k, words in enumerate(positives or ()):  # each concept vector starts at the mean of its positive words
+            initial[name][plan.concept.start + k] = np.mean([tokens_lib.word_embedding(tok, table, w) for w in words], axis=0)
     if config.init_from:
         concept = plan.concept
         widths = {name: rows.shape[-1] for name, rows in initial.items()}
@@ -328,9 +327,9 @@ def setup_run(config: ml_collections.ConfigDict, devices: Optional[list] = None,
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[list] = None) -> TrainState:
     """Runs (or resumes) the job described by ``config`` in ``workdir`` over ``devices`` (default all)."""
-    config = resolve_unset(config)  # what config.json and the checkpoints' metadata record
     check_writable(workdir)
     run = setup_run(config, devices)
+    config = run.config  # unset fields resolved: what config.json and the checkpoints' metadata record
     wandb = wandb_module() if config.train.get("wandb") else None
     model, plan, concepts, mesh, with_masks = run.model, run.plan, run.concepts, run.mesh, run.with_masks
     phase_data = [p for p in plan.phases if p.num_steps > 0]
