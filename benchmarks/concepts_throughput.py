@@ -30,9 +30,9 @@ def main() -> None:
     import jax
 
     from jax_inversion.configs.ti import get_config
-    from jax_inversion.default_job import write_concept_images
-    from jax_inversion.tiny import make_tiny_model
-    from jax_inversion.train import train
+    from jax_inversion.commands.default_job import write_concept_images
+    from jax_inversion.models.tiny import make_tiny_model
+    from jax_inversion.training.train import train
 
     root = tempfile.mkdtemp(prefix="concepts_bench_")
     model = args.model or make_tiny_model(os.path.join(root, "model"))

@@ -104,7 +104,7 @@ def version(name):
         return f"unavailable ({type(e).__name__})"
 print("jax cudnn", version("cudnn_get_version"), "built with", version("cudnn_build_version"),
       "cuda runtime", version("cuda_runtime_get_version"))
-from jax_inversion.platform import current_platform, resolve_dtype, select_attention_backend
+from jax_inversion.core.platform import current_platform, resolve_dtype, select_attention_backend
 p = current_platform()
 print("platform", p, "dtype auto ->", resolve_dtype("auto").name,
       "attention auto (dtype auto) ->", select_attention_backend("auto", p, resolve_dtype("auto")))

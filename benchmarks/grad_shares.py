@@ -25,7 +25,7 @@ def before_config(config, model_path: str):
     """The pre-issue-16 recipe of ``config`` (a plain copy: the anchor weight no longer follows lambda)."""
     import ml_collections
 
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.models.loading import load_pretrained
 
     config = ml_collections.ConfigDict(config.to_dict())
     config.train.scale_lr, config.train.max_grad_norm = False, 1.0
@@ -62,7 +62,7 @@ def main() -> None:
     from benchmarks.quality import method_config
     from jax_inversion.toyworld import SHIPPED_MODEL
     from jax_inversion.toyworld.concepts import write_concept
-    from jax_inversion.train import train
+    from jax_inversion.training.train import train
 
     concept = write_concept(args.concept, os.path.join(args.workdir, "concepts", args.concept))
     if args.class_word:

@@ -30,22 +30,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, the compiling one included")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU/TPU, float32 on CPU")
-    parser.add_argument("--attention_backend", default="auto", help="auto, xla, chunked, cudnn or pallas (jax_inversion.platform)")
+    parser.add_argument("--attention_backend", default="auto", help="auto, xla, chunked, cudnn or pallas (jax_inversion.core.platform)")
     args = parser.parse_args()
 
     from transformers import CLIPTokenizer
 
-    from jax_inversion import tokens as tokens_lib
+    from jax_inversion.text import tokens as tokens_lib
     from jax_inversion.configs.ti import get_config, resolve_unset
-    from jax_inversion.loading import Pretrained
+    from jax_inversion.models.loading import Pretrained
     from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
-    from jax_inversion.objectives import build_objective
-    from jax_inversion.schedule import NoiseSchedule
-    from jax_inversion.tokenizer_files import write_clip_tokenizer
-    from jax_inversion.optim import make_optimizer
-    from jax_inversion.sharding import make_mesh
-    from jax_inversion.step import StepConfig, init_state, make_train_step
-    from jax_inversion.platform import resolve_dtype
+    from jax_inversion.objectives.terms import build_objective
+    from jax_inversion.diffusion.schedule import NoiseSchedule
+    from jax_inversion.models.tokenizer_files import write_clip_tokenizer
+    from jax_inversion.training.optim import make_optimizer
+    from jax_inversion.core.sharding import make_mesh
+    from jax_inversion.training.step import StepConfig, init_state, make_train_step
+    from jax_inversion.core.platform import resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
     tokenizer_dir = tempfile.mkdtemp()

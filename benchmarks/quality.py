@@ -70,7 +70,7 @@ def finished_run(workdir: str, fingerprint: dict) -> bool:
 def method_config(method: str, concept: dict, model: str, steps: int, seed: int, learning_rate: float):
     """The method's own config with the toy world's data, prompts and word lists filled in; ``steps=0``: the config's own."""
     from jax_inversion.configs import compositional, lego, sefi, ti
-    from jax_inversion.default_job import TOY_TEMPLATES
+    from jax_inversion.commands.default_job import TOY_TEMPLATES
     from jax_inversion.toyworld import world
 
     if method == "ti":
@@ -142,7 +142,7 @@ COMPANIONS = 2  # companions (and new subjects) per concept in the benchmark
 
 def trained(workdir: str, config, fingerprint: dict) -> None:
     """Trains ``config`` into ``workdir`` unless a finished run of the same model and budget is there."""
-    from jax_inversion.train import train
+    from jax_inversion.training.train import train
 
     if finished_run(workdir, fingerprint):
         return
@@ -340,7 +340,7 @@ def write_report(args, concepts: dict, rows: list, results: dict, reads: dict, s
     with open(os.path.join(args.out, "quality.json"), "w") as fh:
         json.dump({"results": {f"{n}/{m}": results[(n, m)] for n in names for m in rows},
                    "sweep": {f"{s}/{lr:g}": v for (s, lr), v in sweep.items()}, "device": device, "minutes": minutes}, fh, indent=1)
-    from jax_inversion.data import list_concept_images
+    from jax_inversion.data.images import list_concept_images
     from PIL import Image
 
     blocks = {}

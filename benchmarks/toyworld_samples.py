@@ -26,8 +26,8 @@ CAPTIONS = (
 
 
 def main() -> None:
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.sampling import SampleRequest, generate, image_grid, save_png
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.sampling.generate import SampleRequest, generate, image_grid, save_png
     from jax_inversion.toyworld import SHIPPED_MODEL
     from jax_inversion.toyworld.evaluate import no_learned_tokens
 

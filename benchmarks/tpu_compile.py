@@ -1,7 +1,7 @@
 """The TPU results table: SD1.5 at 512 px and SDXL at 1024 px, compiled for TPU slices without a TPU.
 
 For each model (random architecture configs, no weights: ``tiny.write_config_only_model``) and
-topology, runs ``jax-inversion compile``'s planner (:func:`jax_inversion.tpu_plan.plan_topology`:
+topology, runs ``jax-inversion compile``'s planner (:func:`jax_inversion.training.tpu_plan.plan_topology`:
 the train job's real TI step, bf16, ``attention_backend=auto``, batch 8 per chip) and prints one JSON
 line: compiled, bytes per chip and whether they fit the chip's HBM, the TPU compiler's FLOPs per
 chip per step, the attention kernels, and (``--search``) the largest batch per chip that fits.
@@ -65,7 +65,7 @@ def table(path: str) -> str:
 def table_row(name: str, r: dict) -> str:
     """One table row of a JSON line; HBM per device recomputed with :func:`tpu_plan.hbm_bytes`, so a line
     written before it counted v4's HBM per chip agrees."""
-    from jax_inversion.tpu_plan import hbm_bytes
+    from jax_inversion.training.tpu_plan import hbm_bytes
 
     name = f"{name}, {r['topology']}" + (f", remat {r['remat']}" if r["remat"] != "none" else "")
     if not r["compiled"]:
@@ -93,8 +93,8 @@ def main() -> None:
         return
 
     from jax_inversion.configs.ti import get_config
-    from jax_inversion.tiny import write_config_only_model
-    from jax_inversion.tpu_plan import plan_topology, topology_devices
+    from jax_inversion.models.tiny import write_config_only_model
+    from jax_inversion.training.tpu_plan import plan_topology, topology_devices
 
     root = tempfile.mkdtemp(prefix="tpu_compile_models_")
     for name in args.models.split(","):

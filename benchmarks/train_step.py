@@ -55,7 +55,7 @@ and the ratios line always comes out.
         --impls ours,torch_cached,torch,torch_compile                        # on a GPU (benchmarks/gpu.sh)
     python -m benchmarks.train_step --configs sd15_512_b8 --flops_only         # the FLOP count alone, any machine
 
-Configurations: ``small`` (jax_inversion.tiny's architecture, 64 px, batch 8), ``sd15_R_bB``
+Configurations: ``small`` (jax_inversion.models.tiny's architecture, 64 px, batch 8), ``sd15_R_bB``
 (SD1.5 architecture, R px, batch B), ``small_R_bB``. Output: one JSON line per configuration
 and implementation, then one per configuration with the steps/s ratios.
 """
@@ -75,8 +75,8 @@ import time
 
 import numpy as np
 
-from jax_inversion.aot import cost_flops
-from jax_inversion.tiny import TINY_UNET, TINY_VAE, tiny_text_config
+from jax_inversion.core.aot import cost_flops
+from jax_inversion.models.tiny import TINY_UNET, TINY_VAE, tiny_text_config
 
 # SD1.5 (runwayml/stable-diffusion-v1-5) architecture.
 SD15_UNET = {
@@ -116,7 +116,7 @@ SD15_TEXT = {  # CLIP ViT-L/14 text tower
     "layer_norm_eps": 1e-5,
     "projection_dim": 768,
 }
-# jax_inversion.tiny's architecture; the text vocabulary is the tokenizer's (vocab_size None).
+# jax_inversion.models.tiny's architecture; the text vocabulary is the tokenizer's (vocab_size None).
 SMALL_UNET = {k: v for k, v in TINY_UNET.items() if k != "_class_name"}
 SMALL_VAE = {k: v for k, v in TINY_VAE.items() if k != "_class_name"}
 SMALL_TEXT = {**{k: v for k, v in tiny_text_config(0, 0, 0).items() if k in SD15_TEXT}, "vocab_size": None}
@@ -247,7 +247,7 @@ def attention_kernels(model, resolution: int, text_len: int = 77) -> dict:
 
     import jax.numpy as jnp
 
-    from jax_inversion.conditioning import vae_factor
+    from jax_inversion.text.conditioning import vae_factor
     from jax_inversion.models.layers import attention_backend_for
     from jax_inversion.models.unet import cross_attention_layers
 
@@ -274,8 +274,8 @@ def write_model(arch: str, directory: str) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from jax_inversion.tiny import write_model_index
-    from jax_inversion.tokenizer_files import write_clip_tokenizer
+    from jax_inversion.models.tiny import write_model_index
+    from jax_inversion.models.tokenizer_files import write_clip_tokenizer
 
     unet_config, vae_config, text_config = ARCHITECTURES[arch]
     os.makedirs(directory, exist_ok=True)
@@ -301,14 +301,14 @@ def build_our_step(model, batch_size: int, resolution: int, devices=None) -> dic
     import jax
     import jax.numpy as jnp
 
-    from jax_inversion import tokens as tokens_lib
+    from jax_inversion.text import tokens as tokens_lib
     from jax_inversion.configs.ti import get_config, resolve_unset
-    from jax_inversion.objectives import build_objective
-    from jax_inversion.schedule import NoiseSchedule
-    from jax_inversion.conditioning import input_embedding_table, vae_factor
-    from jax_inversion.optim import make_optimizer
-    from jax_inversion.sharding import batch_sharded, make_mesh, replicated
-    from jax_inversion.step import StepConfig, init_state, make_train_step
+    from jax_inversion.objectives.terms import build_objective
+    from jax_inversion.diffusion.schedule import NoiseSchedule
+    from jax_inversion.text.conditioning import input_embedding_table, vae_factor
+    from jax_inversion.training.optim import make_optimizer
+    from jax_inversion.core.sharding import batch_sharded, make_mesh, replicated
+    from jax_inversion.training.step import StepConfig, init_state, make_train_step
 
     tokenizer = model.tokenizer
     table = input_embedding_table(model, "text_encoder")
@@ -372,8 +372,8 @@ def backend_independent_flops(model, batch_size: int, resolution: int, devices=N
 def run_ours(args, cfg: dict) -> dict:
     import jax
 
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.platform import resolve_dtype
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.core.platform import resolve_dtype
 
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
@@ -471,7 +471,7 @@ def run_torch(args, cfg: dict, impl: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cpu = device.type == "cpu"
     steps, warmup = step_counts(args, cfg["arch"], on_cpu)
-    from jax_inversion.platform import resolve_dtype
+    from jax_inversion.core.platform import resolve_dtype
 
     dtype_name = resolve_dtype(args.dtype, "cpu" if on_cpu else "gpu").name
     weight_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
@@ -622,7 +622,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="frozen models' dtype (both sides); auto: bfloat16 on GPU/TPU, float32 on CPU")
     parser.add_argument("--attention_backend", default="auto", choices=("auto", "xla", "chunked", "cudnn", "pallas"),
-                        help="our UNet's attention kernel (see jax_inversion.platform)")
+                        help="our UNet's attention kernel (see jax_inversion.core.platform)")
     parser.add_argument("--flops_only", action="store_true",
                         help="ours only: print the backend-independent FLOP count per step, do not compile or run")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 for SD1.5 on CPU, else 20)")

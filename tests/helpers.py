@@ -4,9 +4,9 @@ from typing import Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from jax_inversion.conditioning import prompt_embeddings
+from jax_inversion.text.conditioning import prompt_embeddings
 from jax_inversion.configs.ti import get_config
-from jax_inversion.extended import stage_of
+from jax_inversion.artifacts.extended import stage_of
 from jax_inversion.models.unet import Conditioning
 
 

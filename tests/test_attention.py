@@ -1,4 +1,4 @@
-"""Attention kernels per platform and the dtype choice (jax_inversion.platform, models.layers).
+"""Attention kernels per platform and the dtype choice (jax_inversion.core.platform, models.layers).
 
 The TPU Pallas flash-attention kernel runs here in Pallas' interpreter (``force_tpu_interpret_mode``)
 and is compared with an explicit einsum-softmax reference and with XLA's attention, forward and
@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from jax_inversion.errors import UserError
+from jax_inversion.core.errors import UserError
 from jax_inversion.models import layers
 from jax_inversion.models import unet as unet_lib
-from jax_inversion.platform import (
+from jax_inversion.core.platform import (
     PlatformError,
     attention_kernel_fits,
     resolve_dtype,
     select_attention_backend,
 )
-from jax_inversion.tiny import TINY_UNET
+from jax_inversion.models.tiny import TINY_UNET
 
 F32, BF16, F16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)
 
@@ -239,8 +239,8 @@ def test_unet_with_a_backend_this_platform_cannot_run_fails_in_one_line():
 
 @pytest.mark.heavy(17)
 def test_loading_with_a_backend_this_platform_cannot_run_fails_before_reading_weights(tmp_path):
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.tiny import make_tiny_model
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.models.tiny import make_tiny_model
 
     model_dir = make_tiny_model(str(tmp_path / "tiny"))
     for name in ("diffusion_pytorch_model.safetensors",):  # no UNet weights: only the config can be read
@@ -255,7 +255,7 @@ def test_splash_runs_per_device_under_shard_map_over_the_data_axis():
     wrapped in shard_map over ``data`` (each device attends over its own examples); with a batch the axis does
     not divide, or no mesh, it is called as is. Lowered only: the interpreter under shard_map is the
     TPU compile test's business (tests/test_tpu_compile.py compiles it for v5e:2x4)."""
-    from jax_inversion.sharding import make_mesh
+    from jax_inversion.core.sharding import make_mesh
 
     mesh = make_mesh()
     lower = lambda batch: jax.jit(lambda q, k, v: layers.fused_attention(q, k, v, "pallas")).lower(

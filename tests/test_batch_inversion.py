@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from jax_inversion.checkpoints import read_run
-from jax_inversion.default_job import write_concept_images
+from jax_inversion.artifacts.checkpoints import read_run
+from jax_inversion.commands.default_job import write_concept_images
 from tests.xla_flags import xla_flags
 
 
@@ -35,8 +35,8 @@ def _config(model, steps):
 def test_joint_training_equals_each_concept_alone(one_level_sd1, concept_root, tmp_path):
     """4 concepts x batch 2 on 8 devices vs each concept alone (batch 2 on 2 devices, its seed):
     same rows after 3 steps. Clipping is per concept and tight enough (0.05) to act."""
-    from jax_inversion.export import read_embedding_file
-    from jax_inversion.train import train
+    from jax_inversion.artifacts.export import read_embedding_file
+    from jax_inversion.training.train import train
 
     steps = 3
     joint = _config(one_level_sd1, steps)
@@ -87,8 +87,8 @@ def test_joint_training_equals_each_concept_alone(one_level_sd1, concept_root, t
 
 def test_concept_list_yaml_and_errors(tmp_path, concept_root):
     from jax_inversion.configs.ti import get_config
-    from jax_inversion.data import DataError
-    from jax_inversion.phases import read_concept_list
+    from jax_inversion.data.images import DataError
+    from jax_inversion.data.phases import read_concept_list
 
     config = get_config()
     config.seed = 7

@@ -11,8 +11,8 @@ from benchmarks.train_step import (
     lowered_flops,
     peaks_for,
 )
-from jax_inversion.loading import load_pretrained
-from jax_inversion.tiny import make_tiny_model
+from jax_inversion.models.loading import load_pretrained
+from jax_inversion.models.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from etils import epath
 
-from jax_inversion import checkpoints
-from jax_inversion.checkpoints import CheckpointError, CheckpointManager, read_error_kind
-from jax_inversion.runtime import user_errors
+from jax_inversion.artifacts import checkpoints
+from jax_inversion.artifacts.checkpoints import CheckpointError, CheckpointManager, read_error_kind
+from jax_inversion.commands.runtime import user_errors
 
 META = {"layout": {"tokens": ["<c>"]}, "embedding_dim": 4, "model": "m"}
 

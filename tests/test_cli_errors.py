@@ -4,7 +4,9 @@ import sys
 
 import pytest
 
-from jax_inversion import cli, commands
+from jax_inversion import cli
+
+from jax_inversion import commands
 
 
 @pytest.mark.parametrize("flag,key", [

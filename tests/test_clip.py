@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from jax_inversion.convert import WeightMismatchError, convert_state_dict
+from jax_inversion.models.convert import WeightMismatchError, convert_state_dict
 from jax_inversion.models.clip import (
     CLIPTextConfig,
     CLIPTextTransformer,

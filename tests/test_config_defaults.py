@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from jax_inversion import default_job
+from jax_inversion.commands import default_job
 from jax_inversion.configs import compositional, lego, ti
 
 TI_PATH = os.path.join(os.path.dirname(ti.__file__), "ti.py")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jax_inversion import data
-from jax_inversion.data import BatchSampler, DataError
+from jax_inversion.data import images as data
+from jax_inversion.data.images import BatchSampler, DataError
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -149,7 +149,7 @@ def test_placeholder_string():
 def test_tokenize_prompts(tmp_path):
     from transformers import CLIPTokenizer
 
-    from jax_inversion.tokenizer_files import write_clip_tokenizer
+    from jax_inversion.models.tokenizer_files import write_clip_tokenizer
 
     write_clip_tokenizer(str(tmp_path))
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))

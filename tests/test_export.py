@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_inversion.checkpoints import read_run
+from jax_inversion.artifacts.checkpoints import read_run
 from jax_inversion.configs.ti import get_config
-from jax_inversion.default_job import write_concept_images
-from jax_inversion.export import ExportError, export_run, read_embedding_file
-from jax_inversion.train import train
+from jax_inversion.commands.default_job import write_concept_images
+from jax_inversion.artifacts.export import ExportError, export_run, read_embedding_file
+from jax_inversion.training.train import train
 from tests.helpers import make_config
 from tests.xla_flags import xla_flags
 
@@ -80,7 +80,7 @@ def test_import_shape_checked(run, tmp_path):
     workdir, _, config = run
     from safetensors.numpy import save_file
 
-    from jax_inversion.export import initial_rows_from_file
+    from jax_inversion.artifacts.export import initial_rows_from_file
 
     wide = str(tmp_path / "wide.safetensors")
     save_file({"<x>": np.zeros((2, 768), np.float32)}, wide)
@@ -96,12 +96,12 @@ def test_extended_tokens_torch_processor_equals_flax(one_level_sd1, tmp_path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from jax_inversion import tokens as tokens_lib
-    from jax_inversion.extended import read_extended, write_extended
+    from jax_inversion.text import tokens as tokens_lib
+    from jax_inversion.artifacts.extended import read_extended, write_extended
     from tests.helpers import flax_conditioning
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.models.loading import load_pretrained
     from jax_inversion.models.unet import cross_attention_layers
-    from jax_inversion.torch import ExtendedTokens
+    from jax_inversion.artifacts.torch import ExtendedTokens
 
     rng = np.random.default_rng(0)
     n, d, stages = 2, 32, 5
@@ -173,8 +173,8 @@ def test_multi_concept_run_exports_all_or_one_extended_file(tmp_path):
     concept, extended writes both tokens in one file, a single diffusers file is refused."""
     import jax.numpy as jnp
 
-    from jax_inversion.checkpoints import CheckpointManager
-    from jax_inversion.extended import read_extended
+    from jax_inversion.artifacts.checkpoints import CheckpointManager
+    from jax_inversion.artifacts.extended import read_extended
 
     rows = np.arange(3 * 8, dtype=np.float32).reshape(3, 8)
     meta = {"model": "m", "placeholder_token": "<subj>", "layout": {"tokens": ["<subj>", "<cpt>", "<cpt>_1"], "first_id": 10},
@@ -197,7 +197,7 @@ def test_export_on_another_device_count(run, tmp_path):
     """A run trained on 8 devices exports from a 1-device process (a pod run read on a laptop)."""
     import os
 
-    from jax_inversion.export import read_embedding_file
+    from jax_inversion.artifacts.export import read_embedding_file
 
     workdir, rows, _ = run
     env = dict(os.environ, XLA_FLAGS=xla_flags(1))
@@ -209,7 +209,7 @@ def test_export_on_another_device_count(run, tmp_path):
 
 def test_atomic_write_gives_the_usual_permissions_and_keeps_what_exists(tmp_path):
     """Outputs are readable as any new file is (umask), not mkstemp's 0600; no overwrite keeps the old file."""
-    from jax_inversion.files import atomic_write
+    from jax_inversion.core.files import atomic_write
 
     path = str(tmp_path / "embedding.safetensors")
     old_umask = os.umask(0o022)
@@ -243,7 +243,7 @@ def test_exports_carry_modelspec_and_a1111_metadata(run, one_level_sd1, tmp_path
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    from jax_inversion.export import describe_file
+    from jax_inversion.artifacts.export import describe_file
 
     workdir, rows, _ = run
     unet_files = sorted(glob.glob(os.path.join(one_level_sd1, "unet", "*.safetensors")))
@@ -287,7 +287,7 @@ def test_exports_carry_modelspec_and_a1111_metadata(run, one_level_sd1, tmp_path
 def test_trigger_file_names_and_a1111_short_hash():
     """--all names a file (A1111's trigger word) so that it never equals an ordinary word; A1111's sd_checkpoint is
     the first 10 hex digits of the base file's sha256 (its "AutoV2"), and only a single file has one."""
-    from jax_inversion.export import a1111_checkpoint_fields, describe_method, trigger_file_name
+    from jax_inversion.artifacts.export import a1111_checkpoint_fields, describe_method, trigger_file_name
 
     assert trigger_file_name("<cat>") == "cat-ti" and trigger_file_name("<my cat>") == "my_cat-ti"
     assert trigger_file_name("sks") == "sks"

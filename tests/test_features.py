@@ -14,15 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_inversion.checkpoints import CheckpointError, CheckpointManager
+from jax_inversion.artifacts.checkpoints import CheckpointError, CheckpointManager
 from jax_inversion.configs.ti import get_config
-from jax_inversion.data import DataError
-from jax_inversion.default_job import write_concept_images
-from jax_inversion.errors import ConfigError, TrainError
-from jax_inversion.export import read_embedding_file
-from jax_inversion.loading import load_pretrained
-from jax_inversion.optim import lr_schedule
-from jax_inversion.train import train
+from jax_inversion.data.images import DataError
+from jax_inversion.commands.default_job import write_concept_images
+from jax_inversion.core.errors import ConfigError, TrainError
+from jax_inversion.artifacts.export import read_embedding_file
+from jax_inversion.models.loading import load_pretrained
+from jax_inversion.training.optim import lr_schedule
+from jax_inversion.training.train import train
 from tests.helpers import make_config
 
 CAPTION = "a photo of {} on the grass"
@@ -39,7 +39,7 @@ def concept_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_and_layout(one_level_sd1):
     """The tiny model, its tokenizer holding ``<ball> <ball>_1`` (as training adds them)."""
-    from jax_inversion.tokens import add_placeholder_tokens
+    from jax_inversion.text.tokens import add_placeholder_tokens
 
     model = load_pretrained(one_level_sd1)
     return model, add_placeholder_tokens(model.tokenizer, ["<ball>", "<ball>_1"])
@@ -128,10 +128,10 @@ def test_no_readable_checkpoint_is_one_line_and_touches_nothing(run, one_level_s
 
 def test_captions_and_templates_mix(model_and_layout, one_level_sd1, concept_dir, tmp_path):
     """A captioned image always says its caption (placeholder expanded to every vector); the others draw templates."""
-    from jax_inversion.dataset import _examples, build_dataset
-    from jax_inversion.phases import plan_run
+    from jax_inversion.data.dataset import _examples, build_dataset
+    from jax_inversion.data.phases import plan_run
 
-    from jax_inversion.data import tokenize_prompts
+    from jax_inversion.data.images import tokenize_prompts
 
     model, _ = model_and_layout
     config = run_config(one_level_sd1, concept_dir)
@@ -145,8 +145,8 @@ def test_captions_and_templates_mix(model_and_layout, one_level_sd1, concept_dir
 
 
 def test_caption_without_the_placeholder_is_one_line(one_level_sd1, tmp_path):
-    from jax_inversion.dataset import check_phase_data
-    from jax_inversion.phases import plan_run
+    from jax_inversion.data.dataset import check_phase_data
+    from jax_inversion.data.phases import plan_run
 
     images = write_concept_images(str(tmp_path / "images"), count=2)
     (tmp_path / "images" / "ball_1.txt").write_text("a ball on the grass")
@@ -212,9 +212,9 @@ def test_bad_accumulation_schedule_and_missing_wandb_are_one_line(run, one_level
 
 
 def test_phrase_initializers_fill_the_vectors_in_order(model_and_layout, one_level_sd1, concept_dir):
-    from jax_inversion.conditioning import input_embedding_table
-    from jax_inversion.phases import plan_run
-    from jax_inversion.train import initial_rows
+    from jax_inversion.text.conditioning import input_embedding_table
+    from jax_inversion.data.phases import plan_run
+    from jax_inversion.training.train import initial_rows
 
     model, _ = model_and_layout
     table = np.asarray(input_embedding_table(model, "text_encoder"), np.float32)
@@ -258,9 +258,9 @@ def _with(config, **values):
 
 
 def test_noise_offset_shifts_each_example_channel(model_and_layout):
-    from jax_inversion.objectives import build_objective
-    from jax_inversion.schedule import NoiseSchedule
-    from jax_inversion.step import StepConfig, make_forward
+    from jax_inversion.objectives.terms import build_objective
+    from jax_inversion.diffusion.schedule import NoiseSchedule
+    from jax_inversion.training.step import StepConfig, make_forward
 
     model, placeholders = model_and_layout
     layout = {"text_encoder": placeholders}
@@ -278,10 +278,10 @@ def test_noise_offset_shifts_each_example_channel(model_and_layout):
 
 def test_timestep_range_bounds_the_drawn_timesteps(model_and_layout):
     """train.min_timestep/max_timestep: timesteps uniform in [low, high); noise and latents as without it."""
-    from jax_inversion.errors import ConfigError
-    from jax_inversion.objectives import build_objective
-    from jax_inversion.schedule import NoiseSchedule
-    from jax_inversion.step import StepConfig, make_forward
+    from jax_inversion.core.errors import ConfigError
+    from jax_inversion.objectives.terms import build_objective
+    from jax_inversion.diffusion.schedule import NoiseSchedule
+    from jax_inversion.training.step import StepConfig, make_forward
 
     model, placeholders = model_and_layout
     layout = {"text_encoder": placeholders}
@@ -310,7 +310,7 @@ def test_wandb_offline_receives_scalars_and_images(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     from tensorboardX import SummaryWriter
 
-    from jax_inversion.train import _WandbWriter
+    from jax_inversion.training.train import _WandbWriter
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -79,9 +79,9 @@ def _cli(command, *args, env):
 def test_gs_workdir_train_kill_resume_export_sample(emulator, one_level_sd1, tmp_path):
     from etils import epath
 
-    from jax_inversion.checkpoints import CheckpointManager, read_run
-    from jax_inversion.default_job import write_concept_images
-    from jax_inversion.export import read_embedding_file
+    from jax_inversion.artifacts.checkpoints import CheckpointManager, read_run
+    from jax_inversion.commands.default_job import write_concept_images
+    from jax_inversion.artifacts.export import read_embedding_file
 
     workdir = f"gs://{BUCKET}/runs/ball"
     concept = write_concept_images(str(tmp_path / "concept"), count=2)
@@ -144,8 +144,8 @@ def test_gs_workdir_train_kill_resume_export_sample(emulator, one_level_sd1, tmp
 
 
 def test_unreachable_bucket_is_one_line(emulator):
-    from jax_inversion.errors import TrainError
-    from jax_inversion.train import check_writable
+    from jax_inversion.core.errors import TrainError
+    from jax_inversion.training.train import check_writable
 
     with pytest.raises(TrainError) as error:
         check_writable("gs://no-such-bucket-of-ours/run")

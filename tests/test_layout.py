@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jax_inversion import layout
-from jax_inversion.layout import FIXED_BOXES, LayoutError
+from jax_inversion.sampling import layout
+from jax_inversion.sampling.layout import FIXED_BOXES, LayoutError
 
 WORDS = ["cat", "dog", "toy", "cube", "ball", "sphere"]
 HEIGHTS = dict(zip(WORDS, [0.6, 0.5, 0.3, 0.4, 0.2, 0.7]))
@@ -22,7 +22,7 @@ def make_text_model(directory: str) -> str:
     """A tiny model with only tokenizer + text encoder (random rows): what train-layout loads, in a second."""
     from transformers import CLIPTokenizer
 
-    from jax_inversion import tiny
+    from jax_inversion.models import tiny
     from jax_inversion.models import clip
 
     tiny.write_clip_tokenizer(os.path.join(directory, "tokenizer"))
@@ -58,7 +58,7 @@ def assert_valid(box_i, box_j):
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.models.loading import load_pretrained
 
     path = make_text_model(str(tmp_path_factory.mktemp("tiny_text")))
     model = load_pretrained(path, components=("text_encoder",))

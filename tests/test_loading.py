@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_inversion.loading import ModelLoadError, load_pretrained, read_state_dict
+from jax_inversion.models.loading import ModelLoadError, load_pretrained, read_state_dict
 
 
 def test_loads_every_component(tiny_sd2):
@@ -92,7 +92,7 @@ def test_unreachable_hub_id_is_one_clear_error(monkeypatch):
 
 @pytest.mark.heavy(36)
 def test_check_parity_cli_on_our_tiny_model_writer(tmp_path):
-    """With no --model, check-parity writes a model with our own writer (jax_inversion.tiny) and compares
+    """With no --model, check-parity writes a model with our own writer (jax_inversion.models.tiny) and compares
     it with what diffusers/transformers load from it: no missing keys, every output within 1e-4."""
     # One run at a tolerance nothing meets: it exits non-zero marking every row FAIL, and the table it prints shows
     # every difference within 1e-4 (the default tolerance, whose "parity ok" path is the same comparison).

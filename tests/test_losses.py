@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_inversion.losses import (
+from jax_inversion.objectives.losses import (
     anchor_prompt_loss,
     anchor_sparse_codes,
     anchor_sparse_loss,
@@ -102,7 +102,7 @@ def test_info_nce_gradient_flows_into_v_only_and_raises_positive_cosine():
 def tokenizer(tmp_path_factory):
     from transformers import CLIPTokenizer
 
-    from jax_inversion.tokenizer_files import write_clip_tokenizer
+    from jax_inversion.models.tokenizer_files import write_clip_tokenizer
 
     directory = str(tmp_path_factory.mktemp("clip_tokenizer"))
     write_clip_tokenizer(directory, ["cat", "dog"])
@@ -340,7 +340,7 @@ def test_layout_guidance_loss_is_squared_per_head_hand_value():
 def test_guided_latents_stop_below_threshold_hand_steps():
     """loss(x) = x^2 (grad 2x), step 0.25: x goes 1 -> 0.5 -> 0.25 -> 0.125; the 4th iteration's loss, 0.015625,
     is at most 0.02: as in the code's while loop, its step (-> 0.0625) is still taken and the 5th is not."""
-    from jax_inversion.sampling import guided_latents
+    from jax_inversion.sampling.generate import guided_latents
 
     loss_and_grad = lambda x: (jnp.sum(x**2), 2 * x)
     out, done, iterations = guided_latents(jnp.ones(1), loss_and_grad, 5, 0.02, 0.25)

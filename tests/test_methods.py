@@ -17,8 +17,8 @@ import optax
 import pytest
 from PIL import Image, ImageDraw
 
-from jax_inversion import losses
-from jax_inversion.checkpoints import CheckpointManager, read_run
+from jax_inversion.objectives import losses
+from jax_inversion.artifacts.checkpoints import CheckpointManager, read_run
 
 
 def _ball_images(directory, mask_directory=None, count=4, size=64, striped=True, seed=0):
@@ -85,16 +85,16 @@ def _evaluate(config, workdir, rows_by_name):
 
 def _probe(config, workdir):
     """``(objective, outputs(rows))``: the config's objective and its forward on one fixed batch with fixed noise."""
-    from jax_inversion import tokens as tokens_lib
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.text import tokens as tokens_lib
+    from jax_inversion.models.loading import load_pretrained
     from jax_inversion.models.unet import cross_attention_layers
-    from jax_inversion.objectives import TermSetup, build_objective
-    from jax_inversion.phases import plan_run
-    from jax_inversion.schedule import NoiseSchedule
-    from jax_inversion.conditioning import frozen_params, input_embedding_table, vae_factor
-    from jax_inversion.dataset import build_dataset
-    from jax_inversion.step import StepConfig, make_forward
-    from jax_inversion.train import class_word_ids
+    from jax_inversion.objectives.terms import TermSetup, build_objective
+    from jax_inversion.data.phases import plan_run
+    from jax_inversion.diffusion.schedule import NoiseSchedule
+    from jax_inversion.text.conditioning import frozen_params, input_embedding_table, vae_factor
+    from jax_inversion.data.dataset import build_dataset
+    from jax_inversion.training.step import StepConfig, make_forward
+    from jax_inversion.training.train import class_word_ids
 
     model = load_pretrained(config.model)
     plan = plan_run(config)
@@ -128,7 +128,7 @@ def _probe(config, workdir):
 
 
 def _table(model_dir):
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.models.loading import load_pretrained
 
     model = load_pretrained(model_dir, components=("text_encoder",))
     return model.tokenizer, np.asarray(model.text_encoder_params["text_model"]["embeddings"]["token_embedding"]["embedding"])
@@ -144,7 +144,7 @@ def test_lego_subject_frozen_context_moves_and_resume_across_phases(one_level_sd
     (weight raised from 0.01 to 1 so 4 steps show it); resuming at the phase boundary equals an
     uninterrupted run."""
     from jax_inversion.configs import lego
-    from jax_inversion.train import train
+    from jax_inversion.training.train import train
 
     config = _small(lego.get_config(), one_level_sd1, images["concept"], steps=4)
     config.data.subject_dir = images["subject"]
@@ -162,9 +162,9 @@ def test_lego_subject_frozen_context_moves_and_resume_across_phases(one_level_sd
     assert all("loss/context" in r and "loss/diffusion" in r for r in records)
     _assert_every_weighted_term_has_a_gradient(config, full, "lego")
     at_boundary, final = _rows(full, 4), _rows(full, 8)
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.phases import plan_run
-    from jax_inversion.train import initial_rows
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.data.phases import plan_run
+    from jax_inversion.training.train import initial_rows
 
     start = initial_rows(config, load_pretrained(one_level_sd1), plan_run(config))["text_encoder"]
     assert not np.array_equal(at_boundary[0], start[0])  # phase 1 trained <subj> ...
@@ -191,7 +191,7 @@ def test_compositional_anchor_and_location_move_their_way(tiny_sd1, images, tmp_
     attention mass outside the mask are lower on a fixed batch (location weight raised to 1). It runs on the
     two-level model, where six steps lower the mass outside the mask by 4e-4 (5e-5 on the one-level one)."""
     from jax_inversion.configs import compositional
-    from jax_inversion.train import train
+    from jax_inversion.training.train import train
 
     config = _small(compositional.get_config("paper,location"), tiny_sd1, images["concept"], steps=6, lr=2e-2)
     config.data.placeholder_token = "<ball>"
@@ -213,9 +213,9 @@ def test_compositional_anchor_and_location_move_their_way(tiny_sd1, images, tmp_
         rel=1e-5,
     )
     initial, final = _rows(workdir, 6), None
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.phases import plan_run
-    from jax_inversion.train import initial_rows
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.data.phases import plan_run
+    from jax_inversion.training.train import initial_rows
 
     initial = initial_rows(config, load_pretrained(tiny_sd1), plan_run(config))["text_encoder"]
     final = _rows(workdir, 6)
@@ -232,7 +232,7 @@ def test_compositional_code_variant_with_masked_reconstruction(one_level_sd1, im
     The term is a mean over all 77 x d prompt entries, so it is ~1e-5 here: its weight is raised to
     100 for 4 steps to dominate the reconstruction's direction."""
     from jax_inversion.configs import compositional
-    from jax_inversion.train import train
+    from jax_inversion.training.train import train
 
     config = _small(compositional.get_config("code"), one_level_sd1, images["concept"], steps=4)
     config.data.placeholder_token = "<ball>"
@@ -250,9 +250,9 @@ def test_compositional_code_variant_with_masked_reconstruction(one_level_sd1, im
     assert "loss/diffusion" not in records[0]
     _assert_every_weighted_term_has_a_gradient(config, workdir, "compositional:code")
 
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.phases import plan_run
-    from jax_inversion.train import initial_rows
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.data.phases import plan_run
+    from jax_inversion.training.train import initial_rows
 
     tokenizer, table = _table(one_level_sd1)
     anchor = losses.word_embedding(tokenizer, table, "ball")
@@ -267,9 +267,9 @@ def test_sefi_stage_kv_rows_attention_loss_and_export(one_level_sd1, images, tmp
     class-word prompt's maps on a fixed batch (denoising weight 0 to isolate it), and the run
     exports as an extended file with per-stage key and value rows."""
     from jax_inversion.configs import sefi
-    from jax_inversion.export import export_run
-    from jax_inversion.extended import read_extended
-    from jax_inversion.train import train
+    from jax_inversion.artifacts.export import export_run
+    from jax_inversion.artifacts.extended import read_extended
+    from jax_inversion.training.train import train
 
     config = _small(sefi.get_config(), one_level_sd1, images["concept"], steps=4, lr=2e-2)
     config.data.placeholder_token = "<ball>"
@@ -298,9 +298,9 @@ def test_sefi_stage_kv_rows_attention_loss_and_export(one_level_sd1, images, tmp
     isolated.data.class_word = "ball"
     isolated.loss.diffusion = 0.0
     isolated.loss.attention = 1.0
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.phases import plan_run
-    from jax_inversion.train import initial_rows
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.data.phases import plan_run
+    from jax_inversion.training.train import initial_rows
 
     objective, outputs = _probe(isolated, str(tmp_path / "isolated"))
     attention = jax.jit(lambda r: objective(outputs(r))[1]["attention"])
@@ -321,7 +321,7 @@ def test_sefi_stage_kv_rows_attention_loss_and_export(one_level_sd1, images, tmp
 
 def test_method_configs_declare_their_terms():
     from jax_inversion.configs import compositional, lego, sefi, ti
-    from jax_inversion.objectives import COCO_CLASSES
+    from jax_inversion.objectives.terms import COCO_CLASSES
 
     assert len(COCO_CLASSES) == 80 and "traffic light" in COCO_CLASSES and "toothbrush" in COCO_CLASSES
     plain = ti.get_config()
@@ -350,7 +350,7 @@ def test_method_recipes():
     """Each config's optimisation recipe: base lr 5e-3 times the global batch (0.04 at batch 8), no clipping;
     TI and Compositional Inversion 5,000 steps; Compositional Inversion's prompts say "S* <class>"."""
     from jax_inversion.configs import compositional, lego, sefi, ti
-    from jax_inversion.optim import make_optimizer
+    from jax_inversion.training.optim import make_optimizer
 
     for module in (ti, lego, sefi, compositional):
         train = ti.resolve_unset(module.get_config()).train
@@ -366,10 +366,10 @@ def test_class_word_prompts_hand_written(tmp_path):
     from transformers import CLIPTokenizer
 
     from jax_inversion.configs import compositional, lego
-    from jax_inversion.data import DataError, templates_for, tokenize_prompts
-    from jax_inversion.phases import plan_run
-    from jax_inversion.tokenizer_files import write_clip_tokenizer
-    from jax_inversion.tokens import add_placeholder_tokens
+    from jax_inversion.data.images import DataError, templates_for, tokenize_prompts
+    from jax_inversion.data.phases import plan_run
+    from jax_inversion.models.tokenizer_files import write_clip_tokenizer
+    from jax_inversion.text.tokens import add_placeholder_tokens
 
     config = compositional.get_config()
     config.data.placeholder_token, config.data.num_vectors, config.data.initializer_token = "<c>", 3, "cat"
@@ -406,8 +406,8 @@ def test_class_word_prompts_hand_written(tmp_path):
 
 def test_lego_plan_phases():
     from jax_inversion.configs import lego
-    from jax_inversion.data import DataError
-    from jax_inversion.phases import plan_run
+    from jax_inversion.data.images import DataError
+    from jax_inversion.data.phases import plan_run
 
     config = lego.get_config()
     config.data.subject_dir = "/subject"
@@ -435,7 +435,7 @@ def test_lego_plan_phases():
 
 def _setup(tokenizer, table, **options):
     from jax_inversion.configs.ti import get_config
-    from jax_inversion.objectives import TermSetup
+    from jax_inversion.objectives.terms import TermSetup
 
     config = get_config()
     for key, value in options.items():
@@ -451,8 +451,8 @@ def _setup(tokenizer, table, **options):
 def test_objective_declares_needs_and_rejects_bad_options(tmp_path):
     from transformers import CLIPTokenizer
 
-    from jax_inversion.objectives import ObjectiveError, build_objective
-    from jax_inversion.tokenizer_files import write_clip_tokenizer
+    from jax_inversion.objectives.terms import ObjectiveError, build_objective
+    from jax_inversion.models.tokenizer_files import write_clip_tokenizer
 
     write_clip_tokenizer(str(tmp_path))
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
@@ -487,7 +487,7 @@ def test_objective_declares_needs_and_rejects_bad_options(tmp_path):
 
 
 def test_masks_box_and_downsample(tmp_path):
-    from jax_inversion import data
+    from jax_inversion.data import images as data
 
     np.testing.assert_array_equal(data.box_mask([0.0, 0.5, 0.5, 1.0], 4), np.array(
         [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], np.float32))
@@ -541,11 +541,11 @@ def test_train_step_term_gradient_norms_equal_jax_grad_of_each_weighted_term(one
     """The step's ``grad_norm/<term>`` (objectives.term_gradients: one shared forward, one pullback per term) equal
     the norms of ``jax.grad`` of each weighted term alone, through a real train_step; ``grad_norm`` is that of the sum."""
     from jax_inversion.configs import compositional
-    from jax_inversion.data import BatchSampler
-    from jax_inversion.dataset import build_dataset, global_batch
-    from jax_inversion.objectives import TERMS
-    from jax_inversion.step import StepConfig, make_forward
-    from jax_inversion.train import setup_run
+    from jax_inversion.data.images import BatchSampler
+    from jax_inversion.data.dataset import build_dataset, global_batch
+    from jax_inversion.objectives.terms import TERMS
+    from jax_inversion.training.step import StepConfig, make_forward
+    from jax_inversion.training.train import setup_run
 
     config = _small(compositional.get_config("paper,location"), one_level_sd1, images["concept"], steps=1)
     config.data.placeholder_token, config.data.initializer_token, config.data.class_word = "<ball>", "", "ball"
@@ -586,13 +586,13 @@ def test_lego_concept_vectors_can_start_at_their_positive_words(one_level_sd1, i
     """loss_options.context.init_from_positives: each <cpt> vector starts at the mean input embedding of its own
     positive words (one list per vector, or one shared), by hand; <subj> keeps its initializer; a list count that
     fits neither is one line."""
-    from jax_inversion import tokens as tokens_lib
-    from jax_inversion.conditioning import input_embedding_table
+    from jax_inversion.text import tokens as tokens_lib
+    from jax_inversion.text.conditioning import input_embedding_table
     from jax_inversion.configs import lego
-    from jax_inversion.errors import TrainError
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.phases import plan_run
-    from jax_inversion.train import initial_rows
+    from jax_inversion.core.errors import TrainError
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.data.phases import plan_run
+    from jax_inversion.training.train import initial_rows
 
     config = _small(lego.get_config(), one_level_sd1, images["concept"], steps=1)
     config.data.subject_dir, config.data.subject_initializer_token = images["subject"], "ball"

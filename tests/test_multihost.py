@@ -14,9 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from jax_inversion import runtime
-from jax_inversion.checkpoints import CheckpointManager, read_run
-from jax_inversion.default_job import write_concept_images
+from jax_inversion.commands import runtime
+from jax_inversion.artifacts.checkpoints import CheckpointManager, read_run
+from jax_inversion.commands.default_job import write_concept_images
 from tests.xla_flags import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,7 +1,7 @@
 """fp32 parity of our Flax models with PyTorch diffusers/transformers on SD1- and SD2-style models."""
 import pytest
 
-from jax_inversion.parity import check_parity
+from jax_inversion.models.parity import check_parity
 
 EXPECTED_OUTPUTS = {
     ("text_encoder", "last_hidden_state"),

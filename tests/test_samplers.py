@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
-from jax_inversion.samplers import SAMPLERS, make_sampler, sample_loop
+from jax_inversion.diffusion.samplers import SAMPLERS, make_sampler, sample_loop
 
 SD_CONFIG = {
     "num_train_timesteps": 1000,
@@ -182,7 +182,7 @@ def test_unknown_sampler_and_bad_configs_raise():
 def _unet_pair(path):
     from diffusers import UNet2DConditionModel
 
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.models.loading import load_pretrained
 
     ours = load_pretrained(path, components=("unet",))
     reference = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32).eval()

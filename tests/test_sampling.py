@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jax_inversion import sampling
+from jax_inversion.sampling import generate as sampling
 
 
 @pytest.fixture(scope="module")
 def model(one_level_sd1):
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.models.loading import load_pretrained
 
     return load_pretrained(one_level_sd1)
 
@@ -28,14 +28,14 @@ def _learned(rows, token="<ball>"):
 
 def test_stage_kv_tokens_sample_like_diffusers(one_level_sd1, tmp_path):
     """SeFi-IDE rows from an extended file: our loop (stage picked from each step's timestep) vs
-    diffusers' DDIM loop on the PyTorch UNet with jax_inversion.torch's per-stage processors."""
+    diffusers' DDIM loop on the PyTorch UNet with jax_inversion.artifacts.torch's per-stage processors."""
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from jax_inversion.extended import write_extended
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.torch import ExtendedTokens
+    from jax_inversion.artifacts.extended import write_extended
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.artifacts.torch import ExtendedTokens
 
     rng = np.random.default_rng(0)
     stages, n, d = 5, 1, 32
@@ -80,7 +80,7 @@ def test_equal_stage_rows_match_plain_rows_and_multi_vector_prompts_expand(model
     assert sampling.expand_prompt("a <ball> on <ball>s", plain) == "a <ball> <ball>_1 on <ball>s"
     staged = _learned(np.tile(rows, (3, 2, 1, 1)))
     request = sampling.SampleRequest("a photo of <ball>", num_images=1, steps=4, scheduler="dpm++2m")
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.models.loading import load_pretrained
 
     a = sampling.generate(model, plain, request).latents
     b = sampling.generate(load_pretrained(model.path), staged, request).latents
@@ -89,7 +89,7 @@ def test_equal_stage_rows_match_plain_rows_and_multi_vector_prompts_expand(model
 
 def _inside_mass(result, positions, box):
     """Mean share of the tokens' attention (averaged over steps) that falls inside ``box``."""
-    from jax_inversion.data import box_mask
+    from jax_inversion.data.images import box_mask
 
     maps = result.attention  # [B, HW, L]
     side = int(np.sqrt(maps.shape[1]))
@@ -102,7 +102,7 @@ def test_layout_guidance_stops_for_good_once_below_threshold():
     """The released code sets its loss once before the step loop: a stand-in loss of 1.0 at steps 0-1 and 0.1 (below
     0.2) from step 2 gives 5 + 5 + 1 iterations, then none at steps 3-9; ours before (stop_for_good=False) ran one
     at each of steps 3-9 too. Through samplers.sample_loop (Euler, zero model output: only guidance moves x)."""
-    from jax_inversion.samplers import make_sampler, sample_loop
+    from jax_inversion.diffusion.samplers import make_sampler, sample_loop
 
     loss_and_grad = lambda x, i: (jnp.where(i < 2, 1.0, 0.1), jnp.ones_like(x))
 
@@ -133,8 +133,8 @@ def test_layout_places_the_token_left_and_the_other_object_right(tmp_path):
     words right; the prompts without a second object keep the token alone in the left box."""
     from transformers import CLIPTokenizer
 
-    from jax_inversion.layout import FIXED_BOXES
-    from jax_inversion.tokenizer_files import write_clip_tokenizer
+    from jax_inversion.sampling.layout import FIXED_BOXES
+    from jax_inversion.models.tokenizer_files import write_clip_tokenizer
 
     words = sampling.default_layout_words
     assert words("a <ball> and a dog", ["<ball>"]) == ["<ball>", "dog"]
@@ -176,7 +176,7 @@ def test_layout_guidance_moves_attention_into_the_box(tiny_sd1):
     """
     import flax
 
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.models.loading import load_pretrained
 
     model = load_pretrained(tiny_sd1)
     flat = flax.traverse_util.flatten_dict(model.unet_params)
@@ -206,7 +206,7 @@ def _cli(command, *args):
 
 @pytest.mark.heavy(24)
 def test_sample_and_attention_commands_write_pngs(one_level_sd1, tmp_path):
-    from jax_inversion.export import write_embedding_file
+    from jax_inversion.artifacts.export import write_embedding_file
 
     rows = np.random.default_rng(3).standard_normal((2, 32)).astype(np.float32) * 0.3
     embedding = write_embedding_file(str(tmp_path / "ball.safetensors"), "diffusers", "<ball>", {"text_encoder": rows})
@@ -218,8 +218,8 @@ def test_sample_and_attention_commands_write_pngs(one_level_sd1, tmp_path):
     assert image.size == (64, 64)  # 2 x 2 grid of 32 px images
     assert image.text["prompt"] == "a photo of <ball>" and image.text["seed"] == "0" and image.text["clip_skip"] == "2"
     # the command drew what the library draws for the same request: its flags reached the sampler
-    from jax_inversion.conditioning import with_clip_skip
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.text.conditioning import with_clip_skip
+    from jax_inversion.models.loading import load_pretrained
 
     request = sampling.SampleRequest("a photo of <ball>", num_images=4, steps=4, scheduler="dpm++2m")
     model = with_clip_skip(load_pretrained(one_level_sd1), 2)
@@ -248,8 +248,8 @@ def test_sample_and_attention_commands_write_pngs(one_level_sd1, tmp_path):
 def test_validation_grids_during_training(one_level_sd1, tmp_path):
     from tests.helpers import make_config
 
-    from jax_inversion.default_job import write_concept_images
-    from jax_inversion.train import train
+    from jax_inversion.commands.default_job import write_concept_images
+    from jax_inversion.training.train import train
 
     config = make_config(one_level_sd1, write_concept_images(str(tmp_path / "images"), count=2), num_steps=2,
                          checkpoint_every=2, log_every=1, validation_every=2, validation_steps=3, validation_images=2,
@@ -270,8 +270,8 @@ def test_validation_grids_during_training(one_level_sd1, tmp_path):
 
     # The grid is what sampling the step-2 checkpoint with the same settings (the `sample` command's
     # path, negative prompt included) draws, on a freshly loaded model; the negative prompt changes it.
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.sampling import SampleRequest, generate, image_grid, tokens_from_run
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.sampling.generate import SampleRequest, generate, image_grid, tokens_from_run
 
     model_path, learned = tokens_from_run(workdir, step=2)
     model = load_pretrained(model_path)
@@ -309,10 +309,10 @@ def test_clip_skip_equals_diffusers_and_is_what_sample_reads(one_level_sd1):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from jax_inversion import tokens as tokens_lib
-    from jax_inversion.conditioning import text_conditioning, with_clip_skip
-    from jax_inversion.errors import ConfigError
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.text import tokens as tokens_lib
+    from jax_inversion.text.conditioning import text_conditioning, with_clip_skip
+    from jax_inversion.core.errors import ConfigError
+    from jax_inversion.models.loading import load_pretrained
 
     base = load_pretrained(one_level_sd1, components=("text_encoder",))
     pipe = StableDiffusionPipeline.from_pretrained(one_level_sd1, safety_checker=None, torch_dtype=torch.float32)

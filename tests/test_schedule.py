@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from jax_inversion.schedule import (
+from jax_inversion.diffusion.schedule import (
     NoiseSchedule,
     add_noise,
     min_snr_weights,

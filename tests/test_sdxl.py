@@ -2,12 +2,12 @@
 import jax
 import numpy as np
 
-from jax_inversion.checkpoints import read_run
+from jax_inversion.artifacts.checkpoints import read_run
 from jax_inversion.configs.ti import get_config
-from jax_inversion.default_job import write_concept_images
-from jax_inversion.export import export_run
-from jax_inversion.parity import check_parity
-from jax_inversion.train import train
+from jax_inversion.commands.default_job import write_concept_images
+from jax_inversion.artifacts.export import export_run
+from jax_inversion.models.parity import check_parity
+from jax_inversion.training.train import train
 
 
 def test_sdxl_parity(tiny_sdxl):
@@ -56,8 +56,8 @@ def test_sdxl_sample_equals_diffusers(tiny_sdxl):
     import torch
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-    from jax_inversion import sampling
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.sampling import generate as sampling
+    from jax_inversion.models.loading import load_pretrained
 
     rng = np.random.default_rng(0)
     rows = {"text_encoder": rng.standard_normal((1, 32)).astype(np.float32) * 0.3,

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from safetensors.numpy import load_file, save_file
 
-from jax_inversion import single_file
-from jax_inversion.convert import flax_params_to_state_dict
-from jax_inversion.loading import ModelLoadError, load_pretrained, read_state_dict
+from jax_inversion.models import single_file
+from jax_inversion.models.convert import flax_params_to_state_dict
+from jax_inversion.models.loading import ModelLoadError, load_pretrained, read_state_dict
 from jax_inversion.models import unet as unet_lib
 from tests.ldm_checkpoint import write_checkpoint
 
@@ -165,7 +165,7 @@ def _torch_shapes(params) -> dict:
     """PyTorch key -> PyTorch-layout shape of a Flax param tree (of arrays or ShapeDtypeStructs)."""
     from flax import traverse_util
 
-    from jax_inversion.convert import flax_path_to_torch_key
+    from jax_inversion.models.convert import flax_path_to_torch_key
 
     out = {}
     for path, leaf in traverse_util.flatten_dict(params).items():

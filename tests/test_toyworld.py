@@ -140,7 +140,7 @@ def test_shipped_model_is_small_and_pytorch_diffusers_loads_it():
 
 
 def test_shipped_model_matches_pytorch():
-    from jax_inversion.parity import check_parity
+    from jax_inversion.models.parity import check_parity
 
     results = check_parity(SHIPPED_MODEL, latent_size=16)
     assert {r.component for r in results} == {"text_encoder", "unet", "vae"}
@@ -359,7 +359,7 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
     """A few steps of every stage: the reproduction script runs and its output loads in both stacks."""
     from diffusers import StableDiffusionPipeline
 
-    from jax_inversion.loading import load_pretrained
+    from jax_inversion.models.loading import load_pretrained
 
     # In this process (the command's flags and errors: test_toyworld_bad_input_is_one_line): the same config it reads.
     from jax_inversion.toyworld.config import get_config

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from jax_inversion.tiny import TINY_SCHEDULER, TINY_UNET, TINY_VAE, tiny_text_config, write_config_only_model
+from jax_inversion.models.tiny import TINY_SCHEDULER, TINY_UNET, TINY_VAE, tiny_text_config, write_config_only_model
 
 
 def run_compile(*args):
@@ -52,7 +52,7 @@ def test_an_unknown_topology_is_one_line_and_exit_1():
 def test_the_largest_batch_search_finds_the_last_batch_that_fits(monkeypatch, limit):
     """Doubling then bisection over compiles, checked against a stand-in compiler whose peak grows with the
     batch (1 GiB + 1 GiB per example per chip) on 4 chips; the answer is capped at MAX_BATCH_PER_CHIP."""
-    from jax_inversion import tpu_plan
+    from jax_inversion.training import tpu_plan
     from jax_inversion.configs.ti import get_config
 
     compiled = []
@@ -74,6 +74,6 @@ def test_the_largest_batch_search_finds_the_last_batch_that_fits(monkeypatch, li
     ("v5e:2x4", 8, 16), ("v5e:4x4", 16, 16), ("v5p:2x2x1", 4, 95), ("v6e:2x4", 8, 32),
 ])
 def test_hbm_per_device_is_the_chips_hbm_shared_by_its_devices(topology, devices, gib):
-    from jax_inversion.tpu_plan import hbm_bytes
+    from jax_inversion.training.tpu_plan import hbm_bytes
 
     assert hbm_bytes(topology, devices) == gib * 2**30

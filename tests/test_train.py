@@ -11,10 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from jax_inversion.checkpoints import CheckpointManager
-from jax_inversion.default_job import write_concept_images
-from jax_inversion.loading import load_pretrained
-from jax_inversion.train import train
+from jax_inversion.artifacts.checkpoints import CheckpointManager
+from jax_inversion.commands.default_job import write_concept_images
+from jax_inversion.models.loading import load_pretrained
+from jax_inversion.training.train import train
 from tests.helpers import make_config
 from tests.xla_flags import xla_flags
 
@@ -36,8 +36,8 @@ def test_latent_cache_follows_the_vae_weights_not_only_the_model_path(one_level_
     """A model retrained in place (same path, new VAE) gets its own latents, not the cached ones of the old weights."""
     import dataclasses
 
-    from jax_inversion.phases import plan_run
-    from jax_inversion.dataset import build_dataset
+    from jax_inversion.data.phases import plan_run
+    from jax_inversion.data.dataset import build_dataset
 
     config = make_config(one_level_sd1, concept_dir, num_steps=1)
     config.data.flip_probability = 0.0
@@ -77,10 +77,10 @@ def test_loss_decreases_and_frozen_rows_identical(one_level_sd1, concept_dir, tm
     assert np.array_equal(table_before, np.asarray(after.text_encoder_params["text_model"]["embeddings"]["token_embedding"]["embedding"]))
 
     # Evaluate the learned rows vs the initial ones on the same noise/timesteps.
-    from jax_inversion import tokens as tokens_lib
-    from jax_inversion.schedule import NoiseSchedule, add_noise, training_target
-    from jax_inversion.phases import plan_run
-    from jax_inversion.dataset import build_dataset
+    from jax_inversion.text import tokens as tokens_lib
+    from jax_inversion.diffusion.schedule import NoiseSchedule, add_noise, training_target
+    from jax_inversion.data.phases import plan_run
+    from jax_inversion.data.dataset import build_dataset
 
     layout = tokens_lib.add_placeholder_tokens(model.tokenizer, ["<ball>", "<ball>_1"])
     dataset = build_dataset(config, model, plan_run(config).phases[0], str(tmp_path))
@@ -235,7 +235,7 @@ def test_unknown_config_key_and_unwritable_workdir(one_level_sd1, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(one_level_sd1, concept_dir, tmp_path):
-    from jax_inversion.errors import TrainError
+    from jax_inversion.core.errors import TrainError
 
     workdir = str(tmp_path)
     train(make_config(one_level_sd1, concept_dir, num_steps=3), workdir)
@@ -247,7 +247,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(one_level_sd1, concept_di
         train(config, workdir)
     assert CheckpointManager(workdir, 1, 1, read_only=True).all_steps() == [good_state]
     # Resuming with another optimizer layout is a clear error, not an Orbax traceback.
-    from jax_inversion.checkpoints import CheckpointError
+    from jax_inversion.artifacts.checkpoints import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not fit"):
         other_clipping = 0.0 if config.train.max_grad_norm > 0 else 1.0  # adds or drops the clipping state
@@ -259,12 +259,12 @@ def test_remat_policies_give_the_same_gradient(one_level_sd1):
     import jax
     import jax.numpy as jnp
 
-    from jax_inversion import tokens as tokens_lib
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.objectives import build_objective
-    from jax_inversion.schedule import NoiseSchedule
-    from jax_inversion.conditioning import frozen_params
-    from jax_inversion.step import StepConfig, make_forward
+    from jax_inversion.text import tokens as tokens_lib
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.objectives.terms import build_objective
+    from jax_inversion.diffusion.schedule import NoiseSchedule
+    from jax_inversion.text.conditioning import frozen_params
+    from jax_inversion.training.step import StepConfig, make_forward
 
     model = load_pretrained(one_level_sd1)
     layout = tokens_lib.add_placeholder_tokens(model.tokenizer, ["<ball>"])
@@ -290,8 +290,9 @@ def test_the_step_is_compiled_before_step_one_and_a_step_too_big_for_the_device_
     """Ahead-of-time compile at the phase's start: its seconds are the logged ``compile_seconds``; a device
     smaller than the compiler's per-device bytes (a CPU reports none, so one is set here) stops the run before
     any step or checkpoint, naming remat and the batch; ``train.profile_steps`` writes a profiler trace."""
-    from jax_inversion import aot, train as train_lib
-    from jax_inversion.errors import TrainError
+    from jax_inversion.core import aot
+    from jax_inversion.training import train as train_lib
+    from jax_inversion.core.errors import TrainError
 
     reports = []
     compile_ahead = aot.compile_ahead
@@ -322,8 +323,8 @@ def test_the_step_is_compiled_before_step_one_and_a_step_too_big_for_the_device_
 def test_overlong_prompts_and_bad_clip_skip_fail_before_the_workdir(one_level_sd1, concept_dir, tmp_path):
     """A template or caption longer than CLIP's 77 positions (tokens expanded) is one line naming it, its length and
     the limit; so is a clip_skip the text encoder cannot give. Nothing is written."""
-    from jax_inversion.data import DataError
-    from jax_inversion.errors import ConfigError
+    from jax_inversion.data.images import DataError
+    from jax_inversion.core.errors import ConfigError
 
     workdir = tmp_path / "w"
     config = make_config(one_level_sd1, concept_dir)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_inversion.loading import load_pretrained
+from jax_inversion.models.loading import load_pretrained
 from jax_inversion.models.unet import (
     Conditioning,
     UNet2DConditionConfig,

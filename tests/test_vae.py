@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax import traverse_util
 
-from jax_inversion.convert import WeightMismatchError, convert_state_dict, flax_path_to_torch_key
+from jax_inversion.models.convert import WeightMismatchError, convert_state_dict, flax_path_to_torch_key
 from jax_inversion.models.vae import (
     AutoencoderKL,
     AutoencoderKLConfig,

@@ -1,9 +1,9 @@
-"""jax_inversion.xla_flags: a preset merges into XLA_FLAGS without overriding the user, and this jaxlib knows its flags."""
+"""jax_inversion.core.xla_flags: a preset merges into XLA_FLAGS without overriding the user, and this jaxlib knows its flags."""
 import os
 import subprocess
 import sys
 
-from jax_inversion import xla_flags
+from jax_inversion.core import xla_flags
 
 PRESET = ("--xla_a=1", "--xla_b=true", "--xla_c=")
 

@@ -9,8 +9,8 @@ import os
 
 import torch
 
-from jax_inversion.tiny import write_model_index
-from jax_inversion.tokenizer_files import write_clip_tokenizer
+from jax_inversion.models.tiny import write_model_index
+from jax_inversion.models.tokenizer_files import write_clip_tokenizer
 
 # SD 1.x style: conv projections, one scalar head count, quick_gelu CLIP, epsilon.
 _SD1 = dict(

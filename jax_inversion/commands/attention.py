@@ -15,8 +15,8 @@ def main(argv) -> None:
         sys.exit(f"attention: unexpected arguments {argv[1:]}; pass options as --flags (quote the prompt)")
     if not f.PROMPT.value or not f.OUT.value:
         sys.exit("attention: --prompt and --out are required: e.g. --prompt 'a photo of <cat>' --out maps.png")
-    from jax_inversion import sampling
-    from jax_inversion.runtime import user_errors
+    from jax_inversion.sampling import generate as sampling
+    from jax_inversion.commands.runtime import user_errors
 
     with user_errors("attention"):
         model, learned = f.load_source("attention")

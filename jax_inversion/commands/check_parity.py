@@ -27,12 +27,12 @@ def main(argv) -> None:
         import torch  # noqa: F401
     except ImportError:
         sys.exit("check-parity: needs the PyTorch reference stack: pip install torch==2.13.0 'jax_inversion[test]'")
-    from jax_inversion.loading import ModelLoadError
-    from jax_inversion.parity import check_parity
+    from jax_inversion.models.loading import ModelLoadError
+    from jax_inversion.models.parity import check_parity
 
     path = _MODEL.value
     if path is None:
-        from jax_inversion.tiny import make_tiny_model
+        from jax_inversion.models.tiny import make_tiny_model
 
         path = make_tiny_model(tempfile.mkdtemp(prefix="jax_inversion_tiny_"))
         print(f"no --model given: built a tiny random SD1-style model in {path}")

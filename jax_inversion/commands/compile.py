@@ -34,9 +34,9 @@ def main(argv) -> None:
     if not _TOPOLOGY.value:
         sys.exit("compile: --topology is required: pass e.g. --topology=v5e:2x4")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only chips: never probe for a real one
-    from jax_inversion import default_job
-    from jax_inversion.runtime import user_errors
-    from jax_inversion.tpu_plan import format_report, plan_topology
+    from jax_inversion.commands import default_job
+    from jax_inversion.commands.runtime import user_errors
+    from jax_inversion.training.tpu_plan import format_report, plan_topology
 
     config = _CONFIG.value
     with user_errors("compile"):

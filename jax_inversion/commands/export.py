@@ -18,8 +18,8 @@ def main(argv) -> None:
     if len(argv) > 1:
         sys.exit(f"export: unexpected arguments {argv[1:]}; pass options as --flags")
     if _INFO.value:
-        from jax_inversion.export import describe_file
-        from jax_inversion.runtime import user_errors
+        from jax_inversion.artifacts.export import describe_file
+        from jax_inversion.commands.runtime import user_errors
 
         with user_errors("export"):
             info = describe_file(_INFO.value)
@@ -33,8 +33,8 @@ def main(argv) -> None:
         return
     if not _WORKDIR.value or not _OUT.value:
         sys.exit("export: --workdir and --out are required: e.g. --workdir runs/cat --out cat.safetensors")
-    from jax_inversion.export import export_run
-    from jax_inversion.runtime import user_errors
+    from jax_inversion.artifacts.export import export_run
+    from jax_inversion.commands.runtime import user_errors
 
     with user_errors("export"):
         paths = export_run(

@@ -11,8 +11,8 @@ def main(argv) -> None:
         sys.exit(f"sample: unexpected arguments {argv[1:]}; pass options as --flags (quote the prompt)")
     if not f.PROMPT.value or not f.OUT.value:
         sys.exit("sample: --prompt and --out are required: e.g. --prompt 'a photo of <cat>' --out grid.png")
-    from jax_inversion import sampling
-    from jax_inversion.runtime import user_errors
+    from jax_inversion.sampling import generate as sampling
+    from jax_inversion.commands.runtime import user_errors
 
     with user_errors("sample"):
         model, learned = f.load_source("sample")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from jax_inversion.samplers import SAMPLERS
+from jax_inversion.diffusion.samplers import SAMPLERS
 
 WORKDIR = flags.DEFINE_string("workdir", None, "a training run: its model and learned tokens (latest checkpoint or --step)")
 STEP = flags.DEFINE_integer("step", None, "checkpoint step of --workdir (default: the latest)")
@@ -35,7 +35,7 @@ LAYOUT_MODEL = flags.DEFINE_string("layout-model", "", "a train-layout file pred
 
 
 def parse_boxes(text: str) -> tuple:
-    from jax_inversion.sampling import SamplingError
+    from jax_inversion.sampling.generate import SamplingError
 
     if not text:
         return ()
@@ -50,9 +50,9 @@ def parse_boxes(text: str) -> tuple:
 
 def load_source(command: str):
     """``(model, learned tokens)`` from --workdir or --model + --embedding, the model read at --clip-skip."""
-    from jax_inversion.conditioning import with_clip_skip
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.sampling import SamplingError, run_source, tokens_from_file
+    from jax_inversion.text.conditioning import with_clip_skip
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.sampling.generate import SamplingError, run_source, tokens_from_file
 
     if bool(WORKDIR.value) == bool(EMBEDDING.value):
         raise SamplingError("pass either --workdir DIR (a training run) or --model DIR --embedding FILE")
@@ -70,7 +70,7 @@ def load_source(command: str):
 
 
 def request(attention_resolution: int = 0):
-    from jax_inversion.sampling import SampleRequest
+    from jax_inversion.sampling.generate import SampleRequest
 
     return SampleRequest(
         prompt=PROMPT.value, negative_prompt=NEGATIVE.value, num_images=NUM_IMAGES.value, steps=STEPS.value,

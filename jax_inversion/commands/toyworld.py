@@ -34,7 +34,7 @@ SUBCOMMANDS = ("pretrain", "concepts", "eval")
 def main(argv) -> None:
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
         sys.exit(f"toyworld: give one subcommand, {', '.join(SUBCOMMANDS)} (got {argv[1:]}); e.g. jax-inversion toyworld eval")
-    from jax_inversion.runtime import user_errors
+    from jax_inversion.commands.runtime import user_errors
 
     with user_errors(f"toyworld {argv[1]}"):
         {"pretrain": _pretrain, "concepts": _concepts, "eval": _eval}[argv[1]]()
@@ -91,7 +91,7 @@ def _eval() -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
-    from jax_inversion.sampling import image_grid, save_png
+    from jax_inversion.sampling.generate import image_grid, save_png
     import numpy as np
 
     grid = image_grid(np.concatenate([s.images for s in learned_scores]), columns=settings.images_per_prompt)

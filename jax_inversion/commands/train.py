@@ -19,9 +19,9 @@ def main(argv) -> None:
         sys.exit(f"train: unexpected arguments {argv[1:]}; pass options as --flags")
     if not _WORKDIR.value:
         sys.exit("train: --workdir is required: pass --workdir=DIR (a new or an existing run directory)")
-    from jax_inversion import default_job
-    from jax_inversion.runtime import enable_compilation_cache, initialize_distributed, user_errors
-    from jax_inversion.train import check_writable, train
+    from jax_inversion.commands import default_job
+    from jax_inversion.commands.runtime import enable_compilation_cache, initialize_distributed, user_errors
+    from jax_inversion.training.train import check_writable, train
 
     initialize_distributed()
     config = _CONFIG.value

@@ -25,9 +25,9 @@ def main(argv) -> None:
         sys.exit("train-layout: --steps and --hidden must be >= 1 and --learning_rate > 0")
     if os.path.exists(_OUT.value) and not _OVERWRITE.value:
         sys.exit(f"train-layout: {_OUT.value} already exists: pass --overwrite to replace it, or choose another --out")
-    from jax_inversion import layout
-    from jax_inversion.loading import load_pretrained
-    from jax_inversion.runtime import user_errors
+    from jax_inversion.sampling import layout
+    from jax_inversion.models.loading import load_pretrained
+    from jax_inversion.commands.runtime import user_errors
 
     with user_errors("train-layout"):
         records = layout.read_layout_jsonl(_DATA.value)

@@ -8,7 +8,7 @@ attention loss (weight 0.003) matches the cross-attention maps of every prompt t
 
     jax-inversion train --config configs/sefi.py --workdir DIR --config.model=PATH \
         --config.data.concept_dir=DIR --config.data.initializer_token=person --config.data.class_word=person
-Export with ``--format extended`` (per-stage K/V rows); :mod:`jax_inversion.torch` loads it into diffusers.
+Export with ``--format extended`` (per-stage K/V rows); :mod:`jax_inversion.artifacts.torch` loads it into diffusers.
 """
 import ml_collections
 

@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.clip_skip = 1  # SD 1/2: condition on the text encoder's N-th layer from the end (A1111's "Clip skip"; 2 for anime models)
     config.seed = 0
     config.dtype = "auto"  # frozen models' dtype: auto = bfloat16 on GPU/TPU, float32 on CPU; or float32, bfloat16, float16
-    config.attention_backend = "auto"  # auto, xla, chunked, cudnn or pallas (jax_inversion/platform.py)
+    config.attention_backend = "auto"  # auto, xla, chunked, cudnn or pallas (jax_inversion/core/platform.py)
     config.concepts = ""  # batch inversion: concepts.yaml or a folder of concept folders ("" = one concept)
     config.init_from = ""  # an exported embedding file (diffusers / A1111 / extended) to start from
 
@@ -107,7 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.wandb = False  # also log metrics to Weights & Biases (pip install wandb; WANDB_MODE=offline works)
     config.train.wandb_project = "jax-inversion"
 
-    # The objective: a weighted sum of pure loss terms (see jax_inversion/objectives.py).
+    # The objective: a weighted sum of pure loss terms (see jax_inversion/objectives/terms.py).
     # Weights of 0 are off; any mix works (e.g. TI + anchor + location).
     config.loss = ml_collections.ConfigDict()
     config.loss.diffusion = 1.0  # denoising MSE

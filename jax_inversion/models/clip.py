@@ -2,7 +2,7 @@
 
 Module and parameter names mirror the PyTorch state dict (``text_model.encoder.layers.0.self_attn
 .q_proj.weight`` -> ``text_model/encoder/layers_0/self_attn/q_proj/kernel``), so checkpoints are
-mapped with :func:`jax_inversion.convert.convert_state_dict`. The token-embedding lookup is a
+mapped with :func:`jax_inversion.models.convert.convert_state_dict`. The token-embedding lookup is a
 separate method so textual inversion can splice learned rows into ``inputs_embeds``.
 """
 from __future__ import annotations

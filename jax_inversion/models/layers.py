@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_inversion.models.tpu_attention import splash_attention
-from jax_inversion.platform import (
+from jax_inversion.core.platform import (
     CHUNK_QUERIES,
     attention_kernel_fits,
     current_platform,
@@ -125,7 +125,7 @@ def chunked_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, causal: bool 
     Each block's logits (``[B, heads, block, S]``, float32) are recomputed in the backward pass
     instead of stored, so no ``[B, heads, T, S]`` array outlives its block. On XLA:CPU this runs
     the tiny-head-dim attention of small UNets several times faster than
-    ``jax.nn.dot_product_attention``'s unfused path (see :mod:`jax_inversion.platform`).
+    ``jax.nn.dot_product_attention``'s unfused path (see :mod:`jax_inversion.core.platform`).
     """
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (qh, kh, vh))  # [B, heads, T, dim]
     batch, heads, q_len, dim = q.shape
@@ -200,7 +200,7 @@ def multi_head_attention(
 ):
     """Scaled dot-product attention over ``[B, T, heads*dim]`` inputs.
 
-    Without ``return_probs`` it runs ``backend``'s kernel (see :mod:`jax_inversion.platform`:
+    Without ``return_probs`` it runs ``backend``'s kernel (see :mod:`jax_inversion.core.platform`:
     ``auto``, ``xla``, ``chunked``, ``cudnn`` or ``pallas``). With it, the softmax is computed explicitly
     and ``(out, probs)`` is returned, ``probs`` of shape ``[B, heads, T_q, T_k]`` (rows sum to
     one): the fused kernels never materialise the probabilities. ``upcast`` computes scores and

@@ -1,6 +1,6 @@
 """The TPU attention kernel for the UNet's long self-attention layers: Pallas splash attention per device.
 
-Which layers it runs on is :func:`jax_inversion.platform.attention_kernel_fits`' rule (at least
+Which layers it runs on is :func:`jax_inversion.core.platform.attention_kernel_fits`' rule (at least
 1,024 queries and keys: the 64x64 and 32x32 latents' self-attention); the rest use XLA's attention.
 
 Mosaic (Pallas TPU) kernels cannot be partitioned by XLA's SPMD partitioner, so on a multi-chip

@@ -6,7 +6,7 @@ keys and values separate encoder states, override them per layer, and ask for th
 attention probability maps of chosen layers (returned via the ``attention_maps``
 collection; off by default). Layers not asked for maps run the kernel of the module's
 ``attention_backend`` (``auto``: cuDNN flash attention on GPU in bf16/fp16, Pallas flash attention
-on TPU, query-chunked XLA attention on CPU, XLA's attention otherwise; see :mod:`jax_inversion.platform`).
+on TPU, query-chunked XLA attention on CPU, XLA's attention otherwise; see :mod:`jax_inversion.core.platform`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_inversion.convert import module_path_to_torch_name
+from jax_inversion.models.convert import module_path_to_torch_name
 from jax_inversion.models.layers import (
     DenseParams,
     Downsample2D,
@@ -178,7 +178,7 @@ class Attention(nn.Module):
     cross: bool
     upcast: bool = False
     dtype: Dtype = jnp.float32
-    attention_backend: str = "auto"  # see jax_inversion.platform
+    attention_backend: str = "auto"  # see jax_inversion.core.platform
 
     @nn.compact
     def __call__(self, x: jax.Array, conditioning: Optional[Conditioning] = None) -> jax.Array:
@@ -360,7 +360,7 @@ class UNet2DConditionModel(nn.Module):
 
     config: UNet2DConditionConfig
     dtype: Dtype = jnp.float32
-    attention_backend: str = "auto"  # auto, xla, chunked, cudnn or pallas: see jax_inversion.platform
+    attention_backend: str = "auto"  # auto, xla, chunked, cudnn or pallas: see jax_inversion.core.platform
 
     @nn.compact
     def __call__(

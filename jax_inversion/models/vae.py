@@ -3,7 +3,7 @@
 Layout is NHWC: images ``[B, H, W, C]`` in ``[-1, 1]``, latents ``[B, h, w, latent_channels]``.
 Module names mirror the diffusers state-dict keys (``encoder.down_blocks.0.resnets.1.conv1.weight``
 lives at ``encoder/down_blocks_0/resnets_1/conv1/kernel``) so that
-:func:`jax_inversion.convert.convert_state_dict` maps a checkpoint onto
+:func:`jax_inversion.models.convert.convert_state_dict` maps a checkpoint onto
 :func:`init_abstract_params` without a hand-written key table.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The offline toy world: scenes, concepts to invert, a pretrained model and detector, evaluation."""
 import os
 
-from jax_inversion.errors import UserError
+from jax_inversion.core.errors import UserError
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_MODEL = os.path.join(PACKAGE_DIR, "pretrained", "model")  # the embedded default's model

@@ -22,7 +22,7 @@ import optax
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from jax_inversion.loading import load_pretrained
+from jax_inversion.models.loading import load_pretrained
 from jax_inversion.toyworld import world
 
 FEATURES = 128

@@ -3,7 +3,7 @@
 Stage 1 trains a small AutoencoderKL on the world's scenes; the latents of every scene are
 then encoded once and cached, and the latent scaling factor set to 1 / their std (as SD
 did). Stage 2 trains the CLIP text encoder and the UNet end to end on (latent, caption)
-pairs with the epsilon objective of :mod:`jax_inversion.schedule`, dropping 10% of the
+pairs with the epsilon objective of :mod:`jax_inversion.diffusion.schedule`, dropping 10% of the
 captions so classifier-free guidance works, and keeps an EMA of the weights. The result
 is a diffusers-format directory (PyTorch diffusers loads it too). Stage 3 trains the
 world's detector (:mod:`jax_inversion.toyworld.detector`) used by the evaluation.
@@ -21,11 +21,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from jax_inversion.loading import load_pretrained
+from jax_inversion.models.loading import load_pretrained
 from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
-from jax_inversion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps
-from jax_inversion.tiny import TINY_SCHEDULER, tiny_text_config, write_component, write_scheduler_and_index
-from jax_inversion.tokenizer_files import write_clip_tokenizer
+from jax_inversion.diffusion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps
+from jax_inversion.models.tiny import TINY_SCHEDULER, tiny_text_config, write_component, write_scheduler_and_index
+from jax_inversion.models.tokenizer_files import write_clip_tokenizer
 from jax_inversion.toyworld import ToyWorldError, detector, world
 
 MAX_LENGTH = 24  # tokens per prompt: the world's longest caption is 14 with BOS/EOS

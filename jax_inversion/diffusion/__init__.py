@@ -1,0 +1,1 @@
+"""The noise schedule and the samplers that walk it."""

@@ -1,0 +1,1 @@
+"""Generation with learned tokens (validation, `sample`, evaluation) and Compositional Inversion's layout guidance."""
