@@ -4,10 +4,10 @@ from typing import Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from jax_inversion.text.conditioning import prompt_embeddings
-from jax_inversion.configs.ti import get_config
 from jax_inversion.artifacts.extended import stage_of
+from jax_inversion.configs.ti import get_config
 from jax_inversion.models.unet import Conditioning
+from jax_inversion.text.conditioning import prompt_embeddings
 
 
 def encode_with_rows(text_encoder, params, ids: jax.Array, learned: jax.Array, first_id: int, eos_token_id=None):

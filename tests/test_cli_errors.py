@@ -5,7 +5,6 @@ import sys
 import pytest
 
 from jax_inversion import cli
-
 from jax_inversion import commands
 
 

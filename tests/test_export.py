@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from jax_inversion.artifacts.checkpoints import read_run
-from jax_inversion.configs.ti import get_config
-from jax_inversion.commands.default_job import write_concept_images
 from jax_inversion.artifacts.export import ExportError, export_run, read_embedding_file
+from jax_inversion.commands.default_job import write_concept_images
+from jax_inversion.configs.ti import get_config
 from jax_inversion.training.train import train
 from tests.helpers import make_config
 from tests.xla_flags import xla_flags

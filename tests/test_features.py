@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from jax_inversion.artifacts.checkpoints import CheckpointError, CheckpointManager
-from jax_inversion.configs.ti import get_config
-from jax_inversion.data.images import DataError
-from jax_inversion.commands.default_job import write_concept_images
-from jax_inversion.core.errors import ConfigError, TrainError
 from jax_inversion.artifacts.export import read_embedding_file
+from jax_inversion.commands.default_job import write_concept_images
+from jax_inversion.configs.ti import get_config
+from jax_inversion.core.errors import ConfigError, TrainError
+from jax_inversion.data.images import DataError
 from jax_inversion.models.loading import load_pretrained
 from jax_inversion.training.optim import lr_schedule
 from jax_inversion.training.train import train

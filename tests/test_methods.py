@@ -17,8 +17,8 @@ import optax
 import pytest
 from PIL import Image, ImageDraw
 
-from jax_inversion.objectives import losses
 from jax_inversion.artifacts.checkpoints import CheckpointManager, read_run
+from jax_inversion.objectives import losses
 
 
 def _ball_images(directory, mask_directory=None, count=4, size=64, striped=True, seed=0):

@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from jax_inversion.commands import runtime
 from jax_inversion.artifacts.checkpoints import CheckpointManager, read_run
+from jax_inversion.commands import runtime
 from jax_inversion.commands.default_job import write_concept_images
 from tests.xla_flags import xla_flags
 

@@ -3,9 +3,9 @@ import jax
 import numpy as np
 
 from jax_inversion.artifacts.checkpoints import read_run
-from jax_inversion.configs.ti import get_config
-from jax_inversion.commands.default_job import write_concept_images
 from jax_inversion.artifacts.export import export_run
+from jax_inversion.commands.default_job import write_concept_images
+from jax_inversion.configs.ti import get_config
 from jax_inversion.models.parity import check_parity
 from jax_inversion.training.train import train
 

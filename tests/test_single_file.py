@@ -15,9 +15,9 @@ import yaml
 from safetensors.numpy import load_file, save_file
 
 from jax_inversion.models import single_file
+from jax_inversion.models import unet as unet_lib
 from jax_inversion.models.convert import flax_params_to_state_dict
 from jax_inversion.models.loading import ModelLoadError, load_pretrained, read_state_dict
-from jax_inversion.models import unet as unet_lib
 from tests.ldm_checkpoint import write_checkpoint
 
 _TINY_VAE = """

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_inversion.data.images import BatchSampler
-from jax_inversion.data.dataset import build_dataset, global_batch
 from jax_inversion.commands.default_job import write_concept_images
+from jax_inversion.data.dataset import build_dataset, global_batch
+from jax_inversion.data.images import BatchSampler
 from jax_inversion.training.step import StepConfig, make_forward
 from jax_inversion.training.train import setup_run
 from tests.helpers import make_config

@@ -22,8 +22,8 @@ import numpy as np
 from etils import epath
 
 from jax_inversion.artifacts.checkpoints import read_run
-from jax_inversion.core.errors import UserError
 from jax_inversion.artifacts.extended import read_extended, write_extended
+from jax_inversion.core.errors import UserError
 from jax_inversion.core.files import atomic_write, is_remote, local_copy, tensors_sha256
 
 FORMATS = ("diffusers", "a1111", "sdxl", "extended")

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from jax_inversion.configs.ti import resolve_unset
-from jax_inversion.data.images import DataError
 from jax_inversion.core.files import is_remote
+from jax_inversion.data.images import DataError
 from jax_inversion.models.loading import ModelLoadError
 from jax_inversion.toyworld import SHIPPED_MODEL
 from jax_inversion.toyworld.concepts import CONCEPTS, write_concept

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jax_inversion.data import images as data_lib
-from jax_inversion.text.conditioning import encoders_of, vae_factor
-from jax_inversion.models.loading import Pretrained
-from jax_inversion.data.phases import ConceptSpec, Phase
 from jax_inversion.core.sharding import as_global
+from jax_inversion.data import images as data_lib
+from jax_inversion.data.phases import ConceptSpec, Phase
+from jax_inversion.models.loading import Pretrained
+from jax_inversion.text.conditioning import encoders_of, vae_factor
 
 
 def encode_latents(model: Pretrained, images: np.ndarray, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_inversion.models.convert import convert_state_dict
-from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
 from jax_inversion.core.errors import ModelLoadError  # re-exported: loading.ModelLoadError, as before
 from jax_inversion.core.platform import current_platform, select_attention_backend
+from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
 from jax_inversion.models import single_file
+from jax_inversion.models.convert import convert_state_dict
 
 COMPONENTS = ("unet", "text_encoder", "vae")
 

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from jax_inversion.models.convert import flax_params_to_state_dict
 from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
+from jax_inversion.models.convert import flax_params_to_state_dict
 from jax_inversion.models.tokenizer_files import write_clip_tokenizer
 
 TINY_UNET = {

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_inversion.objectives import losses
 from jax_inversion.core.errors import UserError
+from jax_inversion.objectives import losses
 
 # The 80 COCO class names: Compositional Inversion's default anchor vocabulary.
 COCO_CLASSES = tuple(

@@ -36,24 +36,21 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
-from jax_inversion.data import images as data_lib
-
-from jax_inversion.sampling import layout as layout_lib
-
-from jax_inversion.objectives import losses
-
-from jax_inversion.text import tokens as tokens_lib
 from jax_inversion.artifacts.checkpoints import read_run
-from jax_inversion.text.conditioning import encoders_of, frozen_params, input_embedding_table, run_unet, text_conditioning, vae_factor
-from jax_inversion.core.errors import UserError
 from jax_inversion.artifacts.export import ExportError, read_embedding_file, read_tensors, run_concepts, trained_clip_skip
 from jax_inversion.artifacts.extended import read_extended, stage_of
+from jax_inversion.core.errors import UserError
 from jax_inversion.core.files import atomic_write
+from jax_inversion.core.sharding import make_mesh
+from jax_inversion.data import images as data_lib
+from jax_inversion.diffusion.samplers import Sampler, make_sampler, sample_loop
 from jax_inversion.models.loading import Pretrained
 from jax_inversion.models.unet import Conditioning, cross_attention_layers
 from jax_inversion.models.vae import unscale_latents
-from jax_inversion.diffusion.samplers import Sampler, make_sampler, sample_loop
-from jax_inversion.core.sharding import make_mesh
+from jax_inversion.objectives import losses
+from jax_inversion.sampling import layout as layout_lib
+from jax_inversion.text import tokens as tokens_lib
+from jax_inversion.text.conditioning import encoders_of, frozen_params, input_embedding_table, run_unet, text_conditioning, vae_factor
 
 log = logging.getLogger("jax_inversion")
 

@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_inversion.text import tokens as tokens_lib
 from jax_inversion.core.errors import ConfigError
-from jax_inversion.models.loading import Pretrained
 from jax_inversion.models.clip import CLIPTextTransformer
+from jax_inversion.models.loading import Pretrained
 from jax_inversion.models.unet import Conditioning, collect_attention_maps
+from jax_inversion.text import tokens as tokens_lib
 
 
 def encoders_of(model: Pretrained) -> dict:

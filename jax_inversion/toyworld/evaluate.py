@@ -30,10 +30,10 @@ import numpy as np
 from PIL import Image
 
 from jax_inversion.artifacts.checkpoints import read_run
-from jax_inversion.text.conditioning import input_embedding_table
 from jax_inversion.data.images import list_concept_images
 from jax_inversion.models.loading import load_pretrained
 from jax_inversion.sampling.generate import LearnedTokens, SampleRequest, generate, tokens_from_run
+from jax_inversion.text.conditioning import input_embedding_table
 from jax_inversion.toyworld import ToyWorldError, world
 from jax_inversion.toyworld.concepts import read_concept, transfer_prompt
 from jax_inversion.toyworld.detector import Detector, load_detector

@@ -21,9 +21,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from jax_inversion.models.loading import load_pretrained
-from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
 from jax_inversion.diffusion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps
+from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
+from jax_inversion.models.loading import load_pretrained
 from jax_inversion.models.tiny import TINY_SCHEDULER, tiny_text_config, write_component, write_scheduler_and_index
 from jax_inversion.models.tokenizer_files import write_clip_tokenizer
 from jax_inversion.toyworld import ToyWorldError, detector, world

@@ -19,17 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_inversion.text import tokens as tokens_lib
-from jax_inversion.text.conditioning import encode_text, frozen_params, run_unet
-from jax_inversion.core.errors import ConfigError
 from jax_inversion.artifacts.extended import stage_of
+from jax_inversion.core.errors import ConfigError
+from jax_inversion.core.sharding import batch_sharded, replicated
+from jax_inversion.diffusion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps, training_target
+from jax_inversion.diffusion.schedule import timestep_range as schedule_timestep_range
 from jax_inversion.models.loading import Pretrained
 from jax_inversion.models.unet import Conditioning
 from jax_inversion.models.vae import scale_latents
 from jax_inversion.objectives.terms import Objective, term_gradients
-from jax_inversion.diffusion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps, training_target
-from jax_inversion.diffusion.schedule import timestep_range as schedule_timestep_range
-from jax_inversion.core.sharding import batch_sharded, replicated
+from jax_inversion.text import tokens as tokens_lib
+from jax_inversion.text.conditioning import encode_text, frozen_params, run_unet
 
 
 @flax.struct.dataclass

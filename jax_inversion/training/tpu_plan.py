@@ -21,10 +21,10 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_inversion.core.aot import GIB, CompileReport, compile_ahead
-from jax_inversion.text.conditioning import REMAT_POLICIES, encoders_of, vae_factor
 from jax_inversion.core.errors import ConfigError
-from jax_inversion.models.layers import record_attention_kernels
 from jax_inversion.core.platform import compiling_for
+from jax_inversion.models.layers import record_attention_kernels
+from jax_inversion.text.conditioning import REMAT_POLICIES, encoders_of, vae_factor
 from jax_inversion.training.train import RunSetup, setup_run
 
 # HBM per chip (GiB) by TPU generation, the first part of a topology name ("v5e:2x4"); see hbm_bytes for per device.

@@ -30,27 +30,25 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from jax_inversion.artifacts import checkpoints
-
-from jax_inversion.data import images as data_lib
-
-from jax_inversion.text import tokens as tokens_lib
-from jax_inversion.core.aot import GIB, compile_ahead, device_memory_bytes
-from jax_inversion.text.conditioning import encoders_of, input_embedding_table, vae_factor, with_clip_skip
-from jax_inversion.configs.ti import resolve_unset
-from jax_inversion.data.dataset import build_dataset, check_phase_data, check_prompt_lengths, concept_batch, concept_phase, global_batch
-from jax_inversion.core.errors import TrainError
 from jax_inversion.artifacts.export import export_step, initial_rows_from_file
+from jax_inversion.configs.ti import resolve_unset
+from jax_inversion.core.aot import GIB, compile_ahead, device_memory_bytes
+from jax_inversion.core.errors import TrainError
 from jax_inversion.core.files import is_remote
+from jax_inversion.core.platform import platform_name, resolve_dtype
+from jax_inversion.core.sharding import make_mesh, replicated
+from jax_inversion.data import images as data_lib
+from jax_inversion.data.dataset import build_dataset, check_phase_data, check_prompt_lengths, concept_batch, concept_phase, global_batch
+from jax_inversion.data.phases import ConceptSpec, Phase, RunPlan, plan_run, read_concept_list
+from jax_inversion.diffusion.schedule import NoiseSchedule
 from jax_inversion.models.loading import Pretrained, load_pretrained
+from jax_inversion.models.provenance import base_model_info
 from jax_inversion.models.unet import cross_attention_layers
 from jax_inversion.objectives.terms import TermSetup, build_objective
-from jax_inversion.training.optim import make_optimizer
-from jax_inversion.data.phases import ConceptSpec, Phase, RunPlan, plan_run, read_concept_list
-from jax_inversion.core.platform import platform_name, resolve_dtype
-from jax_inversion.models.provenance import base_model_info
 from jax_inversion.sampling.generate import Validator
-from jax_inversion.diffusion.schedule import NoiseSchedule
-from jax_inversion.core.sharding import make_mesh, replicated
+from jax_inversion.text import tokens as tokens_lib
+from jax_inversion.text.conditioning import encoders_of, input_embedding_table, vae_factor, with_clip_skip
+from jax_inversion.training.optim import make_optimizer
 from jax_inversion.training.step import StepConfig, TrainState, init_state, make_train_step, timestep_bounds
 
 log = logging.getLogger("jax_inversion")
