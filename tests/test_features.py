@@ -258,18 +258,15 @@ def _with(config, **values):
 
 
 def test_noise_offset_shifts_each_example_channel(model_and_layout):
-    from jax_inversion.objectives.terms import build_objective
     from jax_inversion.diffusion.schedule import NoiseSchedule
-    from jax_inversion.training.step import StepConfig, make_forward
+    from jax_inversion.training.step import StepConfig, make_draw
 
-    model, placeholders = model_and_layout
-    layout = {"text_encoder": placeholders}
+    model, _ = model_and_layout
     schedule = NoiseSchedule.from_config(model.scheduler_config)
     batch = {"latent_mean": jnp.zeros((64, 8, 8, 4)), "latent_std": jnp.zeros((64, 8, 8, 4))}
     draws = {}
     for offset in (0.0, 0.1):
-        forward = make_forward(model, schedule, layout, build_objective({"diffusion": 1.0}), StepConfig(32, noise_offset=offset))
-        draws[offset] = forward.draw(batch, jax.random.PRNGKey(0))
+        draws[offset] = make_draw(model, schedule, StepConfig(32, noise_offset=offset))(batch, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(draws[0.0][2], draws[0.1][2])  # same timesteps
     shift = np.asarray(draws[0.1][1] - draws[0.0][1])
     np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1, :1, :], shift.shape), atol=1e-6)  # one value per [B, 1, 1, C]
@@ -281,14 +278,14 @@ def test_timestep_range_bounds_the_drawn_timesteps(model_and_layout):
     from jax_inversion.core.errors import ConfigError
     from jax_inversion.objectives.terms import build_objective
     from jax_inversion.diffusion.schedule import NoiseSchedule
-    from jax_inversion.training.step import StepConfig, make_forward
+    from jax_inversion.training.step import StepConfig, make_draw, make_forward
 
     model, placeholders = model_and_layout
     layout = {"text_encoder": placeholders}
     schedule = NoiseSchedule.from_config(model.scheduler_config)
     batch = {"latent_mean": jnp.zeros((512, 8, 8, 4)), "latent_std": jnp.ones((512, 8, 8, 4))}
     objective = build_objective({"diffusion": 1.0})
-    draw = lambda r: make_forward(model, schedule, layout, objective, StepConfig(32, timestep_range=r)).draw(batch, jax.random.PRNGKey(0))
+    draw = lambda r: make_draw(model, schedule, StepConfig(32, timestep_range=r))(batch, jax.random.PRNGKey(0))
     whole, ranged, capped = draw((0, 0)), draw((200, 0)), draw((200, 400))
     for drawn in (ranged, capped):
         np.testing.assert_array_equal(drawn[0], whole[0])  # same latents
@@ -310,7 +307,7 @@ def test_wandb_offline_receives_scalars_and_images(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     from tensorboardX import SummaryWriter
 
-    from jax_inversion.training.train import _WandbWriter
+    from jax_inversion.training.hooks import WandbWriter as _WandbWriter
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -234,78 +234,98 @@ def load_pretrained(
     ``tokenizer/`` folder lies beside it or the Hugging Face cache has its family's (see
     ``single_file.resolve_tokenizers``).
     """
-    if single_file.is_single_file(path_or_id):
-        checkpoint = single_file.read_single_file(path_or_id, tokenizer=tokenizer, original_config=original_config)
-        path, model_index, scheduler_config = checkpoint.path, checkpoint.model_index, checkpoint.scheduler_config
-        tokenizer_dirs = checkpoint.tokenizers
-        has = lambda name: name in checkpoint.configs  # noqa: E731
-        config_of = lambda name: checkpoint.configs[name]  # noqa: E731
-        reader = lambda name: (lambda: checkpoint.state_dict(name))  # noqa: E731
-        where = lambda name: f"{path} ({name})"  # noqa: E731
-        config_where = lambda name: f"{path} ({name} config as inferred)"  # noqa: E731
-    else:
-        path = resolve_model_path(path_or_id, revision)
-        index_path = os.path.join(path, "model_index.json")
-        model_index = read_json(index_path) if os.path.exists(index_path) else {}
-        if not model_index and not os.path.isdir(os.path.join(path, "unet")):
-            raise ModelLoadError(f"{path} has no model_index.json and no unet/: it is not a diffusers-format model")
-        scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
-        scheduler_config = read_json(scheduler_path) if os.path.exists(scheduler_path) else {}
-        has = lambda name: os.path.isdir(os.path.join(path, name))  # noqa: E731
-        names = ("tokenizer", "tokenizer_2") if has("tokenizer_2") else ("tokenizer",)
-        tokenizer_dirs = (single_file.tokenizer_folders(tokenizer, names) if tokenizer
-                          else {name: os.path.join(path, name) for name in names})
-        config_of = lambda name: read_json(os.path.join(path, name, "config.json"))  # noqa: E731
-        reader = lambda name: None  # noqa: E731  (the component folder's weight files)
-        where = lambda name: os.path.join(path, name)  # noqa: E731
-        config_where = lambda name: os.path.join(path, name, "config.json")  # noqa: E731
+    source = (_single_file_source(path_or_id, tokenizer, original_config) if single_file.is_single_file(path_or_id)
+              else _folder_source(path_or_id, revision, tokenizer))
     out = Pretrained(
-        path=path,
-        model_index=model_index,
-        scheduler_config=scheduler_config,
-        tokenizer=load_tokenizer(tokenizer_dirs["tokenizer"]),
+        path=source.path,
+        model_index=source.model_index,
+        scheduler_config=source.scheduler_config,
+        tokenizer=load_tokenizer(source.tokenizer_dirs["tokenizer"]),
     )
-    if "tokenizer_2" in tokenizer_dirs:
-        out.tokenizer_2 = load_tokenizer(tokenizer_dirs["tokenizer_2"])
+    if "tokenizer_2" in source.tokenizer_dirs:
+        out.tokenizer_2 = load_tokenizer(source.tokenizer_dirs["tokenizer_2"])
     if "unet" in components:
-        directory = where("unet")
-        try:
-            config = unet_lib.UNet2DConditionConfig.from_dict(config_of("unet"))
-        except (TypeError, ValueError) as e:
-            raise ModelLoadError(f"{config_where('unet')}: {e}") from None
-        config = dataclasses.replace(config, prediction_type=out.prediction_type)
+        config = dataclasses.replace(source.component_config("unet", unet_lib.UNet2DConditionConfig), prediction_type=out.prediction_type)
         attention_dtype = jnp.float32 if config.upcast_attention else dtype
         select_attention_backend(attention_backend, current_platform(), attention_dtype)  # fails early, one line
         out.unet = unet_lib.UNet2DConditionModel(config, dtype=dtype, attention_backend=attention_backend)
-        out.unet_params = _load_component(
-            directory, out.unet, unet_lib.init_abstract_params(out.unet), dtype=dtype, shapes_only=shapes_only,
-            read=reader("unet"),
-        )
+        out.unet_params = _load_component(source.where("unet"), out.unet, unet_lib.init_abstract_params(out.unet), dtype=dtype,
+                                          shapes_only=shapes_only, read=source.reader("unet"))
     if "vae" in components:
-        directory = where("vae")
-        try:
-            config = vae_lib.AutoencoderKLConfig.from_dict(config_of("vae"))
-        except (TypeError, ValueError) as e:
-            raise ModelLoadError(f"{config_where('vae')}: {e}") from None
-        out.vae = vae_lib.AutoencoderKL(config, dtype=dtype)
-        out.vae_params = _load_component(
-            directory, out.vae, vae_lib.init_abstract_params(out.vae), dtype=dtype, shapes_only=shapes_only,
-            read=reader("vae"),
-        )
+        out.vae = vae_lib.AutoencoderKL(source.component_config("vae", vae_lib.AutoencoderKLConfig), dtype=dtype)
+        out.vae_params = _load_component(source.where("vae"), out.vae, vae_lib.init_abstract_params(out.vae), dtype=dtype,
+                                         shapes_only=shapes_only, read=source.reader("vae"))
     if "text_encoder" in components:
-        out.text_encoder, out.text_encoder_params = load_text_encoder(
-            where("text_encoder"), dtype, shapes_only, config=config_of("text_encoder"), read=reader("text_encoder")
-        )
-        if has("text_encoder_2"):
-            out.text_encoder_2, out.text_encoder_2_params = load_text_encoder(
-                where("text_encoder_2"), dtype, shapes_only, config=config_of("text_encoder_2"), read=reader("text_encoder_2")
-            )
-        for name, tok, module in (("tokenizer", out.tokenizer, out.text_encoder), ("tokenizer_2", out.tokenizer_2, out.text_encoder_2)):
-            if tok is not None and module is not None and len(tok) > module.config.vocab_size:
-                raise ModelLoadError(
-                    f"the {name} in {tokenizer_dirs[name]} has {len(tok)} tokens but the text encoder of {path} has "
-                    f"{module.config.vocab_size} embedding rows: it is another model's tokenizer; pass this model's "
-                    "(--config.model_tokenizer)"
-                )
+        for name in ("text_encoder", "text_encoder_2") if source.has("text_encoder_2") else ("text_encoder",):
+            module, params = load_text_encoder(source.where(name), dtype, shapes_only, config=source.config_of(name),
+                                               read=source.reader(name))
+            setattr(out, name, module)
+            setattr(out, f"{name}_params", params)
+        _check_tokenizers(out, source)
     release_freed_memory()
     return out
+
+
+@dataclasses.dataclass
+class _Source:
+    """Where a model's parts come from: a diffusers folder or a single file, seen alike by :func:`load_pretrained`."""
+
+    path: str
+    model_index: dict
+    scheduler_config: dict
+    tokenizer_dirs: dict  # {"tokenizer": dir, ["tokenizer_2": dir]}
+    has: Callable[[str], bool]  # whether the model has this component
+    config_of: Callable[[str], dict]  # a component's config
+    reader: Callable[[str], Optional[Callable]]  # a component's state-dict reader, None: its folder's weight files
+    where: Callable[[str], str]  # a component's place, for messages and folder reads
+    config_where: Callable[[str], str]  # where its config came from, for messages
+
+    def component_config(self, name: str, config_class):
+        """``config_class.from_dict`` of the component's config; one line naming the file when it does not fit."""
+        try:
+            return config_class.from_dict(self.config_of(name))
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{self.config_where(name)}: {e}") from None
+
+
+def _single_file_source(path: str, tokenizer: str, original_config: Optional[str]) -> _Source:
+    checkpoint = single_file.read_single_file(path, tokenizer=tokenizer, original_config=original_config)
+    return _Source(
+        checkpoint.path, checkpoint.model_index, checkpoint.scheduler_config, checkpoint.tokenizers,
+        has=lambda name: name in checkpoint.configs,
+        config_of=lambda name: checkpoint.configs[name],
+        reader=lambda name: (lambda: checkpoint.state_dict(name)),
+        where=lambda name: f"{checkpoint.path} ({name})",
+        config_where=lambda name: f"{checkpoint.path} ({name} config as inferred)",
+    )
+
+
+def _folder_source(path_or_id: str, revision: Optional[str], tokenizer: str) -> _Source:
+    path = resolve_model_path(path_or_id, revision)
+    index_path = os.path.join(path, "model_index.json")
+    model_index = read_json(index_path) if os.path.exists(index_path) else {}
+    if not model_index and not os.path.isdir(os.path.join(path, "unet")):
+        raise ModelLoadError(f"{path} has no model_index.json and no unet/: it is not a diffusers-format model")
+    scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    scheduler_config = read_json(scheduler_path) if os.path.exists(scheduler_path) else {}
+    has = lambda name: os.path.isdir(os.path.join(path, name))  # noqa: E731
+    names = ("tokenizer", "tokenizer_2") if has("tokenizer_2") else ("tokenizer",)
+    tokenizer_dirs = single_file.tokenizer_folders(tokenizer, names) if tokenizer else {name: os.path.join(path, name) for name in names}
+    return _Source(
+        path, model_index, scheduler_config, tokenizer_dirs, has,
+        config_of=lambda name: read_json(os.path.join(path, name, "config.json")),
+        reader=lambda name: None,
+        where=lambda name: os.path.join(path, name),
+        config_where=lambda name: os.path.join(path, name, "config.json"),
+    )
+
+
+def _check_tokenizers(out: Pretrained, source: _Source) -> None:
+    """One line when a tokenizer has more tokens than its text encoder has rows: another model's tokenizer."""
+    for name, tok, module in (("tokenizer", out.tokenizer, out.text_encoder), ("tokenizer_2", out.tokenizer_2, out.text_encoder_2)):
+        if tok is not None and module is not None and len(tok) > module.config.vocab_size:
+            raise ModelLoadError(
+                f"the {name} in {source.tokenizer_dirs[name]} has {len(tok)} tokens but the text encoder of {source.path} has "
+                f"{module.config.vocab_size} embedding rows: it is another model's tokenizer; pass this model's "
+                "(--config.model_tokenizer)"
+            )

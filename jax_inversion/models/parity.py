@@ -111,9 +111,17 @@ def check_parity(path: str, *, latent_size: Optional[int] = None, batch: int = 2
         if ours.text_embeds is not None and hasattr(ref, "text_embeds"):
             record(name, "text_embeds", ours.text_embeds, ref.text_embeds.numpy())
 
+    size = latent_size or min(model.unet.config.sample_size, 32)
+    _unet_parity(model, torch_model("unet", lambda _: TorchUNet), size, batch, rng, record)
+    _vae_parity(model, torch_model("vae", lambda _: TorchVAE), size, batch, rng, record)
+    return results
+
+
+def _unet_parity(model, reference, size: int, batch: int, rng, record) -> None:
+    """Ours vs the PyTorch UNet on the same random latents, timesteps and text states (and SDXL's added inputs)."""
+    import torch
+
     unet_config = model.unet.config
-    size = latent_size or min(unet_config.sample_size, 32)
-    reference = torch_model("unet", lambda _: TorchUNet)
     latents = rng.standard_normal((batch, unet_config.in_channels, size, size)).astype(np.float32)
     timesteps = rng.integers(0, 1000, batch)
     states = rng.standard_normal((batch, 77, unet_config.cross_attention_dim[0])).astype(np.float32)
@@ -139,7 +147,11 @@ def check_parity(path: str, *, latent_size: Optional[int] = None, batch: int = 2
     )
     record("unet", "noise_prediction", np.asarray(ours).transpose(0, 3, 1, 2), ref)
 
-    reference = torch_model("vae", lambda _: TorchVAE)
+
+def _vae_parity(model, reference, size: int, batch: int, rng, record) -> None:
+    """Ours vs the PyTorch VAE: the latent mean of the same images, and the decode of PyTorch's mean."""
+    import torch
+
     factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
     images = rng.uniform(-1, 1, (batch, 3, size * factor, size * factor)).astype(np.float32)
     mean_ref = reference.encode(torch.from_numpy(images)).latent_dist.mean
@@ -150,4 +162,3 @@ def check_parity(path: str, *, latent_size: Optional[int] = None, batch: int = 2
     decoded = decode({"params": model.vae_params}, jnp.asarray(mean_ref.numpy().transpose(0, 2, 3, 1)))
     record("vae", "latent_mean", np.asarray(mean).transpose(0, 3, 1, 2), mean_ref.numpy())
     record("vae", "decoded_image", np.asarray(decoded).transpose(0, 3, 1, 2), decoded_ref)
-    return results

@@ -770,7 +770,40 @@ def read_single_file(path: str, *, tokenizer: str = "", original_config: Optiona
     kind = detect_kind(shapes, path)
     yaml_path = find_original_config(path, original_config)
     original = read_original_config(yaml_path) if yaml_path else _Original("", {}, {}, {})
+    unet, unet_map, (scale, steps, betas) = _unet_part(shapes, kind, path, original)
+    vae, vae_map = _vae_part(shapes, path)
+    configs, maps = {"unet": unet, "vae": vae}, {"unet": unet_map, "vae": vae_map}
+    _text_parts(shapes, kind, path, configs, maps)
+    if kind == "sdxl":  # SDXL's added embedding: pooled text_encoder_2 output + 6 Fourier-embedded size/crop numbers
+        pooled = configs["text_encoder_2"]["projection_dim"]
+        unet["addition_time_embed_dim"] = (unet["projection_class_embeddings_input_dim"] - pooled) // 6
+    prediction = _prediction_type(original, shapes, kind, tensors)
+    image_size = 512 if kind == "sd2" and prediction == "epsilon" else IMAGE_SIZE[kind]
+    unet["sample_size"] = image_size // 2 ** (len(vae["block_out_channels"]) - 1)
+    vae["sample_size"] = image_size
+    vae["scaling_factor"] = scale
+    scheduler = {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": steps,
+        "beta_start": betas[0],
+        "beta_end": betas[1],
+        "beta_schedule": "scaled_linear",
+        "prediction_type": prediction,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+    _apply_overrides(original, configs, scheduler, kind, path)
+    tokenizers = resolve_tokenizers(path, kind, tokenizer)
+    for component in configs:
+        if component.startswith("text_encoder"):
+            ids = _special_ids(tokenizers[component.replace("text_encoder", "tokenizer")])
+            configs[component].update({k: v for k, v in ids.items() if k not in original.overrides.get(component, {})})
+    return SingleFile(path, kind, configs, scheduler, tokenizers, yaml_path, tensors, maps)
 
+
+def _unet_part(shapes: dict, kind: str, path: str, original: "_Original"):
+    """``(unet config, {diffusers name: (key, op)}, (latent scale, train timesteps, (beta start, beta end)))``."""
     unet_shapes = _strip(shapes, UNET_PREFIX)
     unet, layers = _unet_config(unet_shapes, kind, path)
     try:
@@ -790,7 +823,11 @@ def read_single_file(path: str, *, tokenizer: str = "", original_config: Optiona
         else:
             unknown.append(UNET_PREFIX + key)
     _check_unknown(unknown, "UNet", path)
+    return unet, unet_map, (scale, steps, betas)
 
+
+def _vae_part(shapes: dict, path: str):
+    """``(vae config, {diffusers name: (key, op)})``."""
     vae_shapes = _strip(shapes, VAE_PREFIX)
     vae = _vae_config(vae_shapes, path)
     vae_map, unknown = {}, []
@@ -801,14 +838,15 @@ def read_single_file(path: str, *, tokenizer: str = "", original_config: Optiona
         else:
             unknown.append(VAE_PREFIX + key)
     _check_unknown(unknown, "VAE", path)
+    return vae, vae_map
 
-    configs = {"unet": unet, "vae": vae}
-    maps = {"unet": unet_map, "vae": vae_map}
+
+def _text_parts(shapes: dict, kind: str, path: str, configs: dict, maps: dict) -> None:
+    """Adds each text encoder's config and key map to ``configs`` and ``maps``."""
     for component, (prefix, layout) in TEXT_ENCODERS[kind].items():
         projection = component == "text_encoder_2"
         skip_layer = 23 if kind == "sd2" else None
-        component_shapes = _strip(shapes, prefix)
-        configs[component] = _text_config(component_shapes, layout, projection, skip_layer, path, component)
+        configs[component] = _text_config(_strip(shapes, prefix), layout, projection, skip_layer, path, component)
         keys = [k for k in shapes if k.startswith(prefix)]
         if layout == "clip":
             maps[component], unknown = _clip_map(keys, prefix)
@@ -817,34 +855,22 @@ def read_single_file(path: str, *, tokenizer: str = "", original_config: Optiona
             maps[component], unknown = _open_clip_map(keys, prefix, width, projection, skip_layer)
         _check_unknown(unknown, component, path)
 
-    if kind == "sdxl":  # SDXL's added embedding: pooled text_encoder_2 output + 6 Fourier-embedded size/crop numbers
-        pooled = configs["text_encoder_2"]["projection_dim"]
-        unet["addition_time_embed_dim"] = (unet["projection_class_embeddings_input_dim"] - pooled) // 6
 
+def _prediction_type(original: "_Original", shapes: dict, kind: str, tensors) -> str:
+    """The yaml's, else a ``v_pred`` key's, else SD2's rule (its base checkpoint's global step: epsilon), else epsilon."""
     prediction = _yaml_prediction_type(original)
-    if prediction is None:
-        if "v_pred" in shapes:
-            prediction = "v_prediction"
-        elif kind == "sd2":
-            prediction = "epsilon" if tensors.global_step == SD2_BASE_GLOBAL_STEP else "v_prediction"
-        else:
-            prediction = "epsilon"
-    image_size = 512 if kind == "sd2" and prediction == "epsilon" else IMAGE_SIZE[kind]
-    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    unet["sample_size"] = image_size // vae_factor
-    vae["sample_size"] = image_size
-    vae["scaling_factor"] = scale
-    scheduler = {
-        "_class_name": "DDPMScheduler",
-        "num_train_timesteps": steps,
-        "beta_start": betas[0],
-        "beta_end": betas[1],
-        "beta_schedule": "scaled_linear",
-        "prediction_type": prediction,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-    }
+    if prediction is not None:
+        return prediction
+    if "v_pred" in shapes:
+        return "v_prediction"
+    if kind == "sd2":
+        return "epsilon" if tensors.global_step == SD2_BASE_GLOBAL_STEP else "v_prediction"
+    return "epsilon"
+
+
+def _apply_overrides(original: "_Original", configs: dict, scheduler: dict, kind: str, path: str) -> None:
+    """The yaml's ``diffusers:`` section over the inferred configs; one line when attention heads stay unknown."""
+    unet = configs["unet"]
     for component, fields in original.overrides.items():
         target = scheduler if component == "scheduler" else configs.get(component)
         if target is None:
@@ -865,10 +891,3 @@ def read_single_file(path: str, *, tokenizer: str = "", original_config: Optiona
             f"channels per head): write the model's LDM yaml beside it as {os.path.splitext(path)[0]}.yaml "
             "(num_heads/num_head_channels; text encoders in its diffusers: section)"
         )
-
-    tokenizers = resolve_tokenizers(path, kind, tokenizer)
-    for component in configs:
-        if component.startswith("text_encoder"):
-            ids = _special_ids(tokenizers[component.replace("text_encoder", "tokenizer")])
-            configs[component].update({k: v for k, v in ids.items() if k not in original.overrides.get(component, {})})
-    return SingleFile(path, kind, configs, scheduler, tokenizers, yaml_path, tensors, maps)

@@ -112,39 +112,20 @@ def make_forward(
     object's shape is decided rather than on fine detail. ``reference_ids`` (``{encoder: class
     word id}``) is used when the objective needs the class-word prompt's attention maps.
 
-    ``forward.draw(batch, rng) -> (latents, noise, timesteps)`` draws what the forward would; a
-    batch holding ``latents``/``noise``/``timesteps`` already (gradient accumulation's
-    micro-batches of one drawn batch) is not drawn again.
+    A batch holding ``latents``/``noise``/``timesteps`` already (gradient accumulation's micro-batches
+    of one batch drawn by :func:`make_draw`) is not drawn again.
     """
     min_snr_gamma, resolution, trainable = config.min_snr_gamma, config.resolution, config.trainable
     num_stages, separate_kv, remat = config.num_stages, config.separate_kv, config.remat
-    noise_offset, timestep_range = config.noise_offset, config.timestep_range
-    vae_config = model.vae.config
     needs = getattr(objective, "needs", frozenset())
     capture = tuple(getattr(objective, "capture_layers", ()))
     first_id, n_tokens = placeholder_ids["text_encoder"].first_id, len(placeholder_ids["text_encoder"].tokens)
     a, b = trainable if trainable is not None else (0, n_tokens)
     eos_id = model.tokenizer.eos_token_id
-    low, high = timestep_bounds(timestep_range, schedule)
     if "reference_maps" in needs and not reference_ids:
         raise ConfigError("the objective compares with the class-word prompt: set --config.data.class_word")
 
-    def draw(rng, mean, std):
-        rng_latent, rng_noise, rng_time = jax.random.split(rng, 3)
-        latents = scale_latents(vae_config, mean + std * jax.random.normal(rng_latent, mean.shape))
-        noise = jax.random.normal(rng_noise, latents.shape)
-        if noise_offset:  # its own key: runs without an offset draw exactly what they drew before
-            shape = (latents.shape[0],) + (1,) * (latents.ndim - 2) + (latents.shape[-1],)  # [B, 1, 1, C]
-            noise = noise + noise_offset * jax.random.normal(jax.random.fold_in(rng_noise, 1), shape)
-        return latents, noise, sample_timesteps(rng_time, latents.shape[0], schedule, low, high)
-
-    def draw_batch(batch, rng):
-        mean, std = batch["latent_mean"], batch["latent_std"]
-        if rng.ndim == 2:  # stacked uint32 keys, one per concept
-            per_concept = lambda x: x.reshape((rng.shape[0], -1) + x.shape[1:])
-            drawn = jax.vmap(draw)(rng, per_concept(mean), per_concept(std))
-            return tuple(x.reshape((-1,) + x.shape[2:]) for x in drawn)
-        return draw(rng, mean, std)
+    draw_batch = make_draw(model, schedule, config)
 
     def forward(learned, frozen, batch, rng):
         """``rng``: one key, or ``[C]`` keys (one per concept; the batch is concept-major, rows ``[C, n, d]``)."""
@@ -190,13 +171,44 @@ def make_forward(
             reference = {
                 e: jnp.where(v >= placeholder_ids[e].first_id, reference_ids[e], v).astype(v.dtype) for e, v in ids.items()
             }
-            ref_states, ref_added, _, _ = encode_text(model, frozen, reference, key_rows, placeholder_ids, resolution)
-            _, ref_maps = run_unet(model, frozen["unet"], noisy, timesteps, Conditioning(ref_states, capture_maps=capture), ref_added)
-            outputs["reference_maps"] = jax.lax.stop_gradient(ref_maps)
+            outputs["reference_maps"] = _attention_maps(model, frozen, reference, key_rows, placeholder_ids, resolution,
+                                                        noisy, timesteps, capture)
         return outputs
 
-    forward.draw = draw_batch
     return forward
+
+
+def make_draw(model: Pretrained, schedule: NoiseSchedule, config: StepConfig) -> Callable:
+    """``draw(batch, rng) -> (latents, noise, timesteps)``: what :func:`make_forward`'s forward draws for a
+    batch (``rng`` one key, or ``[C]`` keys, one per concept of a concept-major batch)."""
+    vae_config, noise_offset = model.vae.config, config.noise_offset
+    low, high = timestep_bounds(config.timestep_range, schedule)
+
+    def draw(rng, mean, std):
+        rng_latent, rng_noise, rng_time = jax.random.split(rng, 3)
+        latents = scale_latents(vae_config, mean + std * jax.random.normal(rng_latent, mean.shape))
+        noise = jax.random.normal(rng_noise, latents.shape)
+        if noise_offset:  # its own key: runs without an offset draw exactly what they drew before
+            shape = (latents.shape[0],) + (1,) * (latents.ndim - 2) + (latents.shape[-1],)  # [B, 1, 1, C]
+            noise = noise + noise_offset * jax.random.normal(jax.random.fold_in(rng_noise, 1), shape)
+        return latents, noise, sample_timesteps(rng_time, latents.shape[0], schedule, low, high)
+
+    def draw_batch(batch, rng):
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        if rng.ndim == 2:  # stacked uint32 keys, one per concept
+            per_concept = lambda x: x.reshape((rng.shape[0], -1) + x.shape[1:])
+            drawn = jax.vmap(draw)(rng, per_concept(mean), per_concept(std))
+            return tuple(x.reshape((-1,) + x.shape[2:]) for x in drawn)
+        return draw(rng, mean, std)
+
+    return draw_batch
+
+
+def _attention_maps(model, frozen, ids, rows, placeholder_ids, resolution, noisy, timesteps, capture):
+    """The captured cross-attention maps of the UNet on prompt ``ids`` (no gradient): SeFi-IDE's class-word reference."""
+    states, added, _, _ = encode_text(model, frozen, ids, rows, placeholder_ids, resolution)
+    _, maps = run_unet(model, frozen["unet"], noisy, timesteps, Conditioning(states, capture_maps=capture), added)
+    return jax.lax.stop_gradient(maps)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -238,6 +250,7 @@ def train_step(
     term_objective: Optional[Objective] = None,
     log_every: int = 0,
     accumulation: int = 1,
+    draw: Optional[Callable] = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step of the learned rows; a step whose loss, gradients or update are not
     finite is counted in ``nonfinite_steps`` and not applied.
@@ -265,6 +278,7 @@ def train_step(
         timesteps are drawn for the whole batch first, and the loss and gradients averaged, so
         the step equals the unsplit one up to float rounding. One optimizer step either way.
         (Per-term gradient norms are not computed then.)
+      draw: with ``accumulation`` > 1, ``draw(batch, rng)`` (:func:`make_draw`) draws the whole batch.
 
     Returns:
       ``(new_state, metrics)``: loss, ``loss/<term>``, ``grad_norm``, ``learning_rate``,
@@ -277,34 +291,15 @@ def train_step(
     learned_rows_only = lambda tree: jax.tree_util.tree_map(lambda g: jnp.where(row_mask, g, 0.0), tree)
     term_norms = {}
     if accumulation > 1:
-        (loss, terms), grads = _accumulated_grads(frozen, state.embeddings, batch, step_rng, forward, objective, accumulation)
+        (loss, terms), grads = _accumulated_grads(frozen, state.embeddings, batch, step_rng, forward, draw, objective, accumulation)
     elif term_objective is None or log_every <= 0:
         loss_fn = lambda learned: objective(forward(learned, frozen, batch, step_rng))
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.embeddings)
-    else:  # the same gradient, through one shared forward that each term's pullback reuses
-        outputs, pullback = jax.vjp(lambda learned: forward(learned, frozen, batch, step_rng), state.embeddings)
-        loss, objective_pullback, terms = jax.vjp(objective, outputs, has_aux=True)
-        (grads,) = pullback(objective_pullback(jnp.ones_like(loss))[0])
-
-        def norms_of_terms():
-            parts = term_gradients(term_objective, outputs, pullback)
-            return {name: optax.tree.norm(learned_rows_only(g)) for name, g in parts.items()}
-
-        skipped = lambda: {name: jnp.zeros((), jnp.float32) for name in term_objective.weights}
-        term_norms = jax.lax.cond((state.step + 1) % log_every == 0, norms_of_terms, skipped)
+    else:
+        loss, terms, grads, term_norms = _grads_with_term_norms(
+            lambda learned: forward(learned, frozen, batch, step_rng), state, term_objective, log_every, learned_rows_only)
     grads = learned_rows_only(grads)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.embeddings)
-    embeddings = optax.apply_updates(state.embeddings, updates)
-    embeddings = jax.tree_util.tree_map(lambda new, old: jnp.where(row_mask, new, old), embeddings, state.embeddings)
-    finite &= _all_finite(embeddings)  # an update can overflow even from finite gradients
-    keep = lambda new, old: jnp.where(finite, new, old)
-    new_state = state.replace(
-        step=state.step + 1,
-        embeddings=jax.tree_util.tree_map(keep, embeddings, state.embeddings),
-        opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state),
-        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-    )
+    new_state, embeddings = _apply_if_finite(state, grads, loss, optimizer, row_mask)
     metrics = {
         "loss": loss,
         **{(k if k.startswith("concept/") else f"loss/{k}"): v for k, v in terms.items()},
@@ -319,9 +314,43 @@ def train_step(
     return new_state, metrics
 
 
-def _accumulated_grads(frozen, learned, batch, rng, forward, objective, k: int):
+def _grads_with_term_norms(forward_of: Callable, state: TrainState, term_objective: Objective, log_every: int,
+                           learned_rows_only: Callable):
+    """``(loss, terms, grads, term_norms)``: the objective's gradient through one forward whose pullback each
+    term reuses; the terms' gradient norms only where ``step + 1`` is a multiple of ``log_every`` (zeros elsewhere)."""
+    outputs, pullback = jax.vjp(forward_of, state.embeddings)
+    loss, objective_pullback, terms = jax.vjp(term_objective, outputs, has_aux=True)
+    (grads,) = pullback(objective_pullback(jnp.ones_like(loss))[0])
+
+    def norms_of_terms():
+        parts = term_gradients(term_objective, outputs, pullback)
+        return {name: optax.tree.norm(learned_rows_only(g)) for name, g in parts.items()}
+
+    skipped = lambda: {name: jnp.zeros((), jnp.float32) for name in term_objective.weights}
+    return loss, terms, grads, jax.lax.cond((state.step + 1) % log_every == 0, norms_of_terms, skipped)
+
+
+def _apply_if_finite(state: TrainState, grads, loss, optimizer, row_mask) -> tuple[TrainState, dict]:
+    """``(new_state, candidate_rows)``: the optimizer's update of the learned rows, kept only when the loss, the
+    gradients and the updated rows are all finite (else counted in ``nonfinite_steps``)."""
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.embeddings)
+    embeddings = optax.apply_updates(state.embeddings, updates)
+    embeddings = jax.tree_util.tree_map(lambda new, old: jnp.where(row_mask, new, old), embeddings, state.embeddings)
+    finite &= _all_finite(embeddings)  # an update can overflow even from finite gradients
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        embeddings=jax.tree_util.tree_map(keep, embeddings, state.embeddings),
+        opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state),
+        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+    )
+    return new_state, embeddings
+
+
+def _accumulated_grads(frozen, learned, batch, rng, forward, draw, objective, k: int):
     """``((loss, terms), grads)`` of ``batch`` as the mean over ``k`` strided micro-batches run in sequence."""
-    latents, noise, timesteps = forward.draw(batch, rng)
+    latents, noise, timesteps = draw(batch, rng)
     full = {**batch, "latents": latents, "noise": noise, "timesteps": timesteps}
     # [B, ...] -> [k, B / k, ...], micro-batch j = examples j, j + k, ...: each stays spread over the devices
     # and, in batch inversion, concept-major.
@@ -399,6 +428,7 @@ def make_train_step(
         concept_keys=jnp.stack([jax.random.PRNGKey(seed) for _, seed in concepts]) if concepts else None,
         concept_names=names,
         accumulation=accumulation,
+        draw=make_draw(model, schedule, config),
     )
     weights = getattr(objective, "weights", {})
     if log_every > 0 and not concepts and len(weights) == 1:  # its gradient is the whole gradient

@@ -1,6 +1,7 @@
-"""The training job: phases, loop, checkpoints, metrics, validation.
+"""The training job: building a run, then running its phases with the loop's hooks.
 
-``train(config, workdir)`` loads the frozen model, caches VAE latents once (:mod:`dataset`),
+``train(config, workdir)`` = :func:`build_job` (model, plan, mesh, optimizer, objective, data checks,
+restore) then :func:`run_job`. It loads the frozen model, caches VAE latents once (:mod:`dataset`),
 then runs the jit-compiled ``step(state, batch, rng) -> (state, metrics)`` (:mod:`step`) over a
 ``data`` mesh axis (batch sharded, learned rows replicated), with Orbax checkpoints every N
 steps and on SIGTERM. The loop knows no method by name: the objective is built from
@@ -14,10 +15,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
-import tempfile
-import time
 from typing import Any, Optional
 
 import jax
@@ -26,11 +24,10 @@ import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from jax_inversion.artifacts import checkpoints
-from jax_inversion.artifacts.export import export_step, initial_rows_from_file
+from jax_inversion.artifacts.export import initial_rows_from_file
 from jax_inversion.configs.ti import resolve_unset
 from jax_inversion.core.aot import GIB, compile_ahead, device_memory_bytes
 from jax_inversion.core.errors import TrainError
@@ -48,6 +45,8 @@ from jax_inversion.objectives.terms import TermSetup, build_objective
 from jax_inversion.sampling.generate import Validator
 from jax_inversion.text import tokens as tokens_lib
 from jax_inversion.text.conditioning import encoders_of, input_embedding_table, vae_factor, with_clip_skip
+from jax_inversion.training.hooks import (CheckpointHook, ExportHook, Hook, MetricsHook, ProfileHook, StepEnd, ValidationHook,
+                                          open_writers, wandb_module)
 from jax_inversion.training.optim import make_optimizer
 from jax_inversion.training.step import StepConfig, TrainState, init_state, make_train_step, timestep_bounds
 
@@ -81,64 +80,6 @@ def check_writable(workdir: str) -> None:
         ) from None
     finally:
         quiet.setLevel(level)
-
-
-class _UploadedSummaryWriter(SummaryWriter):
-    """TensorBoard events written locally and copied to a gs:// ``target`` at each checkpoint and at the end
-    (tensorboardX's own GCS writer needs the google-cloud-storage client and project settings)."""
-
-    def __init__(self, target: str):
-        self.target, self.local = epath.Path(target), tempfile.mkdtemp(prefix="jax_inversion_tensorboard_")
-        super().__init__(self.local)
-
-    def upload(self) -> None:
-        self.flush()
-        for root, _, names in os.walk(self.local):
-            for name in names:
-                path = os.path.join(root, name)
-                destination = self.target / os.path.relpath(path, self.local)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "rb") as f:
-                    destination.write_bytes(f.read())
-
-    def close(self) -> None:
-        super().close()
-        self.upload()
-        shutil.rmtree(self.local, ignore_errors=True)
-
-
-def _summary_writer(directory: str):
-    return _UploadedSummaryWriter(directory) if is_remote(directory) else SummaryWriter(directory)
-
-
-class _MetricsFile:
-    """``metrics.jsonl``, appended to: a local file as such; on an object store (no appends) the whole
-    file is rewritten at each flush (the loop flushes at logged steps only)."""
-
-    def __init__(self, path: str):
-        self.remote = is_remote(path)
-        if self.remote:
-            self.path = epath.Path(path)
-            self.text = self.path.read_text() if self.path.exists() else ""
-        else:
-            self.file = open(path, "a")
-
-    def write(self, line: str) -> None:
-        if self.remote:
-            self.text += line
-        else:
-            self.file.write(line)
-
-    def flush(self) -> None:
-        if self.remote:
-            self.path.write_text(self.text)
-        else:
-            self.file.flush()
-
-    def close(self) -> None:
-        self.flush()
-        if not self.remote:
-            self.file.close()
 
 
 def run_metadata(config, placeholder_ids: dict, model: Pretrained, plan: RunPlan) -> dict:
@@ -327,65 +268,80 @@ def setup_run(config: ml_collections.ConfigDict, devices: Optional[list] = None,
                     "masks" in objective.needs, schedule, timesteps, accumulation, state)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[list] = None) -> TrainState:
-    """Runs (or resumes) the job described by ``config`` in ``workdir`` over ``devices`` (default all)."""
+@dataclasses.dataclass
+class Job:
+    """A run built, checked and restored, ready to step (:func:`build_job`); :func:`run_job` runs it."""
+
+    run: RunSetup
+    workdir: str
+    state: TrainState  # step 0's, or the latest checkpoint's
+    manager: checkpoints.CheckpointManager
+    metadata: dict
+    validate: Optional[Validator]
+    wandb: Any  # the wandb package when train.wandb is on
+
+    def prepare_phase(self, phase: Phase):
+        """``(step_fn, batch_at)`` of ``phase``: its jitted step and ``batch_at(step)``, the global batch of that step."""
+        config, run = self.run.config, self.run
+        if run.concepts:
+            datasets = [build_dataset(config, run.model, concept_phase(phase, c), self.workdir, run.with_masks) for c in run.concepts]
+            samplers = [
+                data_lib.BatchSampler(d.num_images, d.num_prompts, config.train.batch_size, c.seed, config.data.flip_probability)
+                for d, c in zip(datasets, run.concepts)
+            ]
+            step_fn = run.make_step(phase, datasets[0].resolution)
+            return step_fn, lambda step: concept_batch(datasets, samplers, step - phase.start, run.mesh, run.with_masks)
+        dataset = build_dataset(config, run.model, phase, self.workdir, run.with_masks)
+        sampler = data_lib.BatchSampler(
+            dataset.num_images, dataset.num_prompts, config.train.batch_size,
+            config.seed + 1_000_003 * run.plan.phases.index(phase), config.data.flip_probability,
+        )
+        batch_at = lambda step: global_batch(dataset, sampler, step - phase.start, run.mesh, run.with_masks)
+        return run.make_step(phase, dataset.resolution), batch_at
+
+    def reset_optimizer(self, state: TrainState) -> TrainState:
+        """``state`` with a fresh optimizer state: a phase after the first starts its own AdamW moments."""
+        return jax.device_put(state.replace(opt_state=self.run.optimizer.init(state.embeddings)), replicated(self.run.mesh))
+
+
+def build_job(config: ml_collections.ConfigDict, workdir: str, devices: Optional[list] = None) -> Job:
+    """Builds the run (:func:`setup_run`), checks every phase's data, restores the latest checkpoint of
+    ``workdir`` and writes ``config.json``. Bad input fails here, before the workdir is written."""
     check_writable(workdir)
     run = setup_run(config, devices)
     config = run.config  # unset fields resolved: what config.json and the checkpoints' metadata record
     wandb = wandb_module() if config.train.get("wandb") else None
-    model, plan, concepts, mesh, with_masks = run.model, run.plan, run.concepts, run.mesh, run.with_masks
-    phase_data = [p for p in plan.phases if p.num_steps > 0]
-    if concepts:
-        phase_data = [concept_phase(plan.phases[0], c) for c in concepts]
-    for phase in phase_data:  # bad data fails here, before the workdir is touched
-        check_phase_data(config, phase, with_masks)
-        check_prompt_lengths(config, phase, model)
-    same = replicated(mesh)
-    metadata = run_metadata(config, run.placeholder_ids, model, plan)
-    if concepts:
-        metadata["concept_batch"] = [{"name": c.name, "index": i, "seed": c.seed, "dir": c.image_dir} for i, c in enumerate(concepts)]
+    phase_data = [p for p in run.plan.phases if p.num_steps > 0]
+    if run.concepts:
+        phase_data = [concept_phase(run.plan.phases[0], c) for c in run.concepts]
+    for phase in phase_data:
+        check_phase_data(config, phase, run.with_masks)
+        check_prompt_lengths(config, phase, run.model)
+    metadata = run_metadata(config, run.placeholder_ids, run.model, run.plan)
+    if run.concepts:
+        metadata["concept_batch"] = [{"name": c.name, "index": i, "seed": c.seed, "dir": c.image_dir} for i, c in enumerate(run.concepts)]
     # Replicated over the mesh before restoring, so a checkpoint is read straight into the run's
     # sharding: several processes cannot spread a restored host-local (committed) array.
-    state = jax.device_put(run.state, same)
+    state = jax.device_put(run.state, replicated(run.mesh))
     manager = checkpoints.CheckpointManager(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
     restored = manager.restore_latest(state, metadata)
     if restored is not None:
         state = restored
         log.info("resumed from step %d in %s", int(state.step), workdir)
-
-    def prepare_concepts(phase: Phase):
-        datasets = [build_dataset(config, model, concept_phase(phase, c), workdir, with_masks) for c in concepts]
-        samplers = [
-            data_lib.BatchSampler(d.num_images, d.num_prompts, config.train.batch_size, c.seed, config.data.flip_probability)
-            for d, c in zip(datasets, concepts)
-        ]
-        step_fn = run.make_step(phase, datasets[0].resolution)
-        return step_fn, lambda step: concept_batch(datasets, samplers, step - phase.start, mesh, with_masks)
-
-    def prepare_phase(phase: Phase):
-        if concepts:
-            return prepare_concepts(phase)
-        dataset = build_dataset(config, model, phase, workdir, with_masks)
-        index = plan.phases.index(phase)
-        sampler = data_lib.BatchSampler(
-            dataset.num_images, dataset.num_prompts, config.train.batch_size, config.seed + 1_000_003 * index,
-            config.data.flip_probability,
-        )
-        batch_at = lambda step: global_batch(dataset, sampler, step - phase.start, mesh, with_masks)
-        return run.make_step(phase, dataset.resolution), batch_at
-
-    def reset_optimizer(state: TrainState) -> TrainState:
-        return jax.device_put(state.replace(opt_state=run.optimizer.init(state.embeddings)), same)
-
     validate = None
     if (config.train.validation_every > 0 or config.train.get("validation_at_start", False)) and config.train.validation_prompts:
         validate = Validator(
-            model, workdir, config.train.validation_prompts, config.train.validation_images,
+            run.model, workdir, config.train.validation_prompts, config.train.validation_images,
             config.train.validation_steps, config.train.validation_scheduler, seed=config.seed,
             negative_prompt=config.train.get("validation_negative_prompt", ""),
         )
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-    return _loop(config, workdir, state, plan, prepare_phase, reset_optimizer, mesh, manager, metadata, validate, wandb)
+    return Job(run, workdir, state, manager, metadata, validate, wandb)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, devices: Optional[list] = None) -> TrainState:
+    """Runs (or resumes) the job described by ``config`` in ``workdir`` over ``devices`` (default all)."""
+    return run_job(build_job(config, workdir, devices))
 
 
 def check_accumulation(train_config) -> int:
@@ -398,83 +354,6 @@ def check_accumulation(train_config) -> int:
             f"pass a divisor of the batch, e.g. --config.train.gradient_accumulation={good}"
         )
     return k
-
-
-def wandb_module():
-    """The ``wandb`` package (optional, imported only when ``train.wandb`` is on)."""
-    try:
-        import wandb
-    except ImportError:
-        raise TrainError("train.wandb needs the wandb package: pip install wandb, or leave --config.train.wandb=False") from None
-    return wandb
-
-
-class _WandbWriter:
-    """What the loop logs to TensorBoard, also sent to a Weights & Biases run (scalars and images)."""
-
-    def __init__(self, tensorboard, run):
-        self.tensorboard, self.run = tensorboard, run
-
-    def add_scalar(self, key, value, step):
-        self.tensorboard.add_scalar(key, value, step)
-        self.run.log({key: value}, step=step)
-
-    def add_image(self, key, image, step, **kwargs):
-        self.tensorboard.add_image(key, image, step, **kwargs)
-        self.run.log({key: wandb_module().Image(np.asarray(image))}, step=step)
-
-    def upload(self):
-        getattr(self.tensorboard, "upload", lambda: None)()
-
-    def close(self):
-        self.tensorboard.close()
-        self.run.finish()
-
-
-def _loop(config, workdir, state, plan, prepare_phase, reset_optimizer, mesh, manager, metadata, validate=None,
-          wandb=None) -> TrainState:
-    """Runs the plan's phases from ``state.step``; a phase after the first starts with a fresh optimizer.
-
-    ``validate(step, embeddings, metadata, writer)``, if given, runs every ``train.validation_every`` steps,
-    and at step 0 before the first step of a fresh run with ``train.validation_at_start``.
-    """
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    is_main = jax.process_index() == 0
-    writer = _summary_writer(os.path.join(workdir, "tensorboard")) if is_main else None
-    if wandb is not None and is_main:
-        run = wandb.init(project=config.train.wandb_project, dir=workdir, config=config.to_dict(),
-                         name=os.path.basename(os.path.normpath(workdir)), resume="allow")
-        writer = _WandbWriter(writer, run)
-    metrics_file = _MetricsFile(os.path.join(workdir, "metrics.jsonl")) if is_main else None
-    first = int(state.step)
-    total = plan.num_steps
-    progress = tqdm(total=total, initial=first, disable=not is_main, desc="train", dynamic_ncols=True)
-    base_rng = jax.device_put(np.asarray(state.rng), replicated(mesh))  # not donated with the state
-    try:
-        with jax.set_mesh(mesh):
-            if validate is not None and first == 0 and config.train.get("validation_at_start", False) and is_main:
-                validate(0, jax.device_get(state.embeddings), metadata, writer)  # the initial rows: the base model's view
-            for index, phase in enumerate(plan.phases):
-                if int(state.step) >= phase.stop or _agreed_stop(stop, check=False):
-                    continue
-                if index > 0 and int(state.step) == phase.start:
-                    state = reset_optimizer(state)
-                step_fn, batch_at = prepare_phase(phase)
-                progress.set_description(f"train ({phase.name})" if len(plan.phases) > 1 else "train")
-                state = _run_phase(config, state, phase, step_fn, batch_at, base_rng, manager, metadata, progress,
-                                   writer, metrics_file, stop, validate)
-            if total == first and manager.latest_step() != total:
-                manager.save(total, state, metadata, force=True)
-    finally:
-        manager.wait()
-        progress.close()
-        signal.signal(signal.SIGTERM, previous)
-        if writer:
-            writer.close()
-        if metrics_file:
-            metrics_file.close()
-    return state
 
 
 def _agreed_stop(stop: dict, check: bool) -> bool:
@@ -510,83 +389,73 @@ def compile_phase_step(step_fn, state, batch, rng, phase_name: str):
     return (lambda state, batch, rng: compiled(step_fn.frozen, state, batch, rng)), report
 
 
-class _Profiler:
-    """``train.profile_steps = (first, stop)``: a ``jax.profiler`` trace of steps ``[first, stop)`` in
-    ``WORKDIR/profile`` (TensorBoard's profile plugin, Perfetto)."""
+def run_job(job: Job) -> TrainState:
+    """Runs the plan's phases from ``job.state.step`` with the loop's hooks; a phase after the first starts
+    with a fresh optimizer. Validation also runs at step 0 of a fresh run with ``train.validation_at_start``."""
+    config, plan, mesh = job.run.config, job.run.plan, job.run.mesh
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    is_main = jax.process_index() == 0
+    writer, metrics_file = open_writers(config, job.workdir, job.wandb)
+    state, first = job.state, int(job.state.step)
+    progress = tqdm(total=plan.num_steps, initial=first, disable=not is_main, desc="train", dynamic_ncols=True)
+    hooks = loop_hooks(job, writer, metrics_file, progress)
+    base_rng = jax.device_put(np.asarray(state.rng), replicated(mesh))  # not donated with the state
+    try:
+        with jax.set_mesh(mesh):
+            if job.validate is not None and first == 0 and config.train.get("validation_at_start", False) and is_main:
+                job.validate(0, jax.device_get(state.embeddings), job.metadata, writer)  # the initial rows: the base model's view
+            for index, phase in enumerate(plan.phases):
+                if int(state.step) >= phase.stop or _agreed_stop(stop, check=False):
+                    continue
+                if index > 0 and int(state.step) == phase.start:
+                    state = job.reset_optimizer(state)
+                progress.set_description(f"train ({phase.name})" if len(plan.phases) > 1 else "train")
+                state = run_phase(config, state, phase, job.prepare_phase(phase), base_rng, hooks, stop)
+            if plan.num_steps == first and job.manager.latest_step() != plan.num_steps:
+                job.manager.save(plan.num_steps, state, job.metadata, force=True)
+    finally:
+        job.manager.wait()
+        progress.close()
+        signal.signal(signal.SIGTERM, previous)
+        for closable in (writer, metrics_file):
+            if closable:
+                closable.close()
+    return state
 
-    def __init__(self, steps, workdir: str):
-        self.first, self.stop = (tuple(steps) + (0, 0))[:2] if steps else (0, 0)
-        self.directory, self.active = os.path.join(workdir, "profile"), False
 
-    def before(self, step: int) -> None:
-        if self.first <= step < self.stop and not self.active:
-            jax.profiler.start_trace(self.directory)
-            self.active = True
+def loop_hooks(job: Job, writer, metrics_file, progress) -> list[Hook]:
+    """The loop's side tasks, in the order they run after a step: the profiler (its trace ends with the
+    step), metrics and the NaN check before the checkpoint of the same step, then export and validation."""
+    train = job.run.config.train
+    hooks = [
+        ProfileHook(train.get("profile_steps"), job.workdir),
+        MetricsHook(train.log_every, max(1, train.checkpoint_every), metrics_file, writer, progress, job.manager.latest_step),
+        CheckpointHook(train.checkpoint_every, job.manager, job.metadata, writer),
+        ExportHook(train.get("export_every", 0), job.workdir, job.metadata),
+    ]
+    if job.validate is not None:
+        hooks.append(ValidationHook(train.validation_every, job.validate, job.metadata, writer))
+    return hooks
 
-    def after(self, step: int, state, last: bool) -> None:
-        if self.active and (step + 1 >= self.stop or last):
-            jax.block_until_ready(state)
-            jax.profiler.stop_trace()
-            self.active = False
-            log.warning("profile of steps %d-%d written to %s", self.first, step, self.directory)
 
-
-def _run_phase(config, state, phase, step_fn, batch_at, base_rng, manager, metadata, progress, writer, metrics_file, stop, validate):
-    pending = []
+def run_phase(config, state: TrainState, phase: Phase, prepared, base_rng, hooks: list[Hook], stop: dict) -> TrainState:
+    """Steps ``phase`` from ``state.step`` to its end (or a stop), compiled ahead of time first; every hook
+    sees every step."""
+    step_fn, batch_at = prepared
     first = int(state.step)
     step_fn, report = compile_phase_step(step_fn, state, batch_at(first), base_rng, phase.name)
-    compile_seconds = report.seconds
-    last_time, last_step = time.perf_counter(), first
-    profiler = _Profiler(config.train.get("profile_steps"), manager.workdir)
+    for hook in hooks:
+        hook.start_phase(phase, first, report.seconds)
     for step in range(first, phase.stop):
-        profiler.before(step)
+        for hook in hooks:
+            hook.before_step(step)
         state, metrics = step_fn(state, batch_at(step), base_rng)
-        profiler.after(step, state, step + 1 == phase.stop)
-        pending.append((step + 1, metrics))
         done = step + 1
         stopping = _agreed_stop(stop, check=done % config.train.log_every == 0)
-        must_save = done % max(1, config.train.checkpoint_every) == 0 or done == phase.stop or stopping
-        if done % config.train.log_every == 0 or must_save:
-            fetched = jax.device_get(pending)
-            pending = []
-            now = time.perf_counter()
-            rate = (done - last_step) / max(now - last_time, 1e-9) if done > last_step else float("nan")
-            last_time, last_step = now, done
-            if int(state.nonfinite_steps) > 0:
-                kept = manager.latest_step()
-                raise TrainError(
-                    f"loss or gradients became NaN/inf by step {done}: lower --config.train.learning_rate "
-                    f"(the last good checkpoint{'' if kept is None else f', step {kept},'} is kept)"
-                )
-            for s, m in fetched:
-                logged_step = s % config.train.log_every == 0  # per-term gradient norms are computed only there
-                record = {"step": s, "phase": phase.name,
-                          **{k: float(v) for k, v in m.items() if logged_step or not k.startswith("grad_norm/")}}
-                if s == done and np.isfinite(rate):
-                    record["steps_per_second"] = rate
-                    record["compile_seconds"] = round(compile_seconds, 2)
-                if metrics_file:
-                    metrics_file.write(json.dumps(record) + "\n")
-                if writer:
-                    for k, v in record.items():
-                        if k not in ("step", "phase"):
-                            writer.add_scalar(k, v, s)
-            if metrics_file:
-                metrics_file.flush()
-            progress.set_postfix(loss=f"{float(fetched[-1][1]['loss']):.4f}", steps_per_s=f"{rate:.2f}")
-        progress.update(1)
-        if must_save:
-            manager.save(done, state, metadata, force=done == phase.stop or stopping)
-            if hasattr(writer, "upload"):
-                writer.upload()
-        export_every = config.train.get("export_every", 0)
-        if export_every > 0 and (done % export_every == 0 or done == phase.stop) and jax.process_index() == 0:
-            rows = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), state.embeddings)
-            for path in export_step(manager.workdir, done, rows, metadata):
-                log.info("step %d: wrote %s", done, path)
-        every = config.train.validation_every
-        if validate is not None and every > 0 and done % every == 0 and jax.process_index() == 0:
-            validate(done, jax.device_get(state.embeddings), metadata, writer)
+        end = StepEnd(done, state, metrics, phase, last=done == phase.stop or stopping)
+        for hook in hooks:
+            hook(end)
         if stopping:
             log.warning("SIGTERM: saved step %d, stopping", done)
             break
