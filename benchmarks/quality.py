@@ -1,34 +1,50 @@
-"""Method quality on the toy world's concepts: TI vs Lego vs Compositional vs SeFi-IDE.
+"""Method quality on toy-world concepts: TI vs Lego vs Compositional Inversion vs SeFi-IDE (and extensions).
 
-    python -m benchmarks.quality                      # CPU budget: every method x concept, then TI's budget sweep
-    python -m benchmarks.quality --budget paper       # each method's own (paper) step count: for a GPU
-    python -m benchmarks.quality --concepts star --methods ti --no_sweep
+    python -m benchmarks.quality                                  # the project's concepts, every method, the default job's budget
+    python -m benchmarks.quality --concept_dir DIR --methods ti,compositional --out DIR   # any concept folder(s)
+    python -m benchmarks.quality --concepts star_with_square --methods ti \
+        --sweep compositional:anchor_lambda=0,0.25,0.5,0.75,0.95,1   # a method's curve on the identity-editability plane
+    python -m benchmarks.quality --budget paper                   # each method config's own recipe (steps, vectors): for a GPU
 
-Every method learns every concept (:data:`jax_inversion.toyworld.concepts.CONCEPTS`) from the
-same images with the same seed and batch, on the shipped toy model; each run is then sampled
-with the same prompts and seeds and read by the world's detector
-(:mod:`jax_inversion.toyworld.evaluate`): identity ("a <c>", 32 samples), composition ("a <c> and
-a red square", ...: 32 samples over the companions) and, for textures and states, Lego's
-transfer to new subjects (32 samples). A random token of the vocabulary's mean norm is the
-baseline. Plain TI is also run over a grid of steps x learning rates on one concept, to show
-where its identity-editability curve bends. Writes ``quality.md`` (tables with 95% bootstrap
-intervals), ``quality.json``, ``quality.png`` (samples) and ``quality_plane.png`` (each method on
-the identity-editability plane).
+Every method learns every concept from the same images with the same seed and batch, on the
+shipped toy model, at the default job's budget (2,000 steps, timesteps 200-999, 8 vectors, lr 5e-3
+x batch 8) unless ``--budget paper``. Each run is sampled the method's own way (Compositional
+Inversion: "S* <class>" prompts and layout guidance in compositions, :func:`evaluate.method_sampling`)
+with the same prompts and seeds, and read by the world's detector (:mod:`jax_inversion.toyworld.evaluate`):
+identity ("a <c>", 32 samples), composition (32 samples over the companions), transfer for textures and
+states, and, for cluttered concepts, the distractors in identity and composition samples. A random token
+of the vocabulary's mean norm is the baseline.
+
+Methods (``name`` or ``name:key=value;key=value``, keys of the method's config, e.g.
+``compositional:anchor_lambda=0.5``): ``ti``; ``lego``; ``compositional`` (the paper: anchor loss at
+training, layout guidance at sampling); ``sefi``; and extensions that are ours, not a paper's:
+``compositional_location`` (+ a training-time attention-location loss), ``masked`` (denoising loss inside
+the concept mask only, Break-A-Scene's), ``ti_captioned`` (captions that name the concept's distractor
+objects: "a <c> and a red square"). ``--sweep name:key=v1,v2,...`` runs one point per value and draws
+them as that method's curve.
+
+Writes ``quality.md`` (tables, 95 % bootstrap intervals), ``quality.json`` (``{method: {concept:
+{"identity/concept": [mean, low, high], "identity/distractor": [...], "composition/both": [...], ...}}}``),
+``quality.png`` (samples) and ``quality_plane_<concept>.png`` (each method and sweep on the plane).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import time
 
 import numpy as np
 
-METHODS = ("ti", "lego", "compositional_anchor", "compositional_anchor_location", "sefi")
+METHODS = ("ti", "lego", "compositional", "sefi")
+EXTENSIONS = ("compositional_location", "masked", "ti_captioned")
+PROJECT_CONCEPTS = "star,dotted_moon,star_with_square,star_on_teal,melting"  # unnamed, seen look, the two cluttered, novel control
+DEFAULT_BUDGET = {"train.num_steps": 2000, "train.min_timestep": 200, "data.num_vectors": 8}  # the default job's
 
 
-def run_fingerprint(model: str, steps: int, seed: int, learning_rate: float) -> dict:
-    """What a finished run was trained from: its model's weights (by content) and the budget."""
+def run_fingerprint(model: str, recipe, seed: int, learning_rate: float) -> dict:
+    """What a finished run was trained from: its model's weights (by content) and its recipe (the whole config, or steps)."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -37,7 +53,7 @@ def run_fingerprint(model: str, steps: int, seed: int, learning_rate: float) -> 
             if name.endswith(".safetensors"):
                 with open(os.path.join(root, name), "rb") as f:
                     digest.update(f.read())
-    return {"model": os.path.abspath(model), "weights_sha256": digest.hexdigest(), "steps": steps, "seed": seed,
+    return {"model": os.path.abspath(model), "weights_sha256": digest.hexdigest(), "recipe": recipe, "seed": seed,
             "learning_rate": learning_rate}
 
 
@@ -67,48 +83,104 @@ def finished_run(workdir: str, fingerprint: dict) -> bool:
     return False
 
 
-def method_config(method: str, concept: dict, model: str, steps: int, seed: int, learning_rate: float):
-    """The method's own config with the toy world's data, prompts and word lists filled in; ``steps=0``: the config's own."""
-    from jax_inversion.configs import compositional, lego, sefi, ti
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"compositional:anchor_lambda=0.5;train.num_steps=1000"`` -> ``("compositional", {"anchor_lambda": 0.5, ...})``."""
+    name, _, rest = spec.partition(":")
+    if name not in METHODS + EXTENSIONS:
+        raise SystemExit(f"unknown method {name!r}: use {', '.join(METHODS + EXTENSIONS)}")
+    overrides = {}
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return name, overrides
+
+
+def expand_sweep(spec: str) -> list[str]:
+    """``"compositional:anchor_lambda=0,0.5"`` -> ``["compositional:anchor_lambda=0", "compositional:anchor_lambda=0.5"]``."""
+    name, _, rest = spec.partition(":")
+    key, _, values = rest.partition("=")
+    if not key or not values:
+        raise SystemExit(f"--sweep {spec!r}: write it as method:key=v1,v2,...")
+    return [f"{name}:{key}={v}" for v in values.split(",")]
+
+
+def _set(config, dotted: str, value) -> None:
+    *groups, key = dotted.split(".")
+    target = config
+    for group in groups:
+        target = target[group]
+    if key not in target:
+        raise SystemExit(f"{dotted} is not a key of the method's config")
+    target[key] = value
+
+
+def method_config(spec: str, concept: dict, model: str, budget: str, seed: int, learning_rate: float, workdir: str):
+    """The method's own config with the toy world's data, prompts and word lists filled in, at ``budget``
+    (``default``: the default job's steps, timesteps and vectors; ``paper``: the config's own)."""
     from jax_inversion.commands.default_job import TOY_TEMPLATES
+    from jax_inversion.configs import compositional, lego, sefi, ti
     from jax_inversion.toyworld import world
 
-    if method == "ti":
-        config = ti.get_config()
-    elif method == "lego":
+    name, overrides = parse_method(spec)
+    if name == "lego":
         config = lego.get_config()
         if concept.get("subject_images"):
             config.data.subject_dir = concept["subject_images"]
             config.data.subject_initializer_token = concept["class_word"]
-            config.train.subject_steps = steps or config.train.subject_steps
         else:  # a concept with no separable subject: Lego is TI + its context loss here
             config.data.subject_token = ""
             config.train.subject_steps = 0
         config.loss_options.context.positives = [list(concept["positives"])]
         config.loss_options.context.negatives = [list(concept["negatives"])]
-    elif method.startswith("compositional"):
-        config = compositional.get_config("paper,location" if method.endswith("location") else "paper")
+    elif name.startswith("compositional"):
+        config = compositional.get_config("paper,location" if name.endswith("location") else "paper")
         config.loss_options.anchor.words = world.SEEN.words + world.UNNAMED_WORDS  # every caption word of the shipped model's world
         config.data.mask_dir = concept["masks"]
-    elif method == "sefi":
+    elif name == "sefi":
         config = sefi.get_config()
         config.data.class_word = concept["class_word"]
     else:
-        raise ValueError(f"unknown method {method!r}: use {', '.join(METHODS)}")
-    config = ti.resolve_unset(config)  # the config's own steps where steps=0 (ti.py's 5,000 when it sets none)
-    config.model = model
-    config.seed = seed
-    config.data.concept_dir = concept["images"]
+        config = ti.get_config()
+        if name == "masked":
+            config.loss.diffusion, config.loss.masked_diffusion = 0.0, 1.0
+            config.data.mask_dir = concept["masks"]
+    config.model, config.seed = model, seed
+    config.data.concept_dir = captioned_images(concept, workdir) if name == "ti_captioned" else concept["images"]
+    if name == "ti_captioned":
+        config.data.caption_extension = ".txt"
     config.data.placeholder_token = "<c>"
-    with_subject = method == "lego" and concept.get("subject_images")
+    with_subject = name == "lego" and concept.get("subject_images")
     config.data.initializer_token = concept["attribute_word"] if with_subject else concept["class_word"]
     config.data.templates = TOY_TEMPLATES
-    config.train.num_steps = steps or config.train.num_steps
+    if budget == "default":
+        for key, value in DEFAULT_BUDGET.items():
+            _set(config, key, value)
+        if with_subject:
+            config.train.subject_steps = DEFAULT_BUDGET["train.num_steps"]
+    config = ti.resolve_unset(config)
     config.train.batch_size = 8
     config.train.learning_rate = learning_rate
     config.train.log_every = 50
-    config.train.checkpoint_every = config.train.num_steps
+    for key, value in overrides.items():
+        _set(config, key, value)
+    config.train.checkpoint_every = config.train.num_steps + config.train.subject_steps
     return config
+
+
+def captioned_images(concept: dict, workdir: str) -> str:
+    """A copy of the concept's images with a caption each that names its distractor objects ("a {} and a red square")."""
+    objects = [d.split(":", 1)[1] for d in concept.get("distractors", ()) if d.startswith("object:")]
+    directory = os.path.join(workdir, "captioned", concept["name"], "images")
+    os.makedirs(directory, exist_ok=True)
+    for image in sorted(os.listdir(concept["images"])):
+        shutil.copy(os.path.join(concept["images"], image), os.path.join(directory, image))
+        caption = "a {}" + "".join(f" and a {o}" for o in objects)
+        with open(os.path.join(directory, os.path.splitext(image)[0] + ".txt"), "w") as f:
+            f.write(caption)
+    return directory
 
 
 def figure(rows: list[tuple[str, list[np.ndarray]]], header: list[str], path: str) -> None:
@@ -166,12 +238,13 @@ def evaluated(workdir: str, score) -> dict:
     return result
 
 
-def plane_figure(points: dict, path: str, x_key: str, y_key: str, x_label: str, y_label: str) -> None:
-    """Each method as a point with its 95% interval bars: composition across, identity up."""
+def plane_figure(points: dict, path: str, x_key: str, y_key: str, x_label: str, y_label: str, curves: dict = None) -> None:
+    """Each method as a point with its 95% interval bars (composition across, identity up); each of
+    ``curves`` (``{label: [point names in sweep order]}``) joined by a line in its first point's colour."""
     from PIL import Image, ImageDraw
 
     size, margin = 420, 56
-    canvas = Image.new("RGB", (size + margin + 170, size + margin + 20), (255, 255, 255))
+    canvas = Image.new("RGB", (size + margin + 260, size + margin + 20), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     to_xy = lambda x, y: (margin + x * size, 10 + (1 - y) * size)
     draw.rectangle((margin, 10, margin + size, 10 + size), outline=(0, 0, 0))
@@ -184,33 +257,62 @@ def plane_figure(points: dict, path: str, x_key: str, y_key: str, x_label: str, 
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (127, 127, 127), (23, 190, 207),
                (188, 189, 34), (140, 86, 75), (227, 119, 194), (0, 0, 0), (174, 199, 232), (255, 187, 120), (152, 223, 138),
                (255, 152, 150), (197, 176, 213)]  # tab10 + tab20's light half: one per point
+    colour_of = {name: colours[k % len(colours)] for k, name in enumerate(points)}
+    for members in (curves or {}).values():
+        for name in members[1:]:
+            colour_of[name] = colour_of[members[0]]
+        if len(members) > 1:
+            draw.line([to_xy(points[m][x_key][0], points[m][y_key][0]) for m in members], fill=colour_of[members[0]], width=1)
     for k, (name, p) in enumerate(points.items()):
-        colour = colours[k % len(colours)]
+        colour = colour_of[name]
         (x, x0, x1), (y, y0, y1) = p[x_key], p[y_key]
         draw.line([to_xy(x0, y), to_xy(x1, y)], fill=colour, width=2)
         draw.line([to_xy(x, y0), to_xy(x, y1)], fill=colour, width=2)
         cx, cy = to_xy(x, y)
-        draw.ellipse((cx - 5, cy - 5, cx + 5, cy + 5), fill=colour)
-        draw.text((margin + size + 12, 14 + 16 * k), f"* {name}", fill=colour)
+        draw.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=colour)
+        draw.text((margin + size + 12, 14 + 14 * k), f"* {name}", fill=colour)
     canvas.save(path)
+
+
+def read_concepts(args) -> dict:
+    """``{name: concept.json}``: the folder(s) of ``--concept_dir`` (a concept folder, or a folder of them),
+    else the project's ``--concepts`` written under the workdir. Image and mask paths resolve inside the folder."""
+    from jax_inversion.toyworld.concepts import CONCEPT_FILE, write_concept
+
+    if not args.concept_dir:
+        return {name: write_concept(name, os.path.join(args.workdir, "concepts", name), seed=args.seed)
+                for name in args.concepts.split(",")}
+    root = os.path.abspath(args.concept_dir)
+    folders = [root] if os.path.exists(os.path.join(root, CONCEPT_FILE)) else sorted(
+        os.path.join(root, d) for d in os.listdir(root) if os.path.exists(os.path.join(root, d, CONCEPT_FILE)))
+    if not folders:
+        raise SystemExit(f"--concept_dir {root} has no {CONCEPT_FILE}, nor do its folders: write one with `jax-inversion toyworld concepts`")
+    concepts = {}
+    for folder in folders:
+        with open(os.path.join(folder, CONCEPT_FILE)) as f:
+            info = json.load(f)
+        for key in ("images", "masks", "subject_images", "subject_masks"):
+            local = os.path.join(folder, os.path.basename(info.get(key) or key))
+            if key in info and os.path.isdir(local):
+                info[key] = local
+        concepts[info["name"]] = info
+    return concepts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--budget", choices=("cpu", "paper"), default="cpu",
-                        help="cpu: --steps concept steps per method; paper: each method config's own step count")
-    parser.add_argument("--steps", type=int, default=300, help="cpu budget: concept-phase steps per method (Lego's subject phase adds as many)")
+    parser.add_argument("--concept_dir", default="", help="a concept folder (concept.json, images/, masks/) or a folder of them")
+    parser.add_argument("--concepts", default=PROJECT_CONCEPTS, help="without --concept_dir: the project's concepts to write")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma separated; also {', '.join(EXTENSIONS)}; name:key=value;...")
+    parser.add_argument("--sweep", action="append", default=[], help="method:key=v1,v2,...: one run per value, drawn as a curve")
+    parser.add_argument("--budget", choices=("default", "paper"), default="default")
     parser.add_argument("--learning_rate", type=float, default=5e-3, help="base rate, times the batch (the configs' scale_lr)")
-    parser.add_argument("--concepts", default="star,checkered,my_star,dotted_moon,melting")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--sweep_concept", default="star", help="TI's budget sweep runs on this concept")
-    parser.add_argument("--sweep_steps", default="100,300,1000")
-    parser.add_argument("--sweep_learning_rates", default="1e-3,5e-3,2.5e-2", help="base rates (times the batch of 8)")
-    parser.add_argument("--no_sweep", action="store_true")
+    parser.add_argument("--samples", type=int, default=32, help="samples per kind: identity, composition (over the companions), transfer")
     parser.add_argument("--sample_steps", type=int, default=25, help="DDIM steps per sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="", help="default: the shipped toy model")
     parser.add_argument("--detector", default="", help="default: the shipped detector")
+    parser.add_argument("--no_baseline", action="store_true", help="skip the random-token row")
     parser.add_argument("--workdir", default="/tmp/quality_bench")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -218,7 +320,6 @@ def main() -> None:
     import jax
 
     from jax_inversion.toyworld import SHIPPED_DETECTOR, SHIPPED_MODEL, evaluate as ev
-    from jax_inversion.toyworld.concepts import write_concept
 
     started = time.time()
     if jax.config.jax_compilation_cache_dir is None:  # one XLA cache for every run: same shapes, compiled once
@@ -226,63 +327,70 @@ def main() -> None:
     model_path = args.model or SHIPPED_MODEL
     detector = ev.detector_or_error(args.detector or SHIPPED_DETECTOR)
     settings = ev.EvalSettings(steps=args.sample_steps, seed=args.seed)
-    concepts = {}
-    for name in args.concepts.split(","):
-        info = write_concept(name, os.path.join(args.workdir, "concepts", name), seed=args.seed)
-        info["companions"], info["transfer_subjects"] = info["companions"][:COMPANIONS], info["transfer_subjects"][:COMPANIONS]
-        concepts[name] = info
-    methods = args.methods.split(",")
+    concepts = read_concepts(args)
+    methods = [m for m in args.methods.split(",") if m]
+    curves = {}
+    for spec in args.sweep:
+        curves[spec] = expand_sweep(spec)
+        methods += [m for m in curves[spec] if m not in methods]
+    for spec in methods:
+        parse_method(spec)  # a bad name fails before anything trains
     cache = {}
 
     def score(run_dir: str, concept: dict, random_baseline: bool = False) -> dict:
         """The run's summary, the per-sample reads behind it, and the first images of each kind's first prompt."""
-        model_path_, learned, _, token_text, own = ev.run_concept(run_dir)
-        model = ev.load_model(model_path_)  # a fresh tokenizer: each run adds its own placeholders
-        if random_baseline:
-            learned = ev.random_tokens(model, learned, seed=args.seed)
-        scores = ev.score_concept(model, detector, learned, token_text, concept, settings, cache, own, samples=SAMPLES)
+        run = ev.run_concept(run_dir)
+        model = ev.load_model(run.model_path)  # a fresh tokenizer: each run adds its own placeholders
+        learned = ev.random_tokens(model, run.learned, seed=args.seed) if random_baseline else run.learned
+        companions = max(1, len(concept["companions"]))
+        per_prompt = {"identity": args.samples, "composition": -(-args.samples // companions),
+                      "transfer": -(-args.samples // max(1, len(concept.get("transfer_subjects") or [1])))}
+        scores = ev.score_concept(model, detector, learned, run.token_text, concept, settings, cache, run.concept_token,
+                                  samples=per_prompt, sampling=run.sampling)
         reads = {key: values.round(4).tolist() for key, values in ev.pooled_reads(scores).items()}
         first = {}
         for s in scores:
             first.setdefault(s.kind, s.images[:4].tolist())
         return {"summary": ev.summary(scores), "reads": reads, "images": first}
 
-    results, samples, reads = {}, {}, {}
-    budget = lambda method: 0 if args.budget == "paper" else args.steps
+    results, samples = {}, {}
+    rows = methods + ([] if args.no_baseline else ["random token"])
     for name, concept in concepts.items():
-        for method in methods + ["random token"]:
-            random = method == "random token"  # the first method's run, its rows replaced by a random token
-            run_method = methods[0] if random else method
-            workdir = os.path.join(args.workdir, "runs", f"{name}_{run_method}")
-            config = method_config(run_method, concept, model_path, budget(run_method), args.seed, args.learning_rate)
-            trained(workdir, config, run_fingerprint(model_path, config.train.num_steps, args.seed, args.learning_rate))
+        for spec in rows:
+            random = spec == "random token"  # the first method's run, its rows replaced by a random token
+            run_spec = methods[0] if random else spec
+            if parse_method(run_spec)[0] == "ti_captioned" and not any(d.startswith("object:") for d in concept.get("distractors", ())):
+                continue  # nothing to caption
+            config = method_config(run_spec, concept, model_path, args.budget, args.seed, args.learning_rate, args.workdir)
+            fingerprint = run_fingerprint(model_path, config.to_json_best_effort(), args.seed, args.learning_rate)
+            workdir = same_run(os.path.join(args.workdir, "runs"), fingerprint) or os.path.join(args.workdir, "runs", f"{name}_{_slug(run_spec)}")
+            trained(workdir, config, fingerprint)
             record = evaluated(_ensure(workdir + "_random") if random else workdir, lambda: score(workdir, concept, random))
-            results[(name, method)] = record["summary"]
-            reads[(name, method)] = record["reads"]
-            samples[(name, method)] = {k: np.asarray(v, np.uint8) for k, v in record["images"].items()}
-            print(json.dumps({"concept": name, "method": method, "identity": record["summary"]["identity/concept"],
-                              "companion": record["summary"].get("composition/companion")}), flush=True)
-
-    sweep = {}
-    if not args.no_sweep:
-        if args.sweep_concept not in concepts:
-            raise SystemExit(f"--sweep_concept {args.sweep_concept} is not among --concepts: add it, or pass --no_sweep")
-        concept = concepts[args.sweep_concept]
-        for steps in [int(v) for v in args.sweep_steps.split(",")]:
-            for lr in [float(v) for v in args.sweep_learning_rates.split(",")]:
-                workdir = os.path.join(args.workdir, "sweep", f"{args.sweep_concept}_ti_{steps}_{lr:g}")
-                if args.budget == "cpu" and (steps, lr) == (args.steps, args.learning_rate) and "ti" in methods:
-                    workdir = os.path.join(args.workdir, "runs", f"{args.sweep_concept}_ti")  # the table's own run
-                config = method_config("ti", concept, model_path, steps, args.seed, lr)
-                trained(workdir, config, run_fingerprint(model_path, steps, args.seed, lr))
-                sweep[(steps, lr)] = evaluated(workdir, lambda: score(workdir, concept))["summary"]
-                print(json.dumps({"sweep": [steps, lr], "identity": sweep[(steps, lr)]["identity/concept"],
-                                  "companion": sweep[(steps, lr)]["composition/companion"]}), flush=True)
-
+            results[(spec, name)] = record["summary"]
+            samples[(spec, name)] = {k: np.asarray(v, np.uint8) for k, v in record["images"].items()}
+            print(json.dumps({"concept": name, "method": spec, **{k: record["summary"].get(k) for k in
+                              ("identity/concept", "identity/distractor", "composition/both")}}), flush=True)
     device = jax.devices()[0]
-    minutes = (time.time() - started) / 60
-    write_report(args, concepts, methods + ["random token"], results, reads, samples, sweep, settings,
-                 f"{device.platform} ({device.device_kind}), {len(jax.devices())} device(s)", minutes)
+    write_report(args, concepts, rows, results, samples, curves, settings,
+                 f"{device.platform} ({device.device_kind}), {len(jax.devices())} device(s)", (time.time() - started) / 60)
+
+
+def same_run(runs: str, fingerprint: dict):
+    """A finished run under ``runs`` with this fingerprint (e.g. ``compositional`` and
+    ``compositional:anchor_lambda=0.95`` are one run), or None."""
+    if not os.path.isdir(runs):
+        return None
+    for name in sorted(os.listdir(runs)):
+        stamp = os.path.join(runs, name, "fingerprint.json")
+        if os.path.exists(os.path.join(runs, name, "trained.json")) and os.path.exists(stamp):
+            with open(stamp) as f:
+                if json.load(f) == fingerprint:
+                    return os.path.join(runs, name)
+    return None
+
+
+def _slug(spec: str) -> str:
+    return spec.replace(":", "__").replace(";", "_").replace("=", "-").replace("/", "_")
 
 
 def _ensure(directory: str) -> str:
@@ -290,77 +398,63 @@ def _ensure(directory: str) -> str:
     return directory
 
 
-def write_report(args, concepts: dict, rows: list, results: dict, reads: dict, samples: dict, sweep: dict, settings, device: str,
+COLUMNS = (("identity/concept", "identity: found"), ("identity/distractor", "distractor"), ("identity/alignment", "alignment"),
+           ("composition/concept", "composition: found"), ("composition/companion", "companion"), ("composition/both", "both"),
+           ("composition/distractor", "distractor"), ("transfer/concept", "transfer: attribute"),
+           ("transfer/companion", "new subject"), ("transfer/leakage", "leakage"))
+
+
+def write_report(args, concepts: dict, rows: list, results: dict, samples: dict, curves: dict, settings, device: str,
                  minutes: float) -> None:
-    """quality.md, quality.json, quality.png and quality_plane.png under ``args.out``."""
+    """quality.md, quality.json, quality.png and quality_plane_<concept>.png under ``args.out``."""
+    from PIL import Image
+
+    from jax_inversion.data.images import list_concept_images
     from jax_inversion.toyworld import evaluate as ev
 
-    names = list(concepts)
-    f = ev.fmt_interval
-    budget = f"{args.steps} concept steps per method (Lego: as many subject steps first)" if args.budget == "cpu" else "each method config's own steps"
+    budget = "the default job's budget (2,000 steps, t >= 200, 8 vectors)" if args.budget == "default" else "each method config's own recipe"
     lines = [
-        f"Toy world, shipped model; {budget}; batch 8, lr {args.learning_rate} x 8, seed {args.seed}.",
-        f"Samples per cell: identity 'a <c>' {SAMPLES['identity']}; composition {COMPANIONS} companions x {SAMPLES['composition']}; "
-        f"transfer {COMPANIONS} new subjects x {SAMPLES['transfer']}. DDIM {settings.steps} steps, guidance {settings.guidance}.",
-        f"Device: {device}; the whole benchmark took {minutes:.1f} min. Cells: mean [95% bootstrap interval].",
-        "",
+        f"Toy world, shipped model; {budget}; batch 8, lr {args.learning_rate} x 8, seed {args.seed}. Each method sampled its own way.",
+        f"Samples per kind: {args.samples} (identity 'a <c>'; composition over the companions; transfer over the new subjects). "
+        f"DDIM {settings.steps} steps, guidance {settings.guidance}.",
+        f"Device: {device}; the whole benchmark took {minutes:.1f} min. Cells: mean [95% bootstrap interval].", "",
     ]
-    for name in names:
-        c = concepts[name]
-        lines += [f"### {name} ({c['status']}): found = {' and '.join(c['labels'])}", "",
-                  "| method | identity: found | image alignment | composition: found | companion | both | transfer: attribute | new subject | leakage |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+    for name, concept in concepts.items():
+        present = [c for c in COLUMNS if any(results.get((m, name), {}).get(c[0]) for m in rows)]
+        lines += [f"### {name} ({concept['status']}): found = {' and '.join(concept['labels'])}"
+                  + (f"; distractors: {', '.join(concept['distractors'])}" if concept.get("distractors") else ""), "",
+                  "| method | " + " | ".join(c[1] for c in present) + " |", "|---|" + "---|" * len(present)]
         for method in rows:
-            r = results[(name, method)]
-            cells = [r.get(k) for k in ("identity/concept", "identity/alignment", "composition/concept", "composition/companion",
-                                        "composition/both", "transfer/concept", "transfer/companion", "transfer/leakage")]
-            lines.append(f"| {method} | " + " | ".join(f(v, 3 if i == 1 else 2) for i, v in enumerate(cells)) + " |")
+            if (method, name) in results:
+                r = results[(method, name)]
+                lines.append(f"| {method} | " + " | ".join(ev.fmt_interval(r.get(k), 3 if "alignment" in k else 2) for k, _ in present) + " |")
         lines.append("")
-    pooled = {}
-    drawable = [n for n in names if concepts[n]["status"] != "novel control"]
-    for method in rows:  # the plane: every sample of the concepts the model can draw (the novel control left out)
-        pooled[method] = {k: ev.bootstrap_interval(np.concatenate([reads[(n, method)][k] for n in drawable]))
-                          for k in ("identity/concept", "identity/alignment", "composition/companion", "composition/both")}
-    lines += [f"### Pooled over the drawable concepts ({', '.join(drawable)}; the novel control left out): the identity-editability plane", "",
-              "| method | identity: found | image alignment | composition: companion | both |", "|---|---|---|---|---|"]
-    for method, p in pooled.items():
-        lines.append(f"| {method} | {f(p['identity/concept'])} | {f(p['identity/alignment'], 3)} | {f(p['composition/companion'])} | {f(p['composition/both'])} |")
-    lines.append("")
-    if sweep:
-        lines += [f"### Plain TI budget sweep on {args.sweep_concept}: identity found / companion found / both", "",
-                  "| steps \\ base lr | " + " | ".join(f"{lr:g}" for lr in sorted({k[1] for k in sweep})) + " |",
-                  "|---|" + "---|" * len({k[1] for k in sweep})]
-        for steps in sorted({k[0] for k in sweep}):
-            cells = [sweep[(steps, lr)] for lr in sorted({k[1] for k in sweep})]
-            lines.append(f"| {steps} | " + " | ".join(f"{c['identity/concept'][0]:.2f} / {c['composition/companion'][0]:.2f} / {c['composition/both'][0]:.2f}" for c in cells) + " |")
     os.makedirs(args.out, exist_ok=True)
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "quality.md"), "w") as fh:
         fh.write(table)
+    by_method = {}
+    for (method, name), summary in results.items():
+        by_method.setdefault(method, {})[name] = {k: list(v) for k, v in summary.items()}
     with open(os.path.join(args.out, "quality.json"), "w") as fh:
-        json.dump({"results": {f"{n}/{m}": results[(n, m)] for n in names for m in rows},
-                   "sweep": {f"{s}/{lr:g}": v for (s, lr), v in sweep.items()}, "device": device, "minutes": minutes}, fh, indent=1)
-    from jax_inversion.data.images import list_concept_images
-    from PIL import Image
-
-    blocks = {}
-    for name in names:
-        train_images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in list_concept_images(concepts[name]["images"])[:4]])
-        blocks[(name, "training images")] = np.concatenate([train_images[:2], train_images[2:4]])
+        json.dump(by_method, fh, indent=1)
+    blocks, header = {}, []
+    for name, concept in concepts.items():
+        train_images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in list_concept_images(concept["images"])[:4]])
+        blocks[(name, "training images")] = train_images
         for method in rows:
-            s = samples[(name, method)]
-            blocks[(name, method)] = np.concatenate([s["identity"][:2], s["composition"][:2]])
-    header = [f"{n}: 'a <c>' x2 | 'a <c> and {concepts[n]['companions'][0][2:]}' x2" for n in names]
-    figure([(m, [blocks[(n, m)] for n in names]) for m in ["training images"] + rows], header, os.path.join(args.out, "quality.png"))
-    # Companion found alone saturates in this world (1.00 for every method), so the plane's x is
-    # "both": the companion drawn with the concept kept, in the same composed sample.
-    points = {m: {"x": tuple(p["composition/both"]), "y": tuple(p["identity/alignment"])} for m, p in pooled.items()}
-    for (steps, lr), c in sorted(sweep.items()):
-        points[f"ti {steps} steps, lr {lr:g}"] = {"x": tuple(c["composition/both"]), "y": tuple(c["identity/alignment"])}
-    plane_figure(points, os.path.join(args.out, "quality_plane.png"), "x", "y",
-                 "composition: concept and companion in one sample", "image alignment (identity)")
+            s = samples.get((method, name))
+            blocks[(name, method)] = np.concatenate([s["identity"][:2], s["composition"][:2]]) if s else np.zeros_like(train_images)
+        header.append(f"{name}: 'a <c>' x2 | 'a <c> and {concept['companions'][0][2:]}' x2")
+    figure([(m, [blocks[(n, m)] for n in concepts]) for m in ["training images"] + rows], header, os.path.join(args.out, "quality.png"))
+    for name in concepts:
+        points = {m: {"x": tuple(results[(m, name)]["composition/both"]), "y": tuple(results[(m, name)]["identity/concept"])}
+                  for m in rows if (m, name) in results and "composition/both" in results[(m, name)]}
+        lines_of = {spec: [m for m in members if m in points] for spec, members in curves.items()}
+        plane_figure(points, os.path.join(args.out, f"quality_plane_{name}.png"), "x", "y",
+                     "composition: concept and companion in one sample", "identity: concept found in 'a <c>'", curves=lines_of)
     print(table)
-    print(f"wrote {args.out}/quality.md, quality.json, quality.png and quality_plane.png")
+    print(f"wrote {args.out}/quality.md, quality.json, quality.png and quality_plane_<concept>.png")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """The toy world: generator, held-out concepts, shipped model and detector, pretraining, evaluation."""
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -474,3 +477,62 @@ def test_quality_benchmark_never_reuses_a_run_of_another_model(tmp_path):
     assert not finished_run(str(run), run_fingerprint(str(tmp_path / "model"), 150, 0, 5e-3))
     assert not (run / "checkpoint").exists() and not (run / "trained.json").exists()
     assert not finished_run(str(run), run_fingerprint(str(tmp_path / "model"), 300, 0, 5e-3))
+
+
+def test_each_method_is_sampled_its_own_way(monkeypatch, tmp_path):
+    """Compositional Inversion's runs prompt "S* <class>" and guide the layout of their compositions (the
+    paper's spatial inversion), not their one-object prompts; a TI run does neither."""
+    from jax_inversion.configs import compositional, ti
+
+    info = concepts.write_concept("star_with_square", str(tmp_path / "star_with_square"), count=2)
+    requests = []
+
+    def record(model, learned, request, cache=None):
+        requests.append(request)
+        return SimpleNamespace(images=np.zeros((request.num_images, 64, 64, 3), np.uint8))
+
+    monkeypatch.setattr(ev, "generate", record)
+    monkeypatch.setattr(ev, "reference_features", lambda detector, image_dir: np.ones((1, 4)))
+    stand_in = type("Detector", (), {"__call__": lambda self, images: (np.zeros((len(images), 64)), np.ones((len(images), 4))),
+                                     "index": lambda self, label: 0})()
+    for config, word, guided in ((compositional.get_config("paper"), "shape", True), (ti.get_config(), "", False)):
+        config.data.initializer_token = "shape"
+        sampling = ev.method_sampling(json.loads(config.to_json_best_effort()))
+        assert sampling == ev.MethodSampling(word, guided)
+        requests.clear()
+        ev.score_concept(None, stand_in, None, "<c>", info, ev.EvalSettings(images_per_prompt=2), sampling=sampling)
+        named = "<c> shape" if word else "<c>"
+        assert [r.prompt for r in requests] == [f"a {named}"] + [f"a {named} and {c}" for c in info["companions"]]
+        assert [r.layout_guidance for r in requests] == [False] + [guided] * len(info["companions"])
+    assert ev.method_sampling({}) == ev.MethodSampling()  # a run from before the sampling section: plain
+
+
+def test_quality_benchmark_reads_any_concept_folder_and_builds_each_methods_config(tmp_path):
+    """--concept_dir: one folder or a folder of them, paths resolved inside; method specs override config keys;
+    ti_captioned writes captions naming the distractor objects; the default budget is the default job's."""
+    import argparse
+
+    from benchmarks import quality
+
+    for name in ("star_with_square", "star_on_teal"):
+        concepts.write_concept(name, str(tmp_path / "written" / name), count=2)
+    moved = tmp_path / "moved"
+    shutil.move(str(tmp_path / "written"), moved)  # concept.json's absolute paths now point nowhere
+    args = argparse.Namespace(concept_dir=str(moved), workdir=str(tmp_path / "bench"), seed=0, concepts="")
+    read = quality.read_concepts(args)
+    assert sorted(read) == ["star_on_teal", "star_with_square"]
+    assert read["star_with_square"]["images"] == str(moved / "star_with_square" / "images")
+    assert quality.read_concepts(argparse.Namespace(**{**vars(args), "concept_dir": str(moved / "star_on_teal")})).keys() == {"star_on_teal"}
+    concept = read["star_with_square"]
+    config = quality.method_config("compositional:anchor_lambda=0.5;train.num_steps=7", concept, "MODEL", "default", 0, 5e-3, args.workdir)
+    assert (config.loss.diffusion, config.loss.anchor, config.train.num_steps) == (0.5, 0.5, 7)
+    assert (config.data.num_vectors, config.train.min_timestep, config.sampling.layout_guidance) == (8, 200, True)
+    masked = quality.method_config("masked", concept, "MODEL", "default", 0, 5e-3, args.workdir)
+    assert (masked.loss.diffusion, masked.loss.masked_diffusion, masked.data.mask_dir) == (0.0, 1.0, concept["masks"])
+    captioned = quality.method_config("ti_captioned", concept, "MODEL", "paper", 0, 5e-3, args.workdir)
+    captions = sorted(glob.glob(os.path.join(captioned.data.concept_dir, "*.txt")))
+    assert len(captions) == 2 and all(open(c).read() == "a {} and a red square" for c in captions)
+    assert captioned.train.num_steps == 5000 and captioned.data.caption_extension == ".txt"  # paper: ti.py's own steps
+    assert quality.expand_sweep("sefi:loss.attention=0.001,0.003") == ["sefi:loss.attention=0.001", "sefi:loss.attention=0.003"]
+    with pytest.raises(SystemExit, match="not a key"):
+        quality.method_config("ti:train.no_such_key=1", concept, "MODEL", "default", 0, 5e-3, args.workdir)

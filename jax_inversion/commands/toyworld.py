@@ -78,11 +78,12 @@ def _eval() -> None:
         print(f"  prompted texture/state found:       {result['attribute_found']:.3f}")
         print(f"  an object the caption did not name: {result['unprompted_object_found']:.3f}")
         return
-    model_path, learned, concept, token_text, transfer = ev.run_concept(_WORKDIR.value)
+    model_path, learned, concept, token_text, transfer, sampling = ev.run_concept(_WORKDIR.value)
     model = ev.load_model(_MODEL.value or model_path)
     cache = {}
-    learned_scores = ev.score_concept(model, detector, learned, token_text, concept, settings, cache, transfer)
-    baseline = ev.score_concept(model, detector, ev.random_tokens(model, learned), token_text, concept, settings, cache, transfer)
+    learned_scores = ev.score_concept(model, detector, learned, token_text, concept, settings, cache, transfer, sampling=sampling)
+    baseline = ev.score_concept(model, detector, ev.random_tokens(model, learned), token_text, concept, settings, cache, transfer,
+                                sampling=sampling)
     table = ev.markdown_table([("learned", learned_scores), ("random token", baseline)])
     print(f"concept {concept['name']} ({concept['status']}; found = {' and '.join(concept['labels'])}), "
           f"{settings.images_per_prompt} samples per prompt; cells: mean [95% bootstrap interval]\n")

@@ -1,6 +1,6 @@
-"""Compositional Inversion (Zhang et al., AAAI 2024): anchor loss, attention-location loss.
+"""Compositional Inversion (Zhang et al., AAAI 2024): semantic inversion at training, spatial inversion at sampling.
 
-The objective is ``(1 - lambda) * L_rec + lambda * L_anc`` (lambda = ``anchor_lambda``, 0.95,
+Training (semantic inversion): the objective is ``(1 - lambda) * L_rec + lambda * L_anc`` (lambda = ``anchor_lambda``, 0.95,
 the released code's 0.05 / 0.95). The recipe is the released code's: prompts "S* <class>"
 (``data.append_class_word``, the class word ``data.class_word`` or the initializer), base lr
 0.005 scaled by the batch (0.04 at batch 8), 5,000 steps, no gradient clipping. Both anchor
@@ -12,9 +12,16 @@ Variants, chosen after a colon (comma separated):
   default the 80 COCO classes) weights the squared distances to the anchors.
 - ``code``: the released code's L_anc: the prompt's input embeddings vs the same prompt with
   the anchor word (``loss_options.anchor_prompt.word``, default the initializer) in place.
-- ``location``: adds the attention-location loss (weight ``location_weight``): the token's
-  cross-attention mass at the 16x16 layers and the mid block should lie inside the concept
-  mask (``data.mask_dir`` or ``data.box``).
+- ``location``: ours, not the paper's (a Break-A-Scene-like extension): adds a training-time
+  attention-location loss (weight ``location_weight``): the token's cross-attention mass at the
+  16x16 layers and the mid block should lie inside the concept mask (``data.mask_dir`` or
+  ``data.box``).
+
+Sampling (spatial inversion, ``sampling.layout_guidance``, on by default here): in a two-object
+prompt ("S* <class> and a dog") the token and the other object's words are guided into the
+released code's left and right boxes during the first 10 steps, stopping for good once the
+guidance loss falls below 0.2 (``layout_control.py``); ``toyworld eval`` and
+``benchmarks/quality.py`` sample a run so, ``sample --layout-guidance`` on request.
 
     jax-inversion train --config configs/compositional.py:paper,location --workdir DIR \
         --config.model=PATH --config.data.concept_dir=DIR --config.data.mask_dir=MASKS \
@@ -46,4 +53,5 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     config.train.scale_lr = True
     config.train.num_steps = 5000
     config.train.max_grad_norm = 0.0
+    config.sampling.layout_guidance = True  # spatial inversion: the paper's second half, at sampling time
     return config

@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = data_config()
     config.train = train_config()
     config.loss, config.loss_options = loss_config()
+    # How the method samples its concept where a run's own recipe is used (toyworld eval, benchmarks/quality.py).
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.layout_guidance = False  # Compositional Inversion's spatial inversion on two-object prompts (configs/compositional.py)
     return config
 
 

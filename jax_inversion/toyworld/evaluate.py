@@ -53,6 +53,25 @@ class EvalSettings:
     seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class MethodSampling:
+    """How a run's method samples its concept, read from the run's config: Compositional Inversion
+    prompts "S* <class word>" where it trained on them (``data.append_class_word``) and guides the
+    layout of its compositions (``sampling.layout_guidance``: the paper's spatial inversion, the released
+    code's boxes, both objects placed). A prompt with one object (identity, transfer) is not guided:
+    there is nothing to place it against."""
+
+    class_word: str = ""
+    layout_guidance: bool = False
+
+
+def method_sampling(run_config: dict) -> MethodSampling:
+    """The :class:`MethodSampling` of a run trained with ``run_config`` (its config.json / metadata)."""
+    data, sampling = run_config.get("data", {}), run_config.get("sampling", {})
+    word = (data.get("class_word") or data.get("initializer_token") or "") if data.get("append_class_word") else ""
+    return MethodSampling(word, bool(sampling.get("layout_guidance", False)))
+
+
 @dataclasses.dataclass
 class PromptSamples:
     """What the detector read in each sample of one prompt (bool or float arrays ``[N]``)."""
@@ -149,11 +168,13 @@ def concept_prompts(concept: dict, token_text: str, transfer_token: str) -> list
 
 def score_concept(model, detector: Detector, learned: LearnedTokens, token_text: str, concept: dict,
                   settings: EvalSettings, cache: Optional[dict] = None, transfer_token: str = "",
-                  samples: Optional[dict] = None, kinds: Sequence[str] = KINDS) -> list[PromptSamples]:
+                  samples: Optional[dict] = None, kinds: Sequence[str] = KINDS,
+                  sampling: MethodSampling = MethodSampling()) -> list[PromptSamples]:
     """One :class:`PromptSamples` per prompt of :func:`concept_prompts` whose kind is in ``kinds``.
 
     ``samples`` maps a kind to its images per prompt (default ``settings.images_per_prompt``);
     transfer prompts need ``transfer_token``, the concept's token alone (Lego: without ``<subj>``).
+    ``sampling``: the run's method's own way of sampling (:func:`method_sampling`).
     """
     reference = reference_features(detector, concept["images"])
     labels = [detector.index(name) for name in concept["labels"]]
@@ -161,11 +182,13 @@ def score_concept(model, detector: Detector, learned: LearnedTokens, token_text:
     distractors = list(concept.get("distractors") or [])
     leak_labels = [detector.index(f"colour:{subject['colour']}"), detector.index(f"shape:{subject['shape']}")] if subject else []
     out = []
-    for prompt, kind, other in concept_prompts(concept, token_text, transfer_token):
+    named = f"{token_text} {sampling.class_word}" if sampling.class_word else token_text
+    for prompt, kind, other in concept_prompts(concept, named, transfer_token):
         if kind not in kinds:
             continue
         request = SampleRequest(prompt=prompt, num_images=(samples or {}).get(kind, settings.images_per_prompt), steps=settings.steps,
-                                guidance=settings.guidance, scheduler=settings.scheduler, seed=settings.seed)
+                                guidance=settings.guidance, scheduler=settings.scheduler, seed=settings.seed,
+                                layout_guidance=sampling.layout_guidance and kind == "composition")
         images = generate(model, learned, request, cache=cache).images
         probs, features = detector(images)
         found = probs > 0.5
@@ -242,6 +265,7 @@ class Run(NamedTuple):
     concept: dict  # concept.json
     token_text: str  # every placeholder of the run in row order (Lego: "<subj> <c>")
     concept_token: str  # the concept's own placeholder (what moves to new subjects)
+    sampling: MethodSampling  # how the run's method samples it
 
 
 def run_concept(workdir: str) -> Run:
@@ -258,7 +282,7 @@ def run_concept(workdir: str) -> Run:
     model_path, learned = tokens_from_run(workdir)
     placeholder = data.get("placeholder_token", "")
     own = placeholder if placeholder in learned.placeholders else list(learned.placeholders)[-1]
-    return Run(model_path, learned, concept, " ".join(learned.placeholders), own)
+    return Run(model_path, learned, concept, " ".join(learned.placeholders), own, method_sampling(meta.get("config", {})))
 
 
 def no_learned_tokens(model) -> LearnedTokens:
