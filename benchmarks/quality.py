@@ -313,6 +313,7 @@ def main() -> None:
     parser.add_argument("--model", default="", help="default: the shipped toy model")
     parser.add_argument("--detector", default="", help="default: the shipped detector")
     parser.add_argument("--no_baseline", action="store_true", help="skip the random-token row")
+    parser.add_argument("--cached_only", action="store_true", help="report the finished runs only: train nothing, leave the other cells out")
     parser.add_argument("--workdir", default="/tmp/quality_bench")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -364,6 +365,8 @@ def main() -> None:
             config = method_config(run_spec, concept, model_path, args.budget, args.seed, args.learning_rate, args.workdir)
             fingerprint = run_fingerprint(model_path, config.to_json_best_effort(), args.seed, args.learning_rate)
             workdir = same_run(os.path.join(args.workdir, "runs"), fingerprint) or os.path.join(args.workdir, "runs", f"{name}_{_slug(run_spec)}")
+            if args.cached_only and not os.path.exists(os.path.join(workdir, "trained.json")):
+                continue
             trained(workdir, config, fingerprint)
             record = evaluated(_ensure(workdir + "_random") if random else workdir, lambda: score(workdir, concept, random))
             results[(spec, name)] = record["summary"]
