@@ -180,6 +180,10 @@ def captioned_images(concept: dict, workdir: str) -> str:
         caption = "a {}" + "".join(f" and a {o}" for o in objects)
         with open(os.path.join(directory, os.path.splitext(image)[0] + ".txt"), "w") as f:
             f.write(caption)
+    from jax_inversion.toyworld.concepts import CONCEPT_FILE
+
+    with open(os.path.join(os.path.dirname(directory), CONCEPT_FILE), "w") as f:  # the copy evaluates as the concept
+        json.dump({**concept, "images": directory}, f, indent=2)
     return directory
 
 
