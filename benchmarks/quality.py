@@ -133,6 +133,9 @@ def method_config(spec: str, concept: dict, model: str, budget: str, seed: int, 
         else:  # a concept with no separable subject: Lego is TI + its context loss here
             config.data.subject_token = ""
             config.train.subject_steps = 0
+        # English word order per concept: an adjective or state ("dotted", "melting") before the noun, a phrase
+        # ("frozen in ice") after it; concept.json may say so, the toy world's looks are all adjectives
+        config.data.concept_before_subject = bool(concept.get("concept_before_subject", True))
         config.loss_options.context.positives = [list(concept["positives"])]
         config.loss_options.context.negatives = [list(concept["negatives"])]
     elif name.startswith("compositional"):
@@ -358,7 +361,7 @@ def main() -> None:
             first.setdefault(s.kind, s.images[:4].tolist())
         return {"summary": ev.summary(scores), "reads": reads, "images": first}
 
-    results, samples = {}, {}
+    results, samples, train_seconds = {}, {}, {}
     rows = methods + ([] if args.no_baseline else ["random token"])
     for name, concept in concepts.items():
         for spec in rows:
@@ -372,6 +375,8 @@ def main() -> None:
             if args.cached_only and not os.path.exists(os.path.join(workdir, "trained.json")):
                 continue
             trained(workdir, config, fingerprint)
+            with open(os.path.join(workdir, "trained.json")) as f:
+                train_seconds[workdir] = json.load(f).get("seconds", 0.0)
             record = evaluated(_ensure(workdir + "_random") if random else workdir, lambda: score(workdir, concept, random))
             results[(spec, name)] = record["summary"]
             samples[(spec, name)] = {k: np.asarray(v, np.uint8) for k, v in record["images"].items()}
@@ -379,7 +384,8 @@ def main() -> None:
                               ("identity/concept", "identity/distractor", "composition/both")}}), flush=True)
     device = jax.devices()[0]
     write_report(args, concepts, rows, results, samples, curves, settings,
-                 f"{device.platform} ({device.device_kind}), {len(jax.devices())} device(s)", (time.time() - started) / 60)
+                 f"{device.platform} ({device.device_kind}), {len(jax.devices())} device(s)", (time.time() - started) / 60,
+                 (len(train_seconds), sum(train_seconds.values()) / 60))
 
 
 def same_run(runs: str, fingerprint: dict):
@@ -412,7 +418,7 @@ COLUMNS = (("identity/concept", "identity: found"), ("identity/distractor", "dis
 
 
 def write_report(args, concepts: dict, rows: list, results: dict, samples: dict, curves: dict, settings, device: str,
-                 minutes: float) -> None:
+                 minutes: float, training: tuple = (0, 0.0)) -> None:
     """quality.md, quality.json, quality.png and quality_plane_<concept>.png under ``args.out``."""
     from PIL import Image
 
@@ -424,7 +430,8 @@ def write_report(args, concepts: dict, rows: list, results: dict, samples: dict,
         f"Toy world, shipped model; {budget}; batch 8, lr {args.learning_rate} x 8, seed {args.seed}. Each method sampled its own way.",
         f"Samples per kind: {args.samples} (identity 'a <c>'; composition over the companions; transfer over the new subjects). "
         f"DDIM {settings.steps} steps, guidance {settings.guidance}.",
-        f"Device: {device}; the whole benchmark took {minutes:.1f} min. Cells: mean [95% bootstrap interval].", "",
+        f"Device: {device}; {training[0]} runs, trained in {training[1]:.0f} min in all (each run's trained.json; other work "
+        f"may have shared the machine); this report {minutes:.1f} min. Cells: mean [95% bootstrap interval].", "",
     ]
     for name, concept in concepts.items():
         present = [c for c in COLUMNS if any(results.get((m, name), {}).get(c[0]) for m in rows)]
