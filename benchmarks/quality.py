@@ -57,6 +57,11 @@ def run_fingerprint(model: str, recipe, seed: int, learning_rate: float) -> dict
             "learning_rate": learning_rate}
 
 
+def same_fingerprint(a: dict, b: dict) -> bool:
+    """Runs of the same weights (by content) and recipe: where the model folder lies (another checkout) does not count."""
+    return {k: v for k, v in a.items() if k != "model"} == {k: v for k, v in b.items() if k != "model"}
+
+
 def finished_run(workdir: str, fingerprint: dict) -> bool:
     """True when ``workdir`` holds a run finished on the same model and budget.
 
@@ -71,7 +76,7 @@ def finished_run(workdir: str, fingerprint: dict) -> bool:
         same = False
         if os.path.exists(stamp):
             with open(stamp) as f:
-                same = json.load(f) == fingerprint
+                same = same_fingerprint(json.load(f), fingerprint)
         if not same:
             print(f"{workdir} was begun on another model or budget: training it again", flush=True)
             shutil.rmtree(workdir)
@@ -372,9 +377,11 @@ def main() -> None:
             config = method_config(run_spec, concept, model_path, args.budget, args.seed, args.learning_rate, args.workdir)
             fingerprint = run_fingerprint(model_path, config.to_json_best_effort(), args.seed, args.learning_rate)
             workdir = same_run(os.path.join(args.workdir, "runs"), fingerprint) or os.path.join(args.workdir, "runs", f"{name}_{_slug(run_spec)}")
-            if args.cached_only and not os.path.exists(os.path.join(workdir, "trained.json")):
-                continue
-            trained(workdir, config, fingerprint)
+            if args.cached_only:  # read, never train nor remove: a finished run of this fingerprint or nothing
+                if not same_run(os.path.join(args.workdir, "runs"), fingerprint):
+                    continue
+            else:
+                trained(workdir, config, fingerprint)
             with open(os.path.join(workdir, "trained.json")) as f:
                 train_seconds[workdir] = json.load(f).get("seconds", 0.0)
             record = evaluated(_ensure(workdir + "_random") if random else workdir, lambda: score(workdir, concept, random))
@@ -397,7 +404,7 @@ def same_run(runs: str, fingerprint: dict):
         stamp = os.path.join(runs, name, "fingerprint.json")
         if os.path.exists(os.path.join(runs, name, "trained.json")) and os.path.exists(stamp):
             with open(stamp) as f:
-                if json.load(f) == fingerprint:
+                if same_fingerprint(json.load(f), fingerprint):
                     return os.path.join(runs, name)
     return None
 

@@ -473,6 +473,8 @@ def test_quality_benchmark_never_reuses_a_run_of_another_model(tmp_path):
     assert not finished_run(str(run), fingerprint) and (run / "checkpoint").exists()  # interrupted: resumes
     (run / "trained.json").write_text("{}")
     assert finished_run(str(run), fingerprint)
+    shutil.copytree(tmp_path / "model", tmp_path / "elsewhere")  # the same weights from another checkout: the same run
+    assert finished_run(str(run), run_fingerprint(str(tmp_path / "elsewhere"), 150, 0, 5e-3))
     (model / "diffusion_pytorch_model.safetensors").write_bytes(b"weights trained longer")
     assert not finished_run(str(run), run_fingerprint(str(tmp_path / "model"), 150, 0, 5e-3))
     assert not (run / "checkpoint").exists() and not (run / "trained.json").exists()
