@@ -59,7 +59,13 @@ def run_fingerprint(model: str, recipe, seed: int, learning_rate: float) -> dict
 
 def same_fingerprint(a: dict, b: dict) -> bool:
     """Runs of the same weights (by content) and recipe: where the model folder lies (another checkout) does not count."""
-    return {k: v for k, v in a.items() if k != "model"} == {k: v for k, v in b.items() if k != "model"}
+    def placeless(fingerprint: dict) -> dict:
+        out = {k: v for k, v in fingerprint.items() if k != "model"}
+        if isinstance(out.get("recipe"), str) and out["recipe"].startswith("{"):
+            out["recipe"] = {k: v for k, v in json.loads(out["recipe"]).items() if k != "model"}  # the config's model path
+        return out
+
+    return placeless(a) == placeless(b)
 
 
 def finished_run(workdir: str, fingerprint: dict) -> bool:
