@@ -382,11 +382,11 @@ def main() -> None:
                 continue  # nothing to caption
             config = method_config(run_spec, concept, model_path, args.budget, args.seed, args.learning_rate, args.workdir)
             fingerprint = run_fingerprint(model_path, config.to_json_best_effort(), args.seed, args.learning_rate)
-            workdir = same_run(os.path.join(args.workdir, "runs"), fingerprint) or os.path.join(args.workdir, "runs", f"{name}_{_slug(run_spec)}")
-            if args.cached_only:  # read, never train nor remove: a finished run of this fingerprint or nothing
-                if not same_run(os.path.join(args.workdir, "runs"), fingerprint):
-                    continue
-            else:
+            finished = same_run(os.path.join(args.workdir, "runs"), fingerprint)
+            if args.cached_only and not finished:  # read, never train nor remove: a finished run of this fingerprint or nothing
+                continue
+            workdir = finished or os.path.join(args.workdir, "runs", f"{name}_{_slug(run_spec)}")
+            if not args.cached_only:
                 trained(workdir, config, fingerprint)
             with open(os.path.join(workdir, "trained.json")) as f:
                 train_seconds[workdir] = json.load(f).get("seconds", 0.0)
