@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--models", default="sd15,sdxl")
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
     parser.add_argument("--batch_per_chip", type=int, default=8)
-    parser.add_argument("--remat", default="none", help="train.remat of the compiled step: none, dots or full")
+    parser.add_argument("--remat", default="none", help="train.remat of the compiled step: none, dots, full or blocks")
     parser.add_argument("--search", default="", help="remat policies to search the largest batch per chip for")
     parser.add_argument("--table", default="", help="print the markdown table of this JSON-lines file and exit")
     args = parser.parse_args()

@@ -4,7 +4,7 @@ Compiles the train job's real step for a TPU topology on this machine, no TPU ne
 ``pip install 'jax[tpu]'``), from the model's configs alone (weight files need not exist), and
 prints per chip: bytes against the chip's HBM and whether they fit, the TPU compiler's FLOPs per
 step, the kernel each attention layer got, and the largest batch per chip that fits with remat
-none, dots and full. Exits 1 when the step does not compile or does not fit.
+none, dots, full and blocks. Exits 1 when the step does not compile or does not fit.
 
     jax-inversion compile --topology v5e:2x4 --config.model=path/to/sd15 --config.train.batch_size=64
     jax-inversion compile --topology v5e:4x4 --json --config.model=path/to/sdxl   # 4 hosts
@@ -24,7 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology to compile for: v4:2x2x1, v5e:2x4, v5p:2x2x1, v6e:2x4, v5e:4x4, ...")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of lines")
-_SEARCH = flags.DEFINE_list("search_remat", ["none", "dots", "full"],
+_SEARCH = flags.DEFINE_list("search_remat", ["none", "dots", "full", "blocks"],
                             "remat policies to find the largest batch per chip for (empty: no search)")
 
 

@@ -104,7 +104,7 @@ def train_config() -> ml_collections.ConfigDict:
     train.max_timestep = 0  # 0 = the scheduler's num_train_timesteps (1000 for SD)
     train.noise_offset = 0.0  # diffusers' --noise_offset: noise += offset * N(0, 1) per example and channel (0 = off)
     train.gradient_accumulation = 1  # k: each step's batch_size examples run as k sequential micro-batches (same step, less memory)
-    train.remat = "none"  # "none" | "dots" | "full": recompute UNet activations to fit bigger batches
+    train.remat = "none"  # "none" | "dots" | "full" | "blocks" (one block at a time): recompute UNet activations to fit bigger batches
     train.profile_steps = ml_collections.config_dict.placeholder(tuple)  # (first, stop): jax.profiler trace of those steps in WORKDIR/profile
     train.compilation_cache = True  # XLA's persistent compilation cache in WORKDIR/xla_cache
     train.log_every = 10

@@ -251,6 +251,7 @@ class Transformer2DModel(nn.Module):
     upcast: bool = False
     dtype: Dtype = jnp.float32
     attention_backend: str = "auto"
+    remat_blocks: bool = False  # recompute each transformer block in the backward pass (see UNet2DConditionModel)
 
     @nn.compact
     def __call__(self, x, conditioning: Conditioning):
@@ -261,8 +262,9 @@ class Transformer2DModel(nn.Module):
             h = nn.Dense(channels, dtype=self.dtype, name="proj_in")(h.reshape(batch, height * width, channels))
         else:
             h = conv(channels, 1, self.dtype, "proj_in")(h).reshape(batch, height * width, channels)
+        block_class = nn.remat(BasicTransformerBlock) if self.remat_blocks else BasicTransformerBlock
         for i in range(self.num_layers):
-            block = BasicTransformerBlock(
+            block = block_class(
                 self.heads, head_dim, self.upcast, self.dtype, self.attention_backend, name=f"transformer_blocks_{i}"
             )
             h = block(h, conditioning)
@@ -273,14 +275,17 @@ class Transformer2DModel(nn.Module):
         return h + x
 
 
-def _transformer(cfg: UNet2DConditionConfig, heads: int, layers: int, name: str, dtype, backend: str) -> Transformer2DModel:
+def _transformer(cfg: UNet2DConditionConfig, heads: int, layers: int, name: str, dtype, backend: str,
+                 remat_blocks: bool = False) -> Transformer2DModel:
     return Transformer2DModel(
-        heads, layers, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention, dtype, backend, name=name
+        heads, layers, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention, dtype, backend, remat_blocks,
+        name=name,
     )
 
 
-def _resnet(cfg: UNet2DConditionConfig, out: int, name: str, dtype, scale: float = 1.0) -> ResnetBlock2D:
-    return ResnetBlock2D(out, cfg.norm_num_groups, cfg.norm_eps, scale, dtype, name=name)
+def _resnet(cfg: UNet2DConditionConfig, out: int, name: str, dtype, scale: float = 1.0, remat_blocks: bool = False):
+    block_class = nn.remat(ResnetBlock2D) if remat_blocks else ResnetBlock2D
+    return block_class(out, cfg.norm_num_groups, cfg.norm_eps, scale, dtype, name=name)
 
 
 class DownBlock(nn.Module):
@@ -288,6 +293,7 @@ class DownBlock(nn.Module):
     index: int
     dtype: Dtype = jnp.float32
     attention_backend: str = "auto"
+    remat_blocks: bool = False
 
     @nn.compact
     def __call__(self, x, temb, conditioning):
@@ -296,10 +302,11 @@ class DownBlock(nn.Module):
         has_attention = cfg.down_block_types[i] == "CrossAttnDownBlock2D"
         skips = []
         for j in range(cfg.layers_per_block[i]):
-            x = _resnet(cfg, out, f"resnets_{j}", self.dtype)(x, temb)
+            x = _resnet(cfg, out, f"resnets_{j}", self.dtype, remat_blocks=self.remat_blocks)(x, temb)
             if has_attention:
                 layers = cfg.transformer_layers_per_block[i]
-                x = _transformer(cfg, cfg.num_attention_heads[i], layers, f"attentions_{j}", self.dtype, self.attention_backend)(
+                x = _transformer(cfg, cfg.num_attention_heads[i], layers, f"attentions_{j}", self.dtype, self.attention_backend,
+                                 self.remat_blocks)(
                     x, conditioning
                 )
             skips.append(x)
@@ -313,17 +320,19 @@ class MidBlock(nn.Module):
     config: UNet2DConditionConfig
     dtype: Dtype = jnp.float32
     attention_backend: str = "auto"
+    remat_blocks: bool = False
 
     @nn.compact
     def __call__(self, x, temb, conditioning):
         cfg = self.config
         out = cfg.block_out_channels[-1]
         scale = cfg.mid_block_scale_factor
-        x = _resnet(cfg, out, "resnets_0", self.dtype, scale)(x, temb)
+        x = _resnet(cfg, out, "resnets_0", self.dtype, scale, self.remat_blocks)(x, temb)
         layers = cfg.transformer_layers_per_block[-1]
-        transformer = _transformer(cfg, cfg.num_attention_heads[-1], layers, "attentions_0", self.dtype, self.attention_backend)
+        transformer = _transformer(cfg, cfg.num_attention_heads[-1], layers, "attentions_0", self.dtype, self.attention_backend,
+                                   self.remat_blocks)
         x = transformer(x, conditioning)
-        return _resnet(cfg, out, "resnets_1", self.dtype, scale)(x, temb)
+        return _resnet(cfg, out, "resnets_1", self.dtype, scale, self.remat_blocks)(x, temb)
 
 
 class UpBlock(nn.Module):
@@ -331,6 +340,7 @@ class UpBlock(nn.Module):
     index: int
     dtype: Dtype = jnp.float32
     attention_backend: str = "auto"
+    remat_blocks: bool = False
 
     @nn.compact
     def __call__(self, x, skips, temb, conditioning):
@@ -341,11 +351,12 @@ class UpBlock(nn.Module):
         skips = list(skips)
         for j in range(rev(cfg.layers_per_block)[i] + 1):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = _resnet(cfg, out, f"resnets_{j}", self.dtype)(x, temb)
+            x = _resnet(cfg, out, f"resnets_{j}", self.dtype, remat_blocks=self.remat_blocks)(x, temb)
             if has_attention:
                 heads = rev(cfg.num_attention_heads)[i]
                 layers = rev(cfg.transformer_layers_per_block)[i]
-                x = _transformer(cfg, heads, layers, f"attentions_{j}", self.dtype, self.attention_backend)(x, conditioning)
+                x = _transformer(cfg, heads, layers, f"attentions_{j}", self.dtype, self.attention_backend, self.remat_blocks)(
+                    x, conditioning)
         if i < len(cfg.block_out_channels) - 1:
             x = Upsample2D(out, self.dtype, name="upsamplers_0")(x)
         return x
@@ -361,6 +372,9 @@ class UNet2DConditionModel(nn.Module):
     config: UNet2DConditionConfig
     dtype: Dtype = jnp.float32
     attention_backend: str = "auto"  # auto, xla, chunked, cudnn or pallas: see jax_inversion.core.platform
+    # Recompute each ResNet and transformer block in the backward pass, keeping only the blocks' inputs
+    # (``train.remat=blocks``): the peak holds one block's activations, not the whole UNet's.
+    remat_blocks: bool = False
 
     @nn.compact
     def __call__(
@@ -392,12 +406,12 @@ class UNet2DConditionModel(nn.Module):
         x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, self.dtype, "conv_in")(x)
         skips = [x]
         for i in range(len(cfg.down_block_types)):
-            x, block_skips = DownBlock(cfg, i, self.dtype, self.attention_backend, name=f"down_blocks_{i}")(x, temb, conditioning)
+            x, block_skips = DownBlock(cfg, i, self.dtype, self.attention_backend, self.remat_blocks, name=f"down_blocks_{i}")(x, temb, conditioning)
             skips += block_skips
-        x = MidBlock(cfg, self.dtype, self.attention_backend, name="mid_block")(x, temb, conditioning)
+        x = MidBlock(cfg, self.dtype, self.attention_backend, self.remat_blocks, name="mid_block")(x, temb, conditioning)
         for i in range(len(cfg.up_block_types)):
             n = tuple(reversed(cfg.layers_per_block))[i] + 1
-            x = UpBlock(cfg, i, self.dtype, self.attention_backend, name=f"up_blocks_{i}")(x, skips[-n:], temb, conditioning)
+            x = UpBlock(cfg, i, self.dtype, self.attention_backend, self.remat_blocks, name=f"up_blocks_{i}")(x, skips[-n:], temb, conditioning)
             skips = skips[:-n]
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, "conv_norm_out")(x))
         return conv(cfg.out_channels, cfg.conv_out_kernel, self.dtype, "conv_out")(x)

@@ -113,6 +113,10 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,  # keep nothing, recompute the UNet in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+    # keep each ResNet / transformer block's input, recompute one block at a time in the backward pass (the UNet's
+    # remat_blocks): the peak holds one block's activations. "full" recomputes the whole UNet as one unit, so its
+    # backward pass holds every block's activations again.
+    "blocks": None,
 }
 
 
@@ -124,11 +128,12 @@ def run_unet(model: Pretrained, params, noisy, timesteps, conditioning: Conditio
     if remat not in REMAT_POLICIES:
         raise ConfigError(f"unknown train.remat {remat!r}: use one of {', '.join(REMAT_POLICIES)}")
     x = noisy.astype(model.unet.dtype)
+    unet = model.unet.clone(remat_blocks=True) if remat == "blocks" else model.unet
 
     def apply(params, x, conditioning, added):
         if not conditioning.capture_maps:
-            return model.unet.apply({"params": params}, x, timesteps, conditioning, added), {}
-        prediction, variables = model.unet.apply({"params": params}, x, timesteps, conditioning, added, mutable=["attention_maps"])
+            return unet.apply({"params": params}, x, timesteps, conditioning, added), {}
+        prediction, variables = unet.apply({"params": params}, x, timesteps, conditioning, added, mutable=["attention_maps"])
         return prediction, collect_attention_maps(variables["attention_maps"])
 
     if REMAT_POLICIES[remat] is not None:

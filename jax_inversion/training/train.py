@@ -383,7 +383,7 @@ def compile_phase_step(step_fn, state, batch, rng, phase_name: str):
     if not report.fits(capacity):
         raise TrainError(
             f"the {phase_name} step needs {report.peak_bytes / GIB:.2f} GiB per device and a device has "
-            f"{capacity / GIB:.2f} GiB: set --config.train.remat=dots (or full), or lower --config.train.batch_size "
+            f"{capacity / GIB:.2f} GiB: set --config.train.remat=blocks (or dots), or lower --config.train.batch_size "
             "(or raise --config.train.gradient_accumulation)"
         )
     return (lambda state, batch, rng: compiled(step_fn.frozen, state, batch, rng)), report
