@@ -10,6 +10,7 @@ Weights are read from ``.safetensors`` without torch; ``.bin`` and ``.ckpt`` onl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -136,6 +137,25 @@ def read_state_dict(directory: str) -> dict[str, np.ndarray]:
     return state
 
 
+_ABSTRACT_PARAMS = {
+    unet_lib.UNet2DConditionModel: unet_lib.init_abstract_params,
+    vae_lib.AutoencoderKL: vae_lib.init_abstract_params,
+    clip.CLIPTextTransformer: clip.init_abstract_params,
+}
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_params(module_class, config) -> dict:
+    """The float32 ``params`` tree's shapes of ``module_class(config)`` (``jax.eval_shape`` of its init).
+
+    Kept per (class, frozen config): tracing a UNet's init takes about a second on a CPU, and a process
+    that loads the same model again (``sample`` after ``train``, an evaluation's runs) need not repeat
+    it. The params' shapes and dtypes do not depend on the module's compute dtype or attention backend.
+    Callers read the tree, never change it.
+    """
+    return _ABSTRACT_PARAMS[module_class](module_class(config))
+
+
 def release_freed_memory() -> None:
     """Hands memory that is free but still held by the C allocator back to the OS (glibc only).
 
@@ -184,7 +204,7 @@ def load_text_encoder(directory: str, dtype=jnp.float32, shapes_only: bool = Fal
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{directory}: text encoder config: {e}") from None
     module = clip.CLIPTextTransformer(config, dtype=dtype)
-    abstract = clip.init_abstract_params(module)
+    abstract = abstract_params(clip.CLIPTextTransformer, config)
     if shapes_only:
         return module, _shapes(abstract, dtype)
     try:
@@ -249,11 +269,12 @@ def load_pretrained(
         attention_dtype = jnp.float32 if config.upcast_attention else dtype
         select_attention_backend(attention_backend, current_platform(), attention_dtype)  # fails early, one line
         out.unet = unet_lib.UNet2DConditionModel(config, dtype=dtype, attention_backend=attention_backend)
-        out.unet_params = _load_component(source.where("unet"), out.unet, unet_lib.init_abstract_params(out.unet), dtype=dtype,
+        out.unet_params = _load_component(source.where("unet"), out.unet, abstract_params(unet_lib.UNet2DConditionModel, config), dtype=dtype,
                                           shapes_only=shapes_only, read=source.reader("unet"))
     if "vae" in components:
         out.vae = vae_lib.AutoencoderKL(source.component_config("vae", vae_lib.AutoencoderKLConfig), dtype=dtype)
-        out.vae_params = _load_component(source.where("vae"), out.vae, vae_lib.init_abstract_params(out.vae), dtype=dtype,
+        out.vae_params = _load_component(source.where("vae"), out.vae, abstract_params(vae_lib.AutoencoderKL, out.vae.config),
+                                         dtype=dtype,
                                          shapes_only=shapes_only, read=source.reader("vae"))
     if "text_encoder" in components:
         for name in ("text_encoder", "text_encoder_2") if source.has("text_encoder_2") else ("text_encoder",):
@@ -262,8 +283,17 @@ def load_pretrained(
             setattr(out, name, module)
             setattr(out, f"{name}_params", params)
         _check_tokenizers(out, source)
-    release_freed_memory()
+    if not shapes_only and _weight_bytes(out) > RELEASE_ABOVE_BYTES:
+        release_freed_memory()
     return out
+
+
+RELEASE_ABOVE_BYTES = 256 * 2**20  # below this the float32 copies left behind are small, and gc.collect is not free
+
+
+def _weight_bytes(model: Pretrained) -> int:
+    trees = [getattr(model, f"{name}_params", None) for name in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    return sum(leaf.nbytes for tree in trees if tree is not None for leaf in jax.tree_util.tree_leaves(tree))
 
 
 @dataclasses.dataclass
