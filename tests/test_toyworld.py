@@ -357,16 +357,26 @@ def test_bootstrap_interval_against_hand_values():
     assert all(np.isnan(ev.bootstrap_interval([])))
 
 
-@pytest.mark.heavy(119)
-def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
-    """A few steps of every stage: the reproduction script runs and its output loads in both stacks."""
+@pytest.mark.heavy(80)
+def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path, monkeypatch):
+    """A few steps of every stage: the reproduction script runs and its output loads in both stacks.
+
+    The UNet has one level and the text encoder one layer here (the shipped model: two and three), which
+    halves the compile of the text-to-image step; the stages, files and continuation are the same code."""
     from diffusers import StableDiffusionPipeline
 
     from jax_inversion.models.loading import load_pretrained
 
     # In this process (the command's flags and errors: test_toyworld_bad_input_is_one_line): the same config it reads.
+    from jax_inversion.toyworld import pretrain as pretrain_lib
     from jax_inversion.toyworld.config import get_config
     from jax_inversion.toyworld.pretrain import pretrain
+
+    one_level = dict(block_out_channels=[32], down_block_types=["CrossAttnDownBlock2D"],
+                     up_block_types=["CrossAttnUpBlock2D"], attention_head_dim=[2])
+    monkeypatch.setattr(pretrain_lib, "TOY_UNET", {**pretrain_lib.TOY_UNET, **one_level})
+    toy_text_config = pretrain_lib.toy_text_config
+    monkeypatch.setattr(pretrain_lib, "toy_text_config", lambda *args: {**toy_text_config(*args), "num_hidden_layers": 1})
 
     config = get_config()
     config.num_scenes, config.vae.steps, config.diffusion.steps, config.log_every = 64, 2, 2, 1
@@ -379,7 +389,8 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path):
     model = load_pretrained(str(tmp_path / "model"))
     scaling = json.load(open(tmp_path / "model" / "vae" / "config.json"))["scaling_factor"]
     assert abs(scaling - next(r["scaling_factor"] for r in log if r["stage"] == "latents")) < 1e-4
-    assert model.unet.config.sample_size == 16
+    assert model.unet.config.sample_size == 16 and model.unet.config.block_out_channels == (32,)
+    assert model.text_encoder.config.num_hidden_layers == 1
     StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), safety_checker=None)
     detector_lib.load_detector(str(tmp_path / "detector"))
 
