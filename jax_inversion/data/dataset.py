@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +27,32 @@ from jax_inversion.models.loading import Pretrained
 from jax_inversion.text.conditioning import encoders_of, vae_factor
 
 
+@functools.lru_cache(maxsize=8)
+def _vae_encoder(vae) -> Callable:
+    """``(params, images) -> (posterior mean, std)``, jitted once per VAE module (modules compare by config), so
+    every dataset of a process (each concept of a batch inversion, each phase) reuses one compiled program."""
+
+    def encode(params, x):
+        mean, logvar = vae.apply({"params": params}, x, method="encode")
+        return mean.astype(jnp.float32), jnp.exp(0.5 * logvar).astype(jnp.float32)
+
+    return jax.jit(encode)
+
+
 def encode_latents(model: Pretrained, images: np.ndarray, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """VAE posterior mean and std of every image, computed once (never per step)."""
-    encode = jax.jit(lambda params, x: model.vae.apply({"params": params}, x, method="encode"))
+    """VAE posterior mean and std of every image, computed once (never per step).
+
+    In chunks of ``chunk`` images, the last one padded with copies of its first image so that every call
+    has one shape (one compile for any number of images); the padding's outputs are dropped.
+    """
+    encode = _vae_encoder(model.vae)
     means, stds = [], []
     for start in range(0, len(images), chunk):
-        mean, logvar = encode(model.vae_params, jnp.asarray(images[start : start + chunk], model.vae.dtype))
-        means.append(np.asarray(mean, np.float32))
-        stds.append(np.asarray(jnp.exp(0.5 * logvar), np.float32))
+        part = images[start : start + chunk]
+        padded = np.concatenate([part, np.repeat(part[:1], chunk - len(part), axis=0)]) if len(part) < chunk else part
+        mean, std = encode(model.vae_params, jnp.asarray(padded, model.vae.dtype))
+        means.append(np.asarray(mean)[: len(part)])
+        stds.append(np.asarray(std)[: len(part)])
     return np.concatenate(means), np.concatenate(stds)
 
 
