@@ -10,7 +10,6 @@ import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -118,6 +117,30 @@ def write_model_index(directory: str, sdxl: bool = False) -> None:
         json.dump(SDXL_MODEL_INDEX if sdxl else SD_MODEL_INDEX, f, indent=2)
 
 
+def random_params(abstract: dict, rng: np.random.Generator) -> dict:
+    """Random float32 params in the shapes of ``abstract`` (a module's ``params`` tree of shapes), drawn with numpy.
+
+    Kernels and embeddings: normal with std 1/sqrt(fan-in) (0.02 for embedding tables); biases: normal with
+    std 0.02; norm scales: 1 + normal with std 0.1 (biases and scales off their defaults, so that a
+    conversion that drops or swaps one shows). Drawn on the host: compiling a jitted ``init`` of a
+    UNet takes ~10 s on a CPU, this no time.
+    """
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            values = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+        elif name == "bias":
+            values = 0.02 * rng.standard_normal(leaf.shape)
+        elif name == "embedding":
+            values = 0.02 * rng.standard_normal(leaf.shape)
+        else:
+            values = rng.standard_normal(leaf.shape) / np.sqrt(max(1, int(np.prod(leaf.shape[:-1]))))
+        return values.astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 def make_tiny_model(directory: str, seed: int = 0) -> str:
     """Writes a random SD1-style model (tokenizer, text encoder, UNet, VAE, scheduler)."""
     from transformers import CLIPTokenizer
@@ -125,24 +148,19 @@ def make_tiny_model(directory: str, seed: int = 0) -> str:
     os.makedirs(directory, exist_ok=True)
     write_clip_tokenizer(os.path.join(directory, "tokenizer"))
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
-    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    rng = np.random.default_rng(seed)
 
     text_config = tiny_text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     text_encoder = clip.CLIPTextTransformer(clip.CLIPTextConfig.from_dict(text_config))
-    text_params = jax.jit(text_encoder.init)(keys[0], jnp.zeros((1, 77), jnp.int32))["params"]
+    text_params = random_params(clip.init_abstract_params(text_encoder), rng)
     write_component(os.path.join(directory, "text_encoder"), text_config, text_params, "model.safetensors")
 
-    unet_config = unet_lib.UNet2DConditionConfig.from_dict(TINY_UNET)
-    unet = unet_lib.UNet2DConditionModel(unet_config)
-    size = TINY_UNET["sample_size"]
-    unet_params = jax.jit(unet.init)(
-        keys[1], jnp.zeros((1, size, size, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, TINY_UNET["cross_attention_dim"]))
-    )["params"]
+    unet = unet_lib.UNet2DConditionModel(unet_lib.UNet2DConditionConfig.from_dict(TINY_UNET))
+    unet_params = random_params(unet_lib.init_abstract_params(unet), rng)
     write_component(os.path.join(directory, "unet"), TINY_UNET, unet_params, "diffusion_pytorch_model.safetensors")
 
     vae = vae_lib.AutoencoderKL(vae_lib.AutoencoderKLConfig.from_dict(TINY_VAE))
-    image = TINY_VAE["sample_size"]
-    vae_params = jax.jit(vae.init)(keys[2], jnp.zeros((1, image, image, 3)))["params"]
+    vae_params = random_params(vae_lib.init_abstract_params(vae), rng)
     write_component(os.path.join(directory, "vae"), TINY_VAE, vae_params, "diffusion_pytorch_model.safetensors")
 
     write_scheduler_and_index(directory, TINY_SCHEDULER)
