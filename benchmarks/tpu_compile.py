@@ -53,7 +53,7 @@ def table(path: str) -> str:
         rows.setdefault((r["model"], r["topology"]), []).append(r)
     names = {"sd15": "SD1.5 512 px", "sdxl": "SDXL 1024 px"}
     lines = ["| model, topology | devices (hosts) | compiled | GiB per device (HBM) | fits | TFLOP per device per step "
-             "| attention layers | largest batch per device (remat none / dots / full) | compile |",
+             "| attention layers | largest batch per device (remat none / dots / full / blocks) | compile |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model in MODELS:
         for topology in TOPOLOGIES:
