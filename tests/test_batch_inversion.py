@@ -31,7 +31,7 @@ def _config(model, steps):
     return config
 
 
-@pytest.mark.heavy(30)
+@pytest.mark.heavy(60)
 def test_joint_training_equals_each_concept_alone(one_level_sd1, concept_root, tmp_path):
     """4 concepts x batch 2 on 8 devices vs each concept alone (batch 2 on 2 devices, its seed):
     same rows after 3 steps. Clipping is per concept and tight enough (0.05) to act."""

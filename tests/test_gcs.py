@@ -75,7 +75,7 @@ def _cli(command, *args, env):
         pytest.fail(f"jax-inversion {command} ran over {TIMEOUT} s; stderr:\n{stderr[-3000:]}")
 
 
-@pytest.mark.heavy(39)
+@pytest.mark.heavy(53)
 def test_gs_workdir_train_kill_resume_export_sample(emulator, one_level_sd1, tmp_path):
     from etils import epath
 

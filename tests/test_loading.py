@@ -90,7 +90,7 @@ def test_unreachable_hub_id_is_one_clear_error(monkeypatch):
         load_pretrained("someone/not-a-real-model-xyz")
 
 
-@pytest.mark.heavy(36)
+@pytest.mark.heavy(28)
 def test_check_parity_cli_on_our_tiny_model_writer(tmp_path):
     """With no --model, check-parity writes a model with our own writer (jax_inversion.models.tiny) and compares
     it with what diffusers/transformers load from it: no missing keys, every output within 1e-4."""

@@ -138,7 +138,7 @@ def _cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-@pytest.mark.heavy(36)
+@pytest.mark.heavy(46)
 def test_lego_subject_frozen_context_moves_and_resume_across_phases(one_level_sd1, images, tmp_path):
     """Phase 2 leaves <subj> bit-identical; the context term raises cosine to the positive word
     (weight raised from 0.01 to 1 so 4 steps show it); resuming at the phase boundary equals an
@@ -185,7 +185,7 @@ def test_lego_subject_frozen_context_moves_and_resume_across_phases(one_level_sd
     np.testing.assert_array_equal(_rows(resumed, 8), final)
 
 
-@pytest.mark.heavy(49)
+@pytest.mark.heavy(67)
 def test_compositional_anchor_and_location_move_their_way(tiny_sd1, images, tmp_path):
     """paper + location: both terms in the metrics; after training the sparse-anchor loss and the
     attention mass outside the mask are lower on a fixed batch (location weight raised to 1). It runs on the
@@ -225,7 +225,7 @@ def test_compositional_anchor_and_location_move_their_way(tiny_sd1, images, tmp_
     assert values["final"]["anchor"] < values["initial"]["anchor"]
 
 
-@pytest.mark.heavy(20)
+@pytest.mark.heavy(12)
 def test_compositional_code_variant_with_masked_reconstruction(one_level_sd1, images, tmp_path):
     """The released code's anchor term (prompt embeddings vs the anchor-word prompt) combined with
     the masked reconstruction loss: both in the metrics; the rows move toward the anchor word.
@@ -261,7 +261,7 @@ def test_compositional_code_variant_with_masked_reconstruction(one_level_sd1, im
     assert np.linalg.norm(_rows(workdir)[0] - anchor) < np.linalg.norm(initial - anchor)
 
 
-@pytest.mark.heavy(44)
+@pytest.mark.heavy(49)
 def test_sefi_stage_kv_rows_attention_loss_and_export(one_level_sd1, images, tmp_path):
     """Per-stage K/V rows [5, 2, n, d] train, the attention term lowers the difference to the
     class-word prompt's maps on a fixed batch (denoising weight 0 to isolate it), and the run
@@ -539,7 +539,7 @@ def _assert_every_weighted_term_has_a_gradient(config, workdir, label):
         assert last["grad_norm"] <= total * (1 + 1e-5)
 
 
-@pytest.mark.heavy(23)
+@pytest.mark.heavy(39)
 def test_train_step_term_gradient_norms_equal_jax_grad_of_each_weighted_term(one_level_sd1, images):
     """The step's ``grad_norm/<term>`` (objectives.term_gradients: one shared forward, one pullback per term) equal
     the norms of ``jax.grad`` of each weighted term alone, through a real train_step; ``grad_norm`` is that of the sum."""

@@ -70,7 +70,7 @@ def runs(one_level_sd1, tmp_path_factory):
     return dict(one=one_dir, two=two_dir, two_out=two_out, seconds=seconds, model=one_level_sd1, concept_dir=concept_dir)
 
 
-@pytest.mark.heavy(55)
+@pytest.mark.heavy(67)
 def test_two_processes_equal_one_then_resume(runs, tmp_path):
     """The 2-process run equals the 1-process one; run again with more steps, it resumes from its
     checkpoint (one test, so that the runs are made once, on one worker)."""

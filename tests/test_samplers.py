@@ -190,6 +190,7 @@ def _unet_pair(path):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd1", "tiny_sd2"])
+@pytest.mark.heavy(29)
 def test_tiny_unet_with_guidance_matches_diffusers(fixture, request, monkeypatch):
     """10 guided steps of each sampler with our Flax UNet equal diffusers' pipeline loop with its UNet.
 

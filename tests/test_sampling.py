@@ -164,7 +164,7 @@ def test_layout_places_the_token_left_and_the_other_object_right(tmp_path):
     assert layout("a <ball> and a dog", layout_words=("<ball>",), boxes=((0.0, 0.0, 0.5, 1.0),)).words == ("<ball>",)
 
 
-@pytest.mark.heavy(30)
+@pytest.mark.heavy(36)
 def test_layout_guidance_moves_attention_into_the_box(tiny_sd1):
     """Fixed seed, same prompt: with guidance, <ball>'s mean 16x16 cross-attention mass inside its box is higher.
 
@@ -204,7 +204,7 @@ def _cli(command, *args):
     return subprocess.run([sys.executable, "-m", "jax_inversion.cli", command, *args], capture_output=True, text=True)
 
 
-@pytest.mark.heavy(24)
+@pytest.mark.heavy(29)
 def test_sample_and_attention_commands_write_pngs(one_level_sd1, tmp_path):
     from jax_inversion.artifacts.export import write_embedding_file
 
@@ -244,7 +244,7 @@ def test_sample_and_attention_commands_write_pngs(one_level_sd1, tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.heavy(27)
+@pytest.mark.heavy(16)
 def test_validation_grids_during_training(one_level_sd1, tmp_path):
     from tests.helpers import make_config
 

@@ -1,6 +1,7 @@
 """SDXL-style models: parity with two text encoders and added embeddings, training, sdxl export."""
 import jax
 import numpy as np
+import pytest
 
 from jax_inversion.artifacts.checkpoints import read_run
 from jax_inversion.artifacts.export import export_run
@@ -17,6 +18,7 @@ def test_sdxl_parity(tiny_sdxl):
         assert r.max_abs_diff < 1e-4, (r.component, r.output, r.max_abs_diff)
 
 
+@pytest.mark.heavy(46)
 def test_sdxl_train_and_export_loads_in_diffusers(tiny_sdxl, tmp_path):
     import torch
     from diffusers import StableDiffusionXLPipeline
@@ -49,6 +51,7 @@ def test_sdxl_train_and_export_loads_in_diffusers(tiny_sdxl, tmp_path):
     assert np.array_equal(pipe.text_encoder_2.get_input_embeddings().weight[id_g].detach().numpy(), rows_g[0])
 
 
+@pytest.mark.heavy(22)
 def test_sdxl_sample_equals_diffusers(tiny_sdxl):
     """`sample` on SDXL: a learned token in both encoders, guidance, DDIM; the same initial latents through
     diffusers' StableDiffusionXLPipeline end where ours do. No negative prompt is diffusers' zeros

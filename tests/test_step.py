@@ -47,6 +47,7 @@ def _snr(timesteps):
     return abar / (1.0 - abar)
 
 
+@pytest.mark.heavy(44)
 def test_min_snr_weights_inside_a_step_and_bfloat16_keeps_rows_float32(one_level_sd1, concept_dir, tmp_path):
     """train.min_snr_gamma weighs each example's MSE by min(snr, gamma) / snr (epsilon prediction) in the step's loss.
     dtype=bfloat16 computes the frozen models in bf16; the rows and AdamW's moments stay float32 and the loss stays

@@ -151,7 +151,7 @@ def test_shipped_model_matches_pytorch():
         assert r.max_abs_diff < 1e-4 * max(1.0, r.max_abs_reference), r
 
 
-@pytest.mark.heavy(23)
+@pytest.mark.heavy(39)
 def test_shipped_detector_reads_fresh_scenes_and_every_concept():
     """Per label group on 300 fresh scenes, as drawn and through the shipped VAE (what generated images
     are); and each concept found in its images through the VAE, its attribute never in its subject's."""
@@ -357,7 +357,7 @@ def test_bootstrap_interval_against_hand_values():
     assert all(np.isnan(ev.bootstrap_interval([])))
 
 
-@pytest.mark.heavy(80)
+@pytest.mark.heavy(113)
 def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path, monkeypatch):
     """A few steps of every stage: the reproduction script runs and its output loads in both stacks.
 
@@ -414,7 +414,7 @@ def test_toyworld_pretrain_writes_a_diffusers_model(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "more" / "detector")
 
 
-@pytest.mark.heavy(29)
+@pytest.mark.heavy(37)
 def test_default_train_then_toyworld_eval(tmp_path):
     """README's first command on the shipped model (shortened), then the eval table of that run."""
     run = tmp_path / "run"

@@ -20,7 +20,7 @@ def run_compile(*args):
                           env=env, timeout=600)
 
 
-@pytest.mark.heavy(70)
+@pytest.mark.heavy(58)
 def test_the_auto_step_compiles_for_a_v5e_slice_with_the_tpu_kernel_on_its_long_layers(tmp_path):
     unet = {k: v for k, v in TINY_UNET.items() if k != "_class_name"}
     vae = {k: v for k, v in TINY_VAE.items() if k != "_class_name"}

@@ -56,7 +56,7 @@ def test_latent_cache_follows_the_vae_weights_not_only_the_model_path(one_level_
     np.testing.assert_array_equal(changed.latent_mean, fresh.latent_mean)
 
 
-@pytest.mark.heavy(28)
+@pytest.mark.heavy(31)
 def test_loss_decreases_and_frozen_rows_identical(one_level_sd1, concept_dir, tmp_path):
     """Fixed concept, fixed noise: the denoising loss on a fixed evaluation batch falls over 50 steps."""
     import jax.numpy as jnp
@@ -115,7 +115,7 @@ def test_loss_decreases_and_frozen_rows_identical(one_level_sd1, concept_dir, tm
     assert all(r["grad_norm/diffusion"] == r["grad_norm"] > 0 for r in records if "grad_norm/diffusion" in r)
 
 
-@pytest.mark.heavy(17)
+@pytest.mark.heavy(13)
 def test_one_device_equals_eight(one_level_sd1, concept_dir, tmp_path):
     assert jax.device_count() == 8
     config = make_config(one_level_sd1, concept_dir)
@@ -125,7 +125,7 @@ def test_one_device_equals_eight(one_level_sd1, concept_dir, tmp_path):
     np.testing.assert_allclose(np.asarray(one.embeddings["text_encoder"]), np.asarray(eight.embeddings["text_encoder"]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.heavy(18)
+@pytest.mark.heavy(12)
 def test_resume_after_kill_equals_uninterrupted(one_level_sd1, concept_dir, tmp_path):
     import shutil
 
@@ -151,7 +151,7 @@ def _cli(*args, env=None, **kwargs):
     )
 
 
-@pytest.mark.heavy(21)
+@pytest.mark.heavy(23)
 def test_sigterm_saves_and_resumes(one_level_sd1, concept_dir, tmp_path):
     workdir = str(tmp_path / "run")
     env = dict(os.environ, XLA_FLAGS=xla_flags(2))
@@ -254,6 +254,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(one_level_sd1, concept_di
         train(make_config(one_level_sd1, concept_dir, num_steps=9, max_grad_norm=other_clipping), workdir)
 
 
+@pytest.mark.heavy(36)
 def test_remat_policies_give_the_same_gradient(one_level_sd1):
     """Recomputing UNet activations in the backward pass changes memory, not the gradient. ``full`` checkpoints
     the UNet as one unit, ``blocks`` each of its blocks: the one-level model has 5 ResNet blocks (1 down, 2 mid,

@@ -62,6 +62,7 @@ def test_no_maps_collected_by_default(sd2):
     assert not collections.get("attention_maps")
 
 
+@pytest.mark.heavy(24)
 def test_separate_key_value_states_and_per_layer_override(sd2):
     sample, t, states = _inputs(sd2.unet.config)
     other = states[:, ::-1] * 0.5
