@@ -293,6 +293,34 @@ def test_remat_policies_give_the_same_gradient(one_level_sd1):
     np.testing.assert_allclose(grads["blocks"], grads["none"], rtol=1e-5, atol=1e-8)
 
 
+def test_attention_maps_and_their_gradient_are_the_same_under_block_remat(one_level_sd1):
+    """``remat=blocks`` recomputes each block in the backward pass, the attention maps sown inside it too (the maps
+    Compositional Inversion and SeFi train on): the maps and the gradient of a loss on them equal those without remat."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_inversion.models.unet import Conditioning, cross_attention_layers
+    from jax_inversion.text.conditioning import run_unet
+
+    model = load_pretrained(one_level_sd1)
+    layers = tuple(cross_attention_layers(model.unet.config, 16))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
+    states = jnp.asarray(rng.standard_normal((2, 77, 32)), jnp.float32)
+    timesteps = jnp.asarray([10, 500])
+    results = {}
+    for remat in ("none", "blocks"):
+        maps_of = lambda s, remat=remat: run_unet(model, model.unet_params, x, timesteps,
+                                                  Conditioning(s, capture_maps=layers), None, remat)[1]
+        loss = lambda s, maps_of=maps_of: sum(jnp.sum(m[..., 1] ** 2) for m in maps_of(s).values())
+        results[remat] = jax.jit(lambda s, maps_of=maps_of, loss=loss: (maps_of(s), jax.grad(loss)(s)))(states)
+    (maps, grad), (maps_blocks, grad_blocks) = results["none"], results["blocks"]
+    assert set(maps) == set(maps_blocks) == set(layers) and np.abs(np.asarray(grad)).max() > 0
+    for name in layers:
+        np.testing.assert_allclose(np.asarray(maps_blocks[name]), np.asarray(maps[name]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad_blocks), np.asarray(grad), rtol=1e-5, atol=1e-8)
+
+
 def test_the_step_is_compiled_before_step_one_and_a_step_too_big_for_the_device_fails_first(
         one_level_sd1, concept_dir, tmp_path, monkeypatch):
     """Ahead-of-time compile at the phase's start: its seconds are the logged ``compile_seconds``; a device
