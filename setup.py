@@ -34,7 +34,8 @@ setup(
         # Install torch==2.13.0 (CPU) first; an unpinned torch pulls CUDA wheels.
         # libtpu (jax[tpu]) too: tests/test_tpu_compile.py compiles the train step for a TPU slice on the CPU.
         "test": ["torch>=2.13.0", "diffusers>=0.42.1", "pytest>=8.0", "pytest-xdist>=3.8.0", "import-linter>=2.1",
-                 "gcsfs>=2026.10.1", "gcp-storage-emulator>=2026.7.19", "wandb>=0.31.0", "jax[tpu]>=0.10.2"],
+                 "gcsfs>=2026.10.1", "gcp-storage-emulator>=2026.7.19", "wandb>=0.31.0", "jax[tpu]>=0.10.2",
+                 "filelock>=3.12"],  # tests/conftest.py: the tiny models built once, shared by the workers
         # jax-inversion compile --topology ...: libtpu compiles for TPU slices on any machine (JAX_PLATFORMS=cpu).
         "tpu": ["jax[tpu]>=0.10.2"],
         # gs:// workdirs, concept dirs and exports (etils.epath's GCS backend); Orbax/TensorStore need nothing more.
