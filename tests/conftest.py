@@ -53,8 +53,9 @@ def pytest_collection_modifyitems(config, items):
     ordered, remaining = [], len(items)
     for k in range(workers):  # worksteal's first hand-out: len(pending) // (workers left) items each
         size = remaining // (workers - k)
-        ordered += slices[k] + light[: max(0, size - len(slices[k]))]
-        light = light[max(0, size - len(slices[k])):]
+        take = max(0, size - len(slices[k]))
+        ordered += slices[k] + light[:take]
+        light = light[take:]
         remaining -= size
     items[:] = ordered + light
 

@@ -274,8 +274,7 @@ def load_pretrained(
     if "vae" in components:
         out.vae = vae_lib.AutoencoderKL(source.component_config("vae", vae_lib.AutoencoderKLConfig), dtype=dtype)
         out.vae_params = _load_component(source.where("vae"), out.vae, abstract_params(vae_lib.AutoencoderKL, out.vae.config),
-                                         dtype=dtype,
-                                         shapes_only=shapes_only, read=source.reader("vae"))
+                                         dtype=dtype, shapes_only=shapes_only, read=source.reader("vae"))
     if "text_encoder" in components:
         for name in ("text_encoder", "text_encoder_2") if source.has("text_encoder_2") else ("text_encoder",):
             module, params = load_text_encoder(source.where(name), dtype, shapes_only, config=source.config_of(name),

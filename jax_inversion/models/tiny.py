@@ -130,9 +130,7 @@ def random_params(abstract: dict, rng: np.random.Generator) -> dict:
         name = str(getattr(path[-1], "key", path[-1]))
         if name == "scale":
             values = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-        elif name == "bias":
-            values = 0.02 * rng.standard_normal(leaf.shape)
-        elif name == "embedding":
+        elif name in ("bias", "embedding"):
             values = 0.02 * rng.standard_normal(leaf.shape)
         else:
             values = rng.standard_normal(leaf.shape) / np.sqrt(max(1, int(np.prod(leaf.shape[:-1]))))

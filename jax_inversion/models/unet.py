@@ -243,6 +243,11 @@ class BasicTransformerBlock(nn.Module):
         return x + FeedForward(self.dtype, name="ff")(norm("norm3")(x))
 
 
+# The blocks ``remat_blocks`` checkpoints one by one (same params and names: ``nn.remat`` only changes the backward pass).
+RematBasicTransformerBlock = nn.remat(BasicTransformerBlock)
+RematResnetBlock2D = nn.remat(ResnetBlock2D)
+
+
 class Transformer2DModel(nn.Module):
     heads: int
     num_layers: int
@@ -262,7 +267,7 @@ class Transformer2DModel(nn.Module):
             h = nn.Dense(channels, dtype=self.dtype, name="proj_in")(h.reshape(batch, height * width, channels))
         else:
             h = conv(channels, 1, self.dtype, "proj_in")(h).reshape(batch, height * width, channels)
-        block_class = nn.remat(BasicTransformerBlock) if self.remat_blocks else BasicTransformerBlock
+        block_class = RematBasicTransformerBlock if self.remat_blocks else BasicTransformerBlock
         for i in range(self.num_layers):
             block = block_class(
                 self.heads, head_dim, self.upcast, self.dtype, self.attention_backend, name=f"transformer_blocks_{i}"
@@ -284,7 +289,7 @@ def _transformer(cfg: UNet2DConditionConfig, heads: int, layers: int, name: str,
 
 
 def _resnet(cfg: UNet2DConditionConfig, out: int, name: str, dtype, scale: float = 1.0, remat_blocks: bool = False):
-    block_class = nn.remat(ResnetBlock2D) if remat_blocks else ResnetBlock2D
+    block_class = RematResnetBlock2D if remat_blocks else ResnetBlock2D
     return block_class(out, cfg.norm_num_groups, cfg.norm_eps, scale, dtype, name=name)
 
 

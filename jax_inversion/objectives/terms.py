@@ -281,8 +281,6 @@ def term_gradients(objective: "Objective", outputs: Mapping, pullback: Callable)
     """
     cotangents = term_cotangents(objective, outputs)
     names = list(cotangents)
-    if len(names) == 1:
-        return {names[0]: pullback(cotangents[names[0]])[0]}
     stacked = jax.tree_util.tree_map(lambda *parts: jnp.stack(parts), *(cotangents[name] for name in names))
     grads = jax.lax.map(lambda cotangent: pullback(cotangent)[0], stacked)
     return {name: jax.tree_util.tree_map(lambda g, i=i: g[i], grads) for i, name in enumerate(names)}
