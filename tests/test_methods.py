@@ -262,6 +262,21 @@ def test_compositional_code_variant_with_masked_reconstruction(one_level_sd1, im
 
 
 @pytest.mark.heavy(49)
+def test_stage_sources_follow_the_nearest_trained_stage():
+    """Hand-computed: 5 stages of 1,000 timesteps are [0, 200), [200, 400), ... ; a stage no trained timestep
+    reaches takes the nearest reached stage's rows (the lower on a tie)."""
+    from jax_inversion.artifacts.extended import stage_sources
+
+    assert stage_sources(5, 1000, 0, 1000) == (0, 1, 2, 3, 4)
+    assert stage_sources(5, 1000, 200, 1000) == (1, 1, 2, 3, 4)  # the default job's t >= 200
+    assert stage_sources(5, 1000, 199, 1000) == (0, 1, 2, 3, 4)
+    assert stage_sources(5, 1000, 0, 400) == (0, 1, 1, 1, 1)
+    assert stage_sources(5, 1000, 450, 550) == (2, 2, 2, 2, 2)
+    assert stage_sources(4, 1000, 250, 750) == (1, 1, 2, 2)
+    assert stage_sources(3, 1000, 0, 334) == (0, 0, 0)  # t = 333 is stage 0 (3 * 333 = 999 < 1000)
+    assert stage_sources(3, 1000, 0, 335) == (0, 1, 1)  # t = 334 is stage 1 (1002 // 1000)
+
+
 def test_sefi_stage_kv_rows_attention_loss_and_export(one_level_sd1, images, tmp_path):
     """Per-stage K/V rows [5, 2, n, d] train, the attention term lowers the difference to the
     class-word prompt's maps on a fixed batch (denoising weight 0 to isolate it), and the run
@@ -274,6 +289,7 @@ def test_sefi_stage_kv_rows_attention_loss_and_export(one_level_sd1, images, tmp
     config = _small(sefi.get_config(), one_level_sd1, images["concept"], steps=4, lr=2e-2)
     config.data.placeholder_token = "<ball>"
     config.data.class_word = "ball"
+    config.train.min_timestep = 400  # t in [400, 1000): stages 2-4 train, stages 0 and 1 (sampling's last steps) do not
     workdir = str(tmp_path / "run")
     train(config, workdir)
     records = _records(workdir)
@@ -282,6 +298,10 @@ def test_sefi_stage_kv_rows_attention_loss_and_export(one_level_sd1, images, tmp
     rows = _rows(workdir)
     assert rows.shape == (5, 2, 1, 32)
     assert not np.array_equal(rows[:, 0], rows[:, 1])  # keys and values learned separately
+    # the untrained stages carry the nearest trained stage's rows, not their initial ones
+    np.testing.assert_array_equal(rows[0], rows[2])
+    np.testing.assert_array_equal(rows[1], rows[2])
+    assert not np.array_equal(rows[2], rows[3])
 
     out = str(tmp_path / "sefi.safetensors")
     export_run(workdir, out, "extended")

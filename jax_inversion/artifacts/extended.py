@@ -32,6 +32,17 @@ def stage_of(timesteps, num_stages: int, num_train_timesteps: int):
     return xp.clip((xp.asarray(timesteps) * num_stages) // num_train_timesteps, 0, num_stages - 1)
 
 
+def stage_sources(num_stages: int, num_train_timesteps: int, low: int, high: int) -> tuple[int, ...]:
+    """For each stage, the stage whose rows it should carry when training draws timesteps from ``[low, high)`` only:
+    itself where some trained timestep falls in it, else the nearest stage that one does (the lower on a tie).
+
+    Sampling runs every stage (DDIM's last steps are below 200), so a stage no trained timestep reaches
+    (stage 0 of 5 with ``train.min_timestep=200``) would keep its initial rows there.
+    """
+    reached = sorted({int(s) for s in stage_of(np.arange(low, high), num_stages, num_train_timesteps)})
+    return tuple(min(reached, key=lambda r: (abs(r - s), r)) for s in range(num_stages))
+
+
 def write_extended(path: str, tokens: Mapping[str, Mapping], num_train_timesteps: int = 1000,
                    metadata: Optional[Mapping[str, str]] = None) -> None:
     """``tokens``: ``{token: {"text_encoder": base [n, d], optional "key"/"value" [S, n, d], "layers": {name: [n, d]}}}``.

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_inversion.artifacts.extended import stage_of
+from jax_inversion.artifacts.extended import stage_of, stage_sources
 from jax_inversion.core.errors import ConfigError
 from jax_inversion.core.sharding import batch_sharded, replicated
 from jax_inversion.diffusion.schedule import NoiseSchedule, add_noise, min_snr_weights, sample_timesteps, training_target
@@ -251,6 +251,7 @@ def train_step(
     log_every: int = 0,
     accumulation: int = 1,
     draw: Optional[Callable] = None,
+    stage_source: Optional[tuple[int, ...]] = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step of the learned rows; a step whose loss, gradients or update are not
     finite is counted in ``nonfinite_steps`` and not applied.
@@ -279,6 +280,8 @@ def train_step(
         the step equals the unsplit one up to float rounding. One optimizer step either way.
         (Per-term gradient norms are not computed then.)
       draw: with ``accumulation`` > 1, ``draw(batch, rng)`` (:func:`make_draw`) draws the whole batch.
+      stage_source: stage rows ``[S, ...]``: after the update, stage ``s`` takes stage ``stage_source[s]``'s rows
+        (:func:`extended.stage_sources`: stages no trained timestep reaches follow the nearest trained one).
 
     Returns:
       ``(new_state, metrics)``: loss, ``loss/<term>``, ``grad_norm``, ``learning_rate``,
@@ -300,6 +303,9 @@ def train_step(
             lambda learned: forward(learned, frozen, batch, step_rng), state, term_objective, log_every, learned_rows_only)
     grads = learned_rows_only(grads)
     new_state, embeddings = _apply_if_finite(state, grads, loss, optimizer, row_mask)
+    if stage_source is not None:
+        follow = lambda tree: jax.tree_util.tree_map(lambda rows: rows[jnp.asarray(stage_source)], tree)
+        new_state, embeddings = new_state.replace(embeddings=follow(new_state.embeddings)), follow(embeddings)
     metrics = {
         "loss": loss,
         **{(k if k.startswith("concept/") else f"loss/{k}"): v for k, v in terms.items()},
@@ -429,6 +435,7 @@ def make_train_step(
         concept_names=names,
         accumulation=accumulation,
         draw=make_draw(model, schedule, config),
+        stage_source=_untrained_stage_source(config, schedule),
     )
     weights = getattr(objective, "weights", {})
     if log_every > 0 and not concepts and len(weights) == 1:  # its gradient is the whole gradient
@@ -438,6 +445,14 @@ def make_train_step(
     same, split = replicated(mesh), batch_sharded(mesh)
     jitted = jax.jit(step, in_shardings=(same, same, split, same), out_shardings=(same, same), donate_argnums=(1,))
     return CompiledStep(jitted, place_frozen(frozen_params(model), same))
+
+
+def _untrained_stage_source(config: StepConfig, schedule: NoiseSchedule) -> Optional[tuple[int, ...]]:
+    """:func:`extended.stage_sources` where some stage lies outside the training timesteps, else None."""
+    if config.num_stages <= 1:
+        return None
+    source = stage_sources(config.num_stages, schedule.num_train_timesteps, *timestep_bounds(config.timestep_range, schedule))
+    return None if source == tuple(range(config.num_stages)) else source
 
 
 def place_frozen(frozen: dict, sharding) -> dict:
