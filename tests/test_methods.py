@@ -261,7 +261,6 @@ def test_compositional_code_variant_with_masked_reconstruction(one_level_sd1, im
     assert np.linalg.norm(_rows(workdir)[0] - anchor) < np.linalg.norm(initial - anchor)
 
 
-@pytest.mark.heavy(49)
 def test_stage_sources_follow_the_nearest_trained_stage():
     """Hand-computed: 5 stages of 1,000 timesteps are [0, 200), [200, 400), ... ; a stage no trained timestep
     reaches takes the nearest reached stage's rows (the lower on a tie)."""
@@ -277,6 +276,7 @@ def test_stage_sources_follow_the_nearest_trained_stage():
     assert stage_sources(3, 1000, 0, 335) == (0, 1, 1)  # t = 334 is stage 1 (1002 // 1000)
 
 
+@pytest.mark.heavy(49)
 def test_sefi_stage_kv_rows_attention_loss_and_export(one_level_sd1, images, tmp_path):
     """Per-stage K/V rows [5, 2, n, d] train, the attention term lowers the difference to the
     class-word prompt's maps on a fixed batch (denoising weight 0 to isolate it), and the run
