@@ -83,8 +83,9 @@ def _evaluate(config, workdir, rows_by_name):
     return {name: {k: float(v) for k, v in evaluate(jnp.asarray(rows)).items()} for name, rows in rows_by_name.items()}
 
 
-def _probe(config, workdir):
-    """``(objective, outputs(rows))``: the config's objective and its forward on one fixed batch with fixed noise."""
+def _probe(config, workdir, **step_options):
+    """``(objective, outputs(rows))``: the config's objective and its forward on one fixed batch with fixed noise;
+    ``step_options``: more :class:`StepConfig` fields."""
     from jax_inversion.text import tokens as tokens_lib
     from jax_inversion.models.loading import load_pretrained
     from jax_inversion.models.unet import cross_attention_layers
@@ -111,7 +112,8 @@ def _probe(config, workdir):
     dataset = build_dataset(config, model, phase, workdir, "masks" in objective.needs)
     forward = make_forward(
         model, NoiseSchedule.from_config(model.scheduler_config), layouts, objective,
-        StepConfig(resolution=resolution, trainable=phase.trainable, num_stages=plan.num_stages, separate_kv=plan.separate_kv),
+        StepConfig(resolution=resolution, trainable=phase.trainable, num_stages=plan.num_stages, separate_kv=plan.separate_kv,
+                   **step_options),
         reference_ids=class_word_ids(config, model) if "reference_maps" in objective.needs else None,
     )
     n = 16
@@ -337,6 +339,13 @@ def test_sefi_stage_kv_rows_attention_loss_and_export(one_level_sd1, images, tmp
     values = {"initial": {"attention": seen[0]}, "final": {"attention": float(value_and_gradient(rows)[0])}}
     print(f"sefi: {values}")
     assert values["final"]["attention"] < values["initial"]["attention"]
+
+    # The reference forward run whole (as on TPU, where libtpu cannot compile it cut short) gives the same term.
+    objective, outputs = _probe(isolated, str(tmp_path / "isolated"), whole_reference_forward=True)
+    whole_value, whole_gradient = jax.jit(jax.value_and_grad(lambda r: objective(outputs(r))[1]["attention"]))(rows)
+    value, gradient = value_and_gradient(rows)
+    np.testing.assert_allclose(float(whole_value), float(value), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(whole_gradient), np.asarray(gradient), rtol=1e-5, atol=1e-7 * float(jnp.abs(gradient).max()))
 
 
 # ----------------------------------------------------------------------------- declarations and errors

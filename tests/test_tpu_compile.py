@@ -14,22 +14,27 @@ import pytest
 from jax_inversion.models.tiny import TINY_SCHEDULER, TINY_UNET, TINY_VAE, tiny_text_config, write_config_only_model
 
 
+SEFI_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sefi.py")
+
+
 def run_compile(*args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", "jax_inversion.cli", "compile", *args], capture_output=True, text=True,
                           env=env, timeout=600)
 
 
-@pytest.mark.heavy(58)
+@pytest.mark.heavy(80)
 def test_the_auto_step_compiles_for_a_v5e_slice_with_the_tpu_kernel_on_its_long_layers(tmp_path):
+    """SeFi-IDE's step: TI's diffusion term plus per-stage key/value rows and the class-word reference forward,
+    the step libtpu 0.0.42 segfaulted on until that forward ran whole on TPU (``StepConfig.whole_reference_forward``)."""
     unet = {k: v for k, v in TINY_UNET.items() if k != "_class_name"}
     vae = {k: v for k, v in TINY_VAE.items() if k != "_class_name"}
     model = write_config_only_model(str(tmp_path / "model"), unet, vae, tiny_text_config(None, 0, 0), TINY_SCHEDULER)
     assert not [f for _, _, files in os.walk(model) for f in files if f.endswith((".safetensors", ".bin"))]  # configs only
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    result = run_compile("--topology=v5e:2x4", "--json", "--search_remat=", f"--config.model={model}",
+    result = run_compile("--topology=v5e:2x4", "--json", "--search_remat=", f"--config={SEFI_CONFIG}", f"--config.model={model}",
                          f"--config.data.resolution={32 * factor}",  # 32x32 latents: 1,024-token self-attention
-                         "--config.train.batch_size=16", "--config.data.initializer_token=cat")
+                         "--config.train.batch_size=16", "--config.data.initializer_token=cat", "--config.data.class_word=cat")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["topology"] == "v5e:2x4" and report["chips"] == 8 and report["batch_per_chip"] == 2
@@ -37,8 +42,9 @@ def test_the_auto_step_compiles_for_a_v5e_slice_with_the_tpu_kernel_on_its_long_
     assert report["hbm_bytes_per_chip"] == 16 * 2**30 and 0 < report["bytes_per_chip"] < report["hbm_bytes_per_chip"]
     assert report["flops_per_step"] > 0
     # The 32x32 level's self-attention (one layer down, two up) runs the TPU kernel; the 16x16 mid block and
-    # the 77-key cross-attention run XLA's. The compiler's program holds the Mosaic kernels themselves.
-    assert report["attention"] == {"splash": 3, "xla": 5}
+    # the 77-key cross-attention run XLA's, except the 16x16 cross-attention layer whose maps the attention term
+    # reads (it computes its probabilities itself). The compiler's program holds the Mosaic kernels themselves.
+    assert report["attention"] == {"splash": 3, "xla": 4}
     assert report["phases"][0]["tpu_kernel_calls"] >= 3
 
 

@@ -65,6 +65,9 @@ class StepConfig:
     :data:`conditioning.REMAT_POLICIES`. ``noise_offset``: diffusers' ``--noise_offset``. ``timestep_range``:
     ``(min, max)`` training timesteps (max 0: all). ``accumulation``: k sequential micro-batches per step.
     ``log_every`` > 0: per-term gradient norms at logged steps. ``concepts``: batch inversion's ``((name, seed), ...)``.
+    ``whole_reference_forward``: the class-word reference forward (SeFi-IDE's attention term) runs to the UNet's
+    output instead of being cut by XLA after its last captured layer; set on TPU, where libtpu (0.0.42) segfaults
+    compiling the cut forward (tests/test_tpu_compile.py), at the cost of the reference's remaining layers.
     """
 
     resolution: int
@@ -78,6 +81,7 @@ class StepConfig:
     accumulation: int = 1
     log_every: int = 0
     concepts: tuple[tuple[str, int], ...] = ()
+    whole_reference_forward: bool = False
 
 
 def timestep_bounds(timestep_range: tuple[int, int], schedule: NoiseSchedule) -> tuple[int, int]:
@@ -172,7 +176,7 @@ def make_forward(
                 e: jnp.where(v >= placeholder_ids[e].first_id, reference_ids[e], v).astype(v.dtype) for e, v in ids.items()
             }
             outputs["reference_maps"] = _attention_maps(model, frozen, reference, key_rows, placeholder_ids, resolution,
-                                                        noisy, timesteps, capture)
+                                                        noisy, timesteps, capture, config.whole_reference_forward)
         return outputs
 
     return forward
@@ -204,10 +208,16 @@ def make_draw(model: Pretrained, schedule: NoiseSchedule, config: StepConfig) ->
     return draw_batch
 
 
-def _attention_maps(model, frozen, ids, rows, placeholder_ids, resolution, noisy, timesteps, capture):
-    """The captured cross-attention maps of the UNet on prompt ``ids`` (no gradient): SeFi-IDE's class-word reference."""
+def _attention_maps(model, frozen, ids, rows, placeholder_ids, resolution, noisy, timesteps, capture, whole_forward=False):
+    """The captured cross-attention maps of the UNet on prompt ``ids`` (no gradient): SeFi-IDE's class-word reference.
+
+    ``whole_forward``: the maps depend on the prediction (times 0, which XLA does not fold for floats), so the
+    forward is not cut after the last captured layer (see :class:`StepConfig`)."""
     states, added, _, _ = encode_text(model, frozen, ids, rows, placeholder_ids, resolution)
-    _, maps = run_unet(model, frozen["unet"], noisy, timesteps, Conditioning(states, capture_maps=capture), added)
+    prediction, maps = run_unet(model, frozen["unet"], noisy, timesteps, Conditioning(states, capture_maps=capture), added)
+    if whole_forward:
+        kept = 0.0 * jnp.mean(prediction.astype(jnp.float32))
+        maps = {name: value + kept.astype(value.dtype) for name, value in maps.items()}
     return jax.lax.stop_gradient(maps)
 
 

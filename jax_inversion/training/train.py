@@ -193,7 +193,8 @@ class RunSetup:
         train = self.config.train
         common = StepConfig(resolution=resolution, min_snr_gamma=train.min_snr_gamma, trainable=phase.trainable,
                             remat=train.remat, noise_offset=train.noise_offset, timestep_range=self.timesteps,
-                            accumulation=self.accumulation)
+                            accumulation=self.accumulation,
+                            whole_reference_forward=platform_name(self.mesh.devices.flat[0].platform) == "tpu")
         if self.concepts:
             return dataclasses.replace(common, concepts=tuple((c.name, c.seed) for c in self.concepts))
         return dataclasses.replace(common, num_stages=self.plan.num_stages, separate_kv=self.plan.separate_kv,
@@ -304,17 +305,24 @@ class Job:
         return jax.device_put(state.replace(opt_state=self.run.optimizer.init(state.embeddings)), replicated(self.run.mesh))
 
 
+def _phases_with_data(config: ml_collections.ConfigDict, plan=None, concepts=None) -> list[Phase]:
+    """The phases whose images the run reads: each phase with steps, or with ``config.concepts`` each concept's."""
+    plan = plan or plan_run(config)
+    if config.get("concepts"):
+        return [concept_phase(plan.phases[0], c) for c in concepts or read_concept_list(config.concepts, config)]
+    return [p for p in plan.phases if p.num_steps > 0]
+
+
 def build_job(config: ml_collections.ConfigDict, workdir: str, devices: Optional[list] = None) -> Job:
     """Builds the run (:func:`setup_run`), checks every phase's data, restores the latest checkpoint of
     ``workdir`` and writes ``config.json``. Bad input fails here, before the workdir is written."""
     check_writable(workdir)
+    for phase in _phases_with_data(resolve_unset(config)):  # images first: a bad folder fails before the model loads
+        check_phase_data(config, phase, with_masks=False)
     run = setup_run(config, devices)
     config = run.config  # unset fields resolved: what config.json and the checkpoints' metadata record
     wandb = wandb_module() if config.train.get("wandb") else None
-    phase_data = [p for p in run.plan.phases if p.num_steps > 0]
-    if run.concepts:
-        phase_data = [concept_phase(run.plan.phases[0], c) for c in run.concepts]
-    for phase in phase_data:
+    for phase in _phases_with_data(config, run.plan, run.concepts):
         check_phase_data(config, phase, run.with_masks)
         check_prompt_lengths(config, phase, run.model)
     metadata = run_metadata(config, run.placeholder_ids, run.model, run.plan)
