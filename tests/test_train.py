@@ -199,6 +199,9 @@ BAD_INPUTS = [
     ("unknown model", ["--config.model={tmp}/no-model"], ["does not exist"]),
     ("placeholder in vocab", ["--config.data.placeholder_token=cat"], ["already exists"]),
     ("batch not divisible", ["--config.train.batch_size=3"], ["multiple of the 2 devices"]),
+    # the images are checked before the model loads (seconds, where loading SD takes a minute): their error comes first
+    ("images before the model", ["--config.model={tmp}/no-model", "--config.data.concept_dir={tmp}/nope"],
+     ["concept dir", "nope does not exist"]),
 ]
 
 
