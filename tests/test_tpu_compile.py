@@ -74,6 +74,18 @@ def test_the_largest_batch_search_finds_the_last_batch_that_fits(monkeypatch, li
     assert found == min(limit, tpu_plan.MAX_BATCH_PER_CHIP)
     assert len(compiled) == len(set(compiled)) <= 2 * 7 + 1  # each batch compiled once, ~2 log2 compiles
 
+    # The report's own compile (8 per chip) is known: the search starts from it when it fits, is bounded by it when not.
+    compiled.clear()
+    known = {8: (1 + 8) * 2**30}
+    found = tpu_plan.largest_batch_per_chip(get_config(), [object()] * 4, capacity, "dots", known)
+    assert found == min(limit, tpu_plan.MAX_BATCH_PER_CHIP)
+    assert len(compiled) == len(set(compiled)) and 8 not in compiled
+    if limit >= 8:
+        assert min(compiled) > 8  # nothing below the known fit is compiled
+        assert len(compiled) == {12: 4, 64: 3, 100: 3}[limit]  # 16 (miss), 12, 14 (miss), 13 (miss); 16, 32, 64 (the cap)
+    else:
+        assert max(compiled) < 8
+
 
 @pytest.mark.parametrize("topology,devices,gib", [
     ("v4:2x2x1", 8, 16),  # 4 chips of 32 GiB, one device per TensorCore

@@ -128,8 +128,10 @@ def _peak(config, devices, batch_size: int) -> Optional[int]:
 def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Optional[dict] = None) -> int:
     """The largest batch per chip whose step fits ``capacity`` bytes with ``train.remat=remat`` (0: not even 1).
 
-    Doubling from 1, then bisection between the last fit and the first miss: about 2 log2(answer)
-    compiles. ``known`` maps batch-per-chip -> peak bytes already compiled with this policy.
+    Doubling, then bisection between the last fit and the first miss: about 2 log2(answer) compiles.
+    ``known`` maps batch-per-chip -> peak bytes already compiled with this policy: the doubling starts
+    from the largest known fit (memory grows with the batch, so every smaller batch fits too) and a
+    known miss bounds it, which saves the compiles below the batch the report compiled (1, 2, 4 below 8).
     """
     n = len(devices)
     config = _with(config, remat=remat, gradient_accumulation=1)
@@ -140,9 +142,14 @@ def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Op
             peaks[per_chip] = _peak(config, devices, per_chip * n)
         return peaks[per_chip] is not None and peaks[per_chip] <= capacity
 
-    if not fits(1):
+    known_fits = [b for b in peaks if fits(b)]
+    known_misses = [b for b in peaks if b not in known_fits]
+    start = min(max(known_fits, default=1), MAX_BATCH_PER_CHIP)
+    if not fits(start):
         return 0
-    low, high = 1, 2
+    low, high = start, start * 2
+    if known_misses and min(known_misses) > low:
+        high = min(high, min(known_misses))
     while high <= MAX_BATCH_PER_CHIP and fits(high):
         low, high = high, high * 2
     if high > MAX_BATCH_PER_CHIP:
