@@ -317,8 +317,9 @@ def build_job(config: ml_collections.ConfigDict, workdir: str, devices: Optional
     """Builds the run (:func:`setup_run`), checks every phase's data, restores the latest checkpoint of
     ``workdir`` and writes ``config.json``. Bad input fails here, before the workdir is written."""
     check_writable(workdir)
-    for phase in _phases_with_data(resolve_unset(config)):  # images first: a bad folder fails before the model loads
-        check_phase_data(config, phase, with_masks=False)
+    resolved = resolve_unset(config)
+    for phase in _phases_with_data(resolved):  # images first: a bad folder fails before the model loads
+        check_phase_data(resolved, phase, with_masks=False)
     run = setup_run(config, devices)
     config = run.config  # unset fields resolved: what config.json and the checkpoints' metadata record
     wandb = wandb_module() if config.train.get("wandb") else None
