@@ -278,7 +278,7 @@ def test_stage_sources_follow_the_nearest_trained_stage():
     assert stage_sources(3, 1000, 0, 335) == (0, 1, 1)  # t = 334 is stage 1 (1002 // 1000)
 
 
-@pytest.mark.heavy(49)
+@pytest.mark.heavy(60)
 def test_sefi_stage_kv_rows_attention_loss_and_export(one_level_sd1, images, tmp_path):
     """Per-stage K/V rows [5, 2, n, d] train, the attention term lowers the difference to the
     class-word prompt's maps on a fixed batch (denoising weight 0 to isolate it), and the run

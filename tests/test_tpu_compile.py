@@ -23,7 +23,7 @@ def run_compile(*args):
                           env=env, timeout=600)
 
 
-@pytest.mark.heavy(80)
+@pytest.mark.heavy(100)
 def test_the_auto_step_compiles_for_a_v5e_slice_with_the_tpu_kernel_on_its_long_layers(tmp_path):
     """SeFi-IDE's step: TI's diffusion term plus per-stage key/value rows and the class-word reference forward,
     the step libtpu 0.0.42 segfaulted on until that forward ran whole on TPU (``StepConfig.whole_reference_forward``)."""
