@@ -71,8 +71,11 @@ def table_row(name: str, r: dict) -> str:
     if not r["compiled"]:
         return f"| {name} | {r['chips']} ({r['hosts']}) | no: {r['error'][:160]} | | NO | | | | |"
     capacity = hbm_bytes(r["topology"], r["chips"])
+    from jax_inversion.training.tpu_plan import MAX_BATCH_PER_CHIP
+
     largest = r.get("largest_batch_per_chip")
-    searched = " / ".join(str(largest.get(k, "-")) for k in ("none", "dots", "full")) if largest else "not searched"
+    shown = lambda b: "-" if b is None else (f">= {b} (the search's cap)" if b >= MAX_BATCH_PER_CHIP else str(b))
+    searched = " / ".join(shown(largest.get(k)) for k in ("none", "dots", "full", "blocks")) if largest else "not searched"
     kernels = ", ".join(f"{k} {v}" for k, v in sorted(r["attention"].items()))
     return (f"| {name} | {r['chips']} ({r['hosts']}) | yes | {r['bytes_per_chip'] / 2**30:.2f} ({capacity / 2**30:.0f}) | "
             f"{'yes' if r['bytes_per_chip'] <= capacity else 'NO'} | {r['flops_per_step'] / 1e12:.2f} | {kernels} | {searched} | "
