@@ -65,14 +65,12 @@ def table(path: str) -> str:
 def table_row(name: str, r: dict) -> str:
     """One table row of a JSON line; HBM per device recomputed with :func:`tpu_plan.hbm_bytes`, so a line
     written before it counted v4's HBM per chip agrees."""
-    from jax_inversion.training.tpu_plan import hbm_bytes
+    from jax_inversion.training.tpu_plan import MAX_BATCH_PER_CHIP, hbm_bytes
 
     name = f"{name}, {r['topology']}" + (f", remat {r['remat']}" if r["remat"] != "none" else "")
     if not r["compiled"]:
         return f"| {name} | {r['chips']} ({r['hosts']}) | no: {r['error'][:160]} | | NO | | | | |"
     capacity = hbm_bytes(r["topology"], r["chips"])
-    from jax_inversion.training.tpu_plan import MAX_BATCH_PER_CHIP
-
     largest = r.get("largest_batch_per_chip")
     shown = lambda b: "-" if b is None else (f">= {b} (the search's cap)" if b >= MAX_BATCH_PER_CHIP else str(b))
     searched = " / ".join(shown(largest.get(k)) for k in ("none", "dots", "full", "blocks")) if largest else "not searched"

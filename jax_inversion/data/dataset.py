@@ -96,14 +96,26 @@ def phase_captions(config, phase: Phase, paths: Sequence[str]) -> list:
 
 def check_phase_data(config, phase: Phase, with_masks: bool) -> None:
     """Fails early (one line), before the workdir is touched, when a phase's images or masks are missing or unreadable."""
+    check_phase_images(config, phase)
+    if with_masks:
+        check_phase_masks(config, phase)
+
+
+def check_phase_images(config, phase: Phase) -> None:
+    """Fails (one line) when a phase's images are missing or unreadable or a caption lacks the placeholder:
+    needs no model, so a train job runs it before loading one."""
     paths = data_lib.list_concept_images(phase.image_dir, caption_companions(config))
     for path in paths:
         data_lib.open_image(path)
     phase_captions(config, phase, paths)
-    if with_masks and phase.mask_dir:
-        for path in paths:
+
+
+def check_phase_masks(config, phase: Phase) -> None:
+    """Fails (one line) when the loss needs masks and a phase's are missing or unreadable (no ``data.box`` either)."""
+    if phase.mask_dir:
+        for path in data_lib.list_concept_images(phase.image_dir, caption_companions(config)):
             data_lib.open_image(data_lib.find_mask(phase.mask_dir, path))
-    elif with_masks and not config.data.box:
+    elif not config.data.box:
         raise data_lib.DataError(
             f"the loss needs concept masks for the {phase.name} images: set --config.data.{'subject_' if phase.name == 'subject' else ''}mask_dir "
             "(masks named like the images) or --config.data.box='[x0, y0, x1, y1]'"

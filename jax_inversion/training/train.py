@@ -35,7 +35,7 @@ from jax_inversion.core.files import is_remote
 from jax_inversion.core.platform import platform_name, resolve_dtype
 from jax_inversion.core.sharding import make_mesh, replicated
 from jax_inversion.data import images as data_lib
-from jax_inversion.data.dataset import build_dataset, check_phase_data, check_prompt_lengths, concept_batch, concept_phase, global_batch
+from jax_inversion.data.dataset import build_dataset, check_phase_images, check_phase_masks, check_prompt_lengths, concept_batch, concept_phase, global_batch
 from jax_inversion.data.phases import ConceptSpec, Phase, RunPlan, plan_run, read_concept_list
 from jax_inversion.diffusion.schedule import NoiseSchedule
 from jax_inversion.models.loading import Pretrained, load_pretrained
@@ -319,12 +319,13 @@ def build_job(config: ml_collections.ConfigDict, workdir: str, devices: Optional
     check_writable(workdir)
     resolved = resolve_unset(config)
     for phase in _phases_with_data(resolved):  # images first: a bad folder fails before the model loads
-        check_phase_data(resolved, phase, with_masks=False)
+        check_phase_images(resolved, phase)
     run = setup_run(config, devices)
     config = run.config  # unset fields resolved: what config.json and the checkpoints' metadata record
     wandb = wandb_module() if config.train.get("wandb") else None
-    for phase in _phases_with_data(config, run.plan, run.concepts):
-        check_phase_data(config, phase, run.with_masks)
+    for phase in _phases_with_data(config, run.plan, run.concepts):  # what needs the model and the objective
+        if run.with_masks:
+            check_phase_masks(config, phase)
         check_prompt_lengths(config, phase, run.model)
     metadata = run_metadata(config, run.placeholder_ids, run.model, run.plan)
     if run.concepts:
