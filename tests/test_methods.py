@@ -60,7 +60,8 @@ def _small(config, model, concept_dir, steps, lr=1e-2):
     config.train.batch_size = 8
     config.train.learning_rate = lr  # the effective rate: not scaled by the batch
     config.train.scale_lr = False
-    config.train.log_every = 1
+    config.train.log_every = steps  # every step has its metrics line; the per-term gradient norms (one more backward
+    # pass per term) only on the last step, the one _assert_every_weighted_term_has_a_gradient reads
     config.train.checkpoint_every = steps
     config.train.max_grad_norm = 0.0
     config.data.flip_probability = 0.0
