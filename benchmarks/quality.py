@@ -256,9 +256,33 @@ def evaluated(workdir: str, score) -> dict:
     return result
 
 
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (127, 127, 127), (23, 190, 207),
+           (188, 189, 34), (140, 86, 75), (227, 119, 194), (0, 0, 0), (174, 199, 232), (255, 187, 120), (152, 223, 138),
+           (255, 152, 150), (197, 176, 213)]  # tab10 + tab20's light half
+
+
+def series_colours(names: list, curves: dict) -> dict:
+    """``{point name: colour}``, one colour per series: each point on no curve its own, in order; each curve
+    (``{label: [point names]}``) its method's colour (``"sefi:loss.attention=0.3"``'s method is ``sefi``)
+    when that method has a point of its own, else the next colour."""
+    on_curves = {m for members in curves.values() for m in members}
+    colour_of = {}
+    for name in [n for n in names if n not in on_curves]:
+        colour_of[name] = PALETTE[len(colour_of) % len(PALETTE)]
+    used = len(colour_of)
+    for members in curves.values():
+        method = members[0].split(":")[0] if members else ""
+        if method in colour_of:
+            colour = colour_of[method]
+        else:
+            colour, used = PALETTE[used % len(PALETTE)], used + 1
+        colour_of.update({name: colour for name in members})
+    return colour_of
+
+
 def plane_figure(points: dict, path: str, x_key: str, y_key: str, x_label: str, y_label: str, curves: dict = None) -> None:
     """Each method as a point with its 95% interval bars (composition across, identity up); each of
-    ``curves`` (``{label: [point names in sweep order]}``) joined by a line in its first point's colour."""
+    ``curves`` (``{label: [point names in sweep order]}``) joined by a line in its method's colour."""
     from PIL import Image, ImageDraw
 
     size, margin = 420, 56
@@ -272,13 +296,9 @@ def plane_figure(points: dict, path: str, x_key: str, y_key: str, x_label: str, 
         draw.text((4, y - 6), f"{tick:.2f}", fill=(0, 0, 0))
     draw.text((margin + size // 2 - 60, size + 30), x_label, fill=(0, 0, 0))
     draw.text((4, size + 44), y_label + " (up)", fill=(0, 0, 0))
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (127, 127, 127), (23, 190, 207),
-               (188, 189, 34), (140, 86, 75), (227, 119, 194), (0, 0, 0), (174, 199, 232), (255, 187, 120), (152, 223, 138),
-               (255, 152, 150), (197, 176, 213)]  # tab10 + tab20's light half: one per point
-    colour_of = {name: colours[k % len(colours)] for k, name in enumerate(points)}
-    for members in (curves or {}).values():
-        for name in members[1:]:
-            colour_of[name] = colour_of[members[0]]
+    curves = {label: [m for m in members if m in points] for label, members in (curves or {}).items()}
+    colour_of = series_colours(list(points), curves)
+    for members in curves.values():
         if len(members) > 1:
             draw.line([to_xy(points[m][x_key][0], points[m][y_key][0]) for m in members], fill=colour_of[members[0]], width=1)
     for k, (name, p) in enumerate(points.items()):

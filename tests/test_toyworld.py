@@ -551,6 +551,18 @@ def test_quality_benchmark_reads_any_concept_folder_and_builds_each_methods_conf
         quality.method_config("ti:train.no_such_key=1", concept, "MODEL", "default", 0, 5e-3, args.workdir)
 
 
+def test_quality_plane_draws_each_curve_in_its_methods_colour():
+    """One colour per series: the points on no curve each their own, in order; a method's sweep in that method's
+    colour; a sweep whose method has no point of its own the next free colour; no two series share one."""
+    from benchmarks.quality import PALETTE, series_colours
+
+    names = ["ti", "sefi", "masked", "sefi:w=0", "sefi:w=0.3", "lego:c=0", "lego:c=1"]
+    colours = series_colours(names, {"s": ["sefi:w=0", "sefi:w=0.3"], "l": ["lego:c=0", "lego:c=1"]})
+    assert [colours[n] for n in ("ti", "sefi", "masked")] == PALETTE[:3]
+    assert colours["sefi:w=0"] == colours["sefi:w=0.3"] == colours["sefi"]
+    assert colours["lego:c=0"] == colours["lego:c=1"] == PALETTE[3]
+
+
 def test_distractor_reads_survive_the_vae():
     """Generated images pass through the VAE: the border rule still finds the teal background in every
     round-tripped star_on_teal scene and in no scene of random backgrounds, and the detector still
