@@ -270,8 +270,8 @@ def series_colours(names: list, curves: dict) -> dict:
     for name in [n for n in names if n not in on_curves]:
         colour_of[name] = PALETTE[len(colour_of) % len(PALETTE)]
     used = len(colour_of)
-    for members in curves.values():
-        method = members[0].split(":")[0] if members else ""
+    for members in [m for m in curves.values() if m]:
+        method = members[0].split(":")[0]
         if method in colour_of:
             colour = colour_of[method]
         else:

@@ -145,14 +145,14 @@ def test_captions_and_templates_mix(model_and_layout, one_level_sd1, concept_dir
 
 
 def test_caption_without_the_placeholder_is_one_line(one_level_sd1, tmp_path):
-    from jax_inversion.data.dataset import check_phase_data
+    from jax_inversion.data.dataset import check_phase_images
     from jax_inversion.data.phases import plan_run
 
     images = write_concept_images(str(tmp_path / "images"), count=2)
     (tmp_path / "images" / "ball_1.txt").write_text("a ball on the grass")
     config = run_config(one_level_sd1, images)
     with pytest.raises(DataError) as error:
-        check_phase_data(config, plan_run(config).phases[0], False)
+        check_phase_images(config, plan_run(config).phases[0])
     message = str(error.value)
     assert "\n" not in message and "ball_1.txt" in message and "'<ball>'" in message
 

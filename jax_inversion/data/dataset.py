@@ -94,13 +94,6 @@ def phase_captions(config, phase: Phase, paths: Sequence[str]) -> list:
     return [data_lib.read_caption(p, extension, caption_markers(config), phase.prompt_text) for p in paths]
 
 
-def check_phase_data(config, phase: Phase, with_masks: bool) -> None:
-    """Fails early (one line), before the workdir is touched, when a phase's images or masks are missing or unreadable."""
-    check_phase_images(config, phase)
-    if with_masks:
-        check_phase_masks(config, phase)
-
-
 def check_phase_images(config, phase: Phase) -> None:
     """Fails (one line) when a phase's images are missing or unreadable or a caption lacks the placeholder:
     needs no model, so a train job runs it before loading one."""
@@ -156,7 +149,7 @@ def build_dataset(config, model: Pretrained, phase: Phase, workdir: str, with_ma
     images, masks = [], []
     box = None
     if with_masks and not phase.mask_dir:
-        check_phase_data(config, phase, with_masks)  # without a box: the one-line "needs masks" error
+        check_phase_masks(config, phase)  # without a box: the one-line "needs masks" error
         box = data_lib.box_mask(config.data.box, resolution)
     for path in paths:
         mask_path = data_lib.find_mask(phase.mask_dir, path) if with_masks and phase.mask_dir else None
