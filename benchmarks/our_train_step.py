@@ -39,7 +39,7 @@ def main() -> None:
     from jax_inversion.configs.ti import get_config, resolve_unset
     from jax_inversion.models.loading import Pretrained
     from jax_inversion.models import clip, unet as unet_lib, vae as vae_lib
-    from jax_inversion.objectives.terms import build_objective
+    from jax_inversion.objectives.terms import Objective
     from jax_inversion.diffusion.schedule import NoiseSchedule
     from jax_inversion.models.tokenizer_files import write_clip_tokenizer
     from jax_inversion.training.optim import make_optimizer
@@ -69,7 +69,7 @@ def main() -> None:
     optimizer, lr = make_optimizer(config.train, args.batch)
     mesh = make_mesh()
     step = make_train_step(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout}, optimizer,
-                           build_objective({"diffusion": 1.0}), lr, mesh, StepConfig(resolution=args.resolution))
+                           Objective({"diffusion": 1.0}), lr, mesh, StepConfig(resolution=args.resolution))
     embeddings = {"text_encoder": jnp.zeros((1, 768), jnp.float32)}
     state = init_state(embeddings, optimizer, 0)
     rng = np.random.default_rng(0)

@@ -303,7 +303,7 @@ def build_our_step(model, batch_size: int, resolution: int, devices=None) -> dic
 
     from jax_inversion.text import tokens as tokens_lib
     from jax_inversion.configs.ti import get_config, resolve_unset
-    from jax_inversion.objectives.terms import build_objective
+    from jax_inversion.objectives.terms import Objective
     from jax_inversion.diffusion.schedule import NoiseSchedule
     from jax_inversion.text.conditioning import input_embedding_table, vae_factor
     from jax_inversion.training.optim import make_optimizer
@@ -318,7 +318,7 @@ def build_our_step(model, batch_size: int, resolution: int, devices=None) -> dic
     optimizer, lr = make_optimizer(resolve_unset(get_config()).train, batch_size)
     mesh = make_mesh(devices)
     step = make_train_step(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout}, optimizer,
-                           build_objective({"diffusion": 1.0}), lr, mesh, StepConfig(resolution=resolution))
+                           Objective({"diffusion": 1.0}), lr, mesh, StepConfig(resolution=resolution))
     init = table[tokens_lib.initializer_id(tokenizer, INITIALIZER)][None]
     embeddings = {"text_encoder": jnp.asarray(init, jnp.float32)}
     rng = np.random.default_rng(0)

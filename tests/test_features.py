@@ -276,7 +276,7 @@ def test_noise_offset_shifts_each_example_channel(model_and_layout):
 def test_timestep_range_bounds_the_drawn_timesteps(model_and_layout):
     """train.min_timestep/max_timestep: timesteps uniform in [low, high); noise and latents as without it."""
     from jax_inversion.core.errors import ConfigError
-    from jax_inversion.objectives.terms import build_objective
+    from jax_inversion.objectives.terms import Objective
     from jax_inversion.diffusion.schedule import NoiseSchedule
     from jax_inversion.training.step import StepConfig, make_draw, make_forward
 
@@ -284,7 +284,7 @@ def test_timestep_range_bounds_the_drawn_timesteps(model_and_layout):
     layout = {"text_encoder": placeholders}
     schedule = NoiseSchedule.from_config(model.scheduler_config)
     batch = {"latent_mean": jnp.zeros((512, 8, 8, 4)), "latent_std": jnp.ones((512, 8, 8, 4))}
-    objective = build_objective({"diffusion": 1.0})
+    objective = Objective({"diffusion": 1.0})
     draw = lambda r: make_draw(model, schedule, StepConfig(32, timestep_range=r))(batch, jax.random.PRNGKey(0))
     whole, ranged, capped = draw((0, 0)), draw((200, 0)), draw((200, 400))
     for drawn in (ranged, capped):

@@ -90,7 +90,7 @@ def _probe(config, workdir, **step_options):
     from jax_inversion.text import tokens as tokens_lib
     from jax_inversion.models.loading import load_pretrained
     from jax_inversion.models.unet import cross_attention_layers
-    from jax_inversion.objectives.terms import TermSetup, build_objective
+    from jax_inversion.objectives.terms import Objective, TermSetup
     from jax_inversion.data.phases import plan_run
     from jax_inversion.diffusion.schedule import NoiseSchedule
     from jax_inversion.text.conditioning import frozen_params, input_embedding_table, vae_factor
@@ -108,7 +108,7 @@ def _probe(config, workdir, **step_options):
         concept_rows=(plan.concept.start, plan.concept.stop), initializer=config.data.initializer_token,
         class_word=config.data.class_word, attention_layers=cross_attention_layers(model.unet.config, resolution // vae_factor(model)),
     )
-    objective = build_objective(dict(config.loss), setup)
+    objective = Objective(dict(config.loss), setup)
     phase = plan.phases[-1]
     dataset = build_dataset(config, model, phase, workdir, "masks" in objective.needs)
     forward = make_forward(
@@ -484,33 +484,33 @@ def _setup(tokenizer, table, **options):
 def test_objective_declares_needs_and_rejects_bad_options(tmp_path):
     from transformers import CLIPTokenizer
 
-    from jax_inversion.objectives.terms import ObjectiveError, build_objective
+    from jax_inversion.objectives.terms import Objective, ObjectiveError
     from jax_inversion.models.tokenizer_files import write_clip_tokenizer
 
     write_clip_tokenizer(str(tmp_path))
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
     table = np.random.default_rng(0).standard_normal((len(tokenizer), 8)).astype(np.float32)
 
-    objective = build_objective({"diffusion": 1.0, "location": 0.1, "attention": 0.0}, _setup(tokenizer, table))
+    objective = Objective({"diffusion": 1.0, "location": 0.1, "attention": 0.0}, _setup(tokenizer, table))
     assert objective.needs == {"masks", "attention_maps"}
     assert objective.capture_layers == (
         "down_blocks.0.attentions.0.transformer_blocks.0.attn2", "mid_block.attentions.0.transformer_blocks.0.attn2",
     )
-    objective = build_objective({"attention": 1.0}, _setup(tokenizer, table))
+    objective = Objective({"attention": 1.0}, _setup(tokenizer, table))
     assert objective.needs == {"attention_maps", "reference_maps"}
     assert objective.capture_layers == ("down_blocks.0.attentions.0.transformer_blocks.0.attn2",)
 
     with pytest.raises(ObjectiveError, match=r"no cross-attention layer at 32x32 \(it has \[8, 16\]\)"):
-        build_objective({"location": 1.0}, _setup(tokenizer, table, location__resolution=32))
+        Objective({"location": 1.0}, _setup(tokenizer, table, location__resolution=32))
     with pytest.raises(ObjectiveError, match="positives"):
-        build_objective({"context": 1.0}, _setup(tokenizer, table))
+        Objective({"context": 1.0}, _setup(tokenizer, table))
     with pytest.raises(ObjectiveError, match="3 word lists for 2 concept vectors"):
-        build_objective({"context": 1.0}, _setup(tokenizer, table, context__positives=[["a"], ["b"], ["c"]]))
+        Objective({"context": 1.0}, _setup(tokenizer, table, context__positives=[["a"], ["b"], ["c"]]))
     with pytest.raises(ObjectiveError, match="unknown loss term"):
-        build_objective({"diffusion": 1.0, "contxt": 1.0})
+        Objective({"diffusion": 1.0, "contxt": 1.0})
 
     # One shared positive list applies to every concept vector; the value is the hand-checked InfoNCE.
-    objective = build_objective({"context": 1.0}, _setup(tokenizer, table, context__positives=[["cat"]], context__negatives=[["dog"]]))
+    objective = Objective({"context": 1.0}, _setup(tokenizer, table, context__positives=[["cat"]], context__negatives=[["dog"]]))
     cat, dog = (table[tokenizer.encode(w, add_special_tokens=False)[0]] for w in ("cat", "dog"))
     v = np.stack([cat, dog])
     total, values = objective({"learned": {"text_encoder": jnp.asarray(v)}})

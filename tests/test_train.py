@@ -268,7 +268,7 @@ def test_remat_policies_give_the_same_gradient(one_level_sd1):
 
     from jax_inversion.text import tokens as tokens_lib
     from jax_inversion.models.loading import load_pretrained
-    from jax_inversion.objectives.terms import build_objective
+    from jax_inversion.objectives.terms import Objective
     from jax_inversion.diffusion.schedule import NoiseSchedule
     from jax_inversion.text.conditioning import frozen_params
     from jax_inversion.training.step import StepConfig, make_forward
@@ -281,7 +281,7 @@ def test_remat_policies_give_the_same_gradient(one_level_sd1):
     batch = {"latent_mean": jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32),
              "latent_std": jnp.full((2, 16, 16, 4), 0.1, jnp.float32), "input_ids": {"text_encoder": jnp.asarray(ids)}}
     rows = {"text_encoder": jnp.asarray(rng.standard_normal((1, 32)) * 0.1, jnp.float32)}
-    objective = build_objective({"diffusion": 1.0})
+    objective = Objective({"diffusion": 1.0})
     grads, checkpoints = {}, {}
     for remat in ("none", "full", "blocks"):
         forward = make_forward(model, NoiseSchedule.from_config(model.scheduler_config), {"text_encoder": layout},

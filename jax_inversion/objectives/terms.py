@@ -233,7 +233,11 @@ TERMS: dict[str, Term] = {
 
 
 class Objective:
-    """``outputs -> (total, {term: value})`` plus what the step must compute for it."""
+    """``outputs -> (total, {term: value})`` plus what the step must compute for it.
+
+    Built from ``{term: weight}`` (zero weights dropped; an unknown term or all zeros is an
+    :class:`ObjectiveError`) and, for terms with constants to prepare, the :class:`TermSetup`.
+    """
 
     def __init__(self, weights: Mapping[str, float], setup: Optional[TermSetup] = None):
         unknown = sorted(set(weights) - set(TERMS))
@@ -285,7 +289,3 @@ def term_gradients(objective: "Objective", outputs: Mapping, pullback: Callable)
     grads = jax.lax.map(lambda cotangent: pullback(cotangent)[0], stacked)
     return {name: jax.tree_util.tree_map(lambda g, i=i: g[i], grads) for i, name in enumerate(names)}
 
-
-def build_objective(weights: Mapping[str, float], setup: Optional[TermSetup] = None) -> Objective:
-    """``{term: weight}`` (zero weights dropped) -> :class:`Objective`."""
-    return Objective(weights, setup)

@@ -41,7 +41,7 @@ from jax_inversion.diffusion.schedule import NoiseSchedule
 from jax_inversion.models.loading import Pretrained, load_pretrained
 from jax_inversion.models.provenance import base_model_info
 from jax_inversion.models.unet import cross_attention_layers
-from jax_inversion.objectives.terms import TermSetup, build_objective
+from jax_inversion.objectives.terms import Objective, TermSetup
 from jax_inversion.sampling.generate import Validator
 from jax_inversion.text import tokens as tokens_lib
 from jax_inversion.text.conditioning import encoders_of, input_embedding_table, vae_factor, with_clip_skip
@@ -263,7 +263,7 @@ def setup_run(config: ml_collections.ConfigDict, devices: Optional[list] = None,
         class_word=config.data.class_word or config.data.initializer_token,
         attention_layers=cross_attention_layers(model.unet.config, resolution // vae_factor(model)),
     )
-    objective = build_objective(dict(config.loss), setup)
+    objective = Objective(dict(config.loss), setup)
     reference_ids = class_word_ids(config, model) if "reference_maps" in objective.needs else None
     return RunSetup(config, model, plan, concepts, placeholder_ids, mesh, optimizer, lr_schedule, objective, reference_ids,
                     "masks" in objective.needs, schedule, timesteps, accumulation, state)
