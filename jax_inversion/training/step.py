@@ -244,34 +244,11 @@ def concept_objective(objective: Callable, names: Sequence[str]) -> Callable:
     return loss
 
 
-def train_step(
-    frozen: dict,
-    state: TrainState,
-    batch: dict,
-    rng: jax.Array,
-    *,
-    forward: Callable,
-    objective: Callable,
-    optimizer: optax.GradientTransformation,
-    lr_schedule: Callable,
-    row_mask: jax.Array,
-    concept_keys: Optional[jax.Array] = None,
-    concept_names: Sequence[str] = (),
-    term_objective: Optional[Objective] = None,
-    log_every: int = 0,
-    accumulation: int = 1,
-    draw: Optional[Callable] = None,
-    stage_source: Optional[tuple[int, ...]] = None,
-) -> tuple[TrainState, dict]:
-    """One optimizer step of the learned rows; a step whose loss, gradients or update are not
-    finite is counted in ``nonfinite_steps`` and not applied.
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What :func:`train_step` is made of, built once by :func:`make_train_step` and bound to it.
 
-    Args:
-      frozen: the frozen weights (:func:`conditioning.frozen_params`).
-      state: the current :class:`TrainState`.
-      batch: sharded host batch (see :func:`make_train_step`).
-      rng: the run's base key; this step draws from ``fold_in(rng, state.step)`` (batch
-        inversion: from ``fold_in(concept_keys[c], state.step)`` per concept).
+    Attributes:
       forward: ``forward(learned, frozen, batch, rng) -> outputs`` (:func:`make_forward`).
       objective: ``objective(outputs) -> (loss, terms)``.
       optimizer, lr_schedule: the optax chain and its learning-rate schedule (for metrics).
@@ -292,41 +269,70 @@ def train_step(
       draw: with ``accumulation`` > 1, ``draw(batch, rng)`` (:func:`make_draw`) draws the whole batch.
       stage_source: stage rows ``[S, ...]``: after the update, stage ``s`` takes stage ``stage_source[s]``'s rows
         (:func:`extended.stage_sources`: stages no trained timestep reaches follow the nearest trained one).
+    """
+
+    forward: Callable
+    objective: Callable
+    optimizer: optax.GradientTransformation
+    lr_schedule: Callable
+    row_mask: jax.Array
+    concept_keys: Optional[jax.Array] = None
+    concept_names: Sequence[str] = ()
+    term_objective: Optional[Objective] = None
+    log_every: int = 0
+    accumulation: int = 1
+    draw: Optional[Callable] = None
+    stage_source: Optional[tuple[int, ...]] = None
+
+
+def train_step(frozen: dict, state: TrainState, batch: dict, rng: jax.Array, parts: StepParts) -> tuple[TrainState, dict]:
+    """One optimizer step of the learned rows; a step whose loss, gradients or update are not
+    finite is counted in ``nonfinite_steps`` and not applied.
+
+    Args:
+      frozen: the frozen weights (:func:`conditioning.frozen_params`).
+      state: the current :class:`TrainState`.
+      batch: sharded host batch (see :func:`make_train_step`).
+      rng: the run's base key; this step draws from ``fold_in(rng, state.step)`` (batch
+        inversion: from ``fold_in(concept_keys[c], state.step)`` per concept).
+      parts: the step's :class:`StepParts`.
 
     Returns:
       ``(new_state, metrics)``: loss, ``loss/<term>``, ``grad_norm``, ``learning_rate``,
       ``embedding_norm`` and, in batch inversion, ``concept/<name>`` and ``concept/<name>/grad_norm``.
     """
-    if concept_keys is not None:
-        step_rng = jax.vmap(lambda key: jax.random.fold_in(key, state.step))(concept_keys)
+    if parts.concept_keys is not None:
+        step_rng = jax.vmap(lambda key: jax.random.fold_in(key, state.step))(parts.concept_keys)
     else:
         step_rng = jax.random.fold_in(rng, state.step)
-    learned_rows_only = lambda tree: jax.tree_util.tree_map(lambda g: jnp.where(row_mask, g, 0.0), tree)
+    learned_rows_only = lambda tree: jax.tree_util.tree_map(lambda g: jnp.where(parts.row_mask, g, 0.0), tree)
     term_norms = {}
-    if accumulation > 1:
-        (loss, terms), grads = _accumulated_grads(frozen, state.embeddings, batch, step_rng, forward, draw, objective, accumulation)
-    elif term_objective is None or log_every <= 0:
-        loss_fn = lambda learned: objective(forward(learned, frozen, batch, step_rng))
+    if parts.accumulation > 1:
+        (loss, terms), grads = _accumulated_grads(
+            frozen, state.embeddings, batch, step_rng, parts.forward, parts.draw, parts.objective, parts.accumulation)
+    elif parts.term_objective is None or parts.log_every <= 0:
+        loss_fn = lambda learned: parts.objective(parts.forward(learned, frozen, batch, step_rng))
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.embeddings)
     else:
         loss, terms, grads, term_norms = _grads_with_term_norms(
-            lambda learned: forward(learned, frozen, batch, step_rng), state, term_objective, log_every, learned_rows_only)
+            lambda learned: parts.forward(learned, frozen, batch, step_rng), state, parts.term_objective, parts.log_every,
+            learned_rows_only)
     grads = learned_rows_only(grads)
-    new_state, embeddings = _apply_if_finite(state, grads, loss, optimizer, row_mask)
-    if stage_source is not None:
-        follow = lambda tree: jax.tree_util.tree_map(lambda rows: rows[jnp.asarray(stage_source)], tree)
+    new_state, embeddings = _apply_if_finite(state, grads, loss, parts.optimizer, parts.row_mask)
+    if parts.stage_source is not None:
+        follow = lambda tree: jax.tree_util.tree_map(lambda rows: rows[jnp.asarray(parts.stage_source)], tree)
         new_state, embeddings = new_state.replace(embeddings=follow(new_state.embeddings)), follow(embeddings)
     metrics = {
         "loss": loss,
         **{(k if k.startswith("concept/") else f"loss/{k}"): v for k, v in terms.items()},
         "grad_norm": optax.tree.norm(grads),
-        "learning_rate": lr_schedule(state.step),
+        "learning_rate": parts.lr_schedule(state.step),
         "embedding_norm": jnp.linalg.norm(embeddings["text_encoder"], axis=-1).mean(),
     }
     metrics.update({f"grad_norm/{name}": norm for name, norm in term_norms.items()})  # each term's part of the gradient
-    if concept_names:  # each concept's gradient norm (what its clipping sees)
+    if parts.concept_names:  # each concept's gradient norm (what its clipping sees)
         norms = _per_concept_norms(grads)
-        metrics.update({f"concept/{name}/grad_norm": norms[i] for i, name in enumerate(concept_names)})
+        metrics.update({f"concept/{name}/grad_norm": norms[i] for i, name in enumerate(parts.concept_names)})
     return new_state, metrics
 
 
@@ -434,8 +440,7 @@ def make_train_step(
     n_tokens = len(placeholder_ids["text_encoder"].tokens)
     a, b = trainable if trainable is not None else (0, n_tokens)
     names = tuple(name for name, _ in concepts or ())
-    step = functools.partial(
-        train_step,
+    parts = StepParts(
         forward=forward,
         objective=concept_objective(objective, names) if concepts else objective,
         optimizer=optimizer,
@@ -448,10 +453,11 @@ def make_train_step(
         stage_source=_untrained_stage_source(config, schedule),
     )
     weights = getattr(objective, "weights", {})
+    if log_every > 0 and not concepts and len(weights) > 1 and accumulation == 1:
+        parts = dataclasses.replace(parts, term_objective=objective, log_every=log_every)
+    step = functools.partial(train_step, parts=parts)
     if log_every > 0 and not concepts and len(weights) == 1:  # its gradient is the whole gradient
         step = _with_term_norm(step, next(iter(weights)))
-    elif log_every > 0 and not concepts and len(weights) > 1 and accumulation == 1:
-        step = functools.partial(step, term_objective=objective, log_every=log_every)
     same, split = replicated(mesh), batch_sharded(mesh)
     jitted = jax.jit(step, in_shardings=(same, same, split, same), out_shardings=(same, same), donate_argnums=(1,))
     return CompiledStep(jitted, place_frozen(frozen_params(model), same))
