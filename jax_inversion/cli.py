@@ -5,7 +5,10 @@ Each command lives in ``jax_inversion.commands.<name>`` with its own absl flags 
 """
 from __future__ import annotations
 
+import glob
 import importlib
+import importlib.util
+import os
 import sys
 from typing import Optional
 
@@ -27,6 +30,32 @@ CONFIG_HELP = (
     "for toyworld pretrain in jax_inversion/toyworld/config.py."
 )
 HELP_FLAGS = ("-h", "--help", "-help", "--h")
+GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")  # NVIDIA, WSL2, ROCm
+GOOGLE_PCI_VENDOR = "0x1ae0"  # a TPU chip's PCI vendor id (jax's own test: hardware_utils)
+
+
+def cpu_where_libtpu_has_no_chip(environ=os.environ, pci_devices: str = "/sys/bus/pci/devices",
+                                 gpu_device_files=GPU_DEVICE_FILES) -> bool:
+    """Sets ``JAX_PLATFORMS=cpu`` when libtpu is installed (the ``tpu`` and ``test`` extras) on a machine with
+    no TPU chip and no GPU, and ``JAX_PLATFORMS`` is not set; returns whether it did.
+
+    Without it jax starts libtpu in every command, and on such a machine libtpu prints four lines of errors
+    (TPU worker hostnames, accelerator type) before jax falls back to the CPU, where it runs anyway. A TPU
+    chip (Google's PCI vendor id), a GPU device file or the user's own ``JAX_PLATFORMS`` leaves it all alone.
+    """
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return False
+    if any(os.path.exists(path) for path in gpu_device_files):
+        return False
+    for vendor in glob.glob(os.path.join(pci_devices, "*", "vendor")):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() == GOOGLE_PCI_VENDOR:
+                    return False
+        except OSError:
+            continue
+    environ["JAX_PLATFORMS"] = "cpu"
+    return True
 
 
 def usage() -> str:
@@ -85,6 +114,7 @@ def run(argv=None) -> None:
     if name not in COMMANDS:
         print(f"jax-inversion: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
+    cpu_where_libtpu_has_no_chip()  # before the command imports jax
     from absl import app, flags
 
     program_argv = [f"jax-inversion {name}"] + argv[2:]
