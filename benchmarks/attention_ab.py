@@ -11,10 +11,12 @@ timed with a host sync per call would mostly time dispatch and synchronisation.
 
     python -m benchmarks.attention_ab [--backends xla,cudnn] [--dtype bfloat16] [--steps 20]
     python -m benchmarks.attention_ab --smoke --backends xla,chunked     # tiny shapes, any machine
+    python -m benchmarks.attention_ab --shapes cpu --backends xla,chunked --dtype float32 --steps 5   # CPU users' shapes
 
 Shapes (SD1.5 at 512 px, batch 8): 64x64 self-attention ``[8, 4096, 8, 40]`` and cross-attention
 over 77 keys, 32x32 ``[8, 1024, 8, 80]`` self-attention, 16x16 ``[8, 256, 8, 160]``
-self-attention. FLOPs (the two attention matmuls, ``4 B H T S D`` forward, 2.5x that backward)
+self-attention. ``--shapes cpu``: the small config's 1,024-token layers (head dim 4) and SD1.5's
+at 256 and 512 px, batch 1. FLOPs (the two attention matmuls, ``4 B H T S D`` forward, 2.5x that backward)
 give TFLOP/s.
 """
 from __future__ import annotations
@@ -37,6 +39,14 @@ SD15_SHAPES = (  # (name, batch, queries, keys, heads, head dim)
     ("16x16 self", 8, 256, 256, 8, 160),
 )
 SMOKE_SHAPES = (("16x16 self", 2, 256, 256, 2, 8), ("16x16 cross", 2, 256, 77, 2, 8))
+CPU_SHAPES = (  # what CPU users run: benchmarks.train_step's small config (batch 8) and SD1.5 at 256 px (batch 1)
+    ("small 32x32 self", 8, 1024, 1024, 8, 4),
+    ("small 32x32 cross", 8, 1024, 77, 8, 4),
+    ("sd15 256px 32x32 self", 1, 1024, 1024, 8, 40),
+    ("sd15 256px 16x16 self", 1, 256, 256, 8, 80),
+    ("sd15 512px 64x64 self", 1, 4096, 4096, 8, 40),
+)
+SHAPES = {"sd15": SD15_SHAPES, "cpu": CPU_SHAPES, "smoke": SMOKE_SHAPES}
 
 
 LOOPS = 3  # timed loops per measurement (their median)
@@ -90,11 +100,12 @@ def main() -> None:
     parser.add_argument("--backends", default="xla,cudnn")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--steps", type=int, default=20, help="calls per timed loop")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes (a quick end-to-end check on a CPU)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (a quick end-to-end check on a CPU); --shapes smoke")
+    parser.add_argument("--shapes", default="sd15", choices=sorted(SHAPES), help="sd15 (batch 8), cpu or smoke")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
-    for shape in SMOKE_SHAPES if args.smoke else SD15_SHAPES:
+    for shape in SHAPES["smoke" if args.smoke else args.shapes]:
         reference = None
         for backend in [b for b in args.backends.split(",") if b]:
             line = {"bench": "attention", "shape": shape[0], "batch": shape[1], "queries": shape[2], "keys": shape[3],

@@ -160,9 +160,12 @@ def test_pallas_splash_attention_gradient_in_interpret_mode_equals_xla():
         np.testing.assert_allclose(np.asarray(p), np.asarray(x), atol=5e-5)
 
 
-@pytest.mark.parametrize("q_len,kv_len,causal", [(1024, 77, False), (512, 512, True), (77, 77, True), (300, 40, False)])
+@pytest.mark.parametrize("q_len,kv_len,causal", [(1024, 77, False), (512, 512, True), (77, 77, True), (300, 40, False),
+                                                 (77, 384, False)])
 def test_chunked_attention_equals_the_reference_forward_and_gradient(q_len, kv_len, causal):
-    """Several 256-query blocks (1024, 512), one block (77), and a length no block divides (300)."""
+    """Its hand-written backward pass against autodiff of XLA's attention: several 128-query blocks
+    (1024, 512; causal across blocks of queries and keys), one block (77), a length no block divides
+    (300), and one query block against several key blocks (77 x 384)."""
     q, k, v = qkv(2, q_len, kv_len, 2, 8, seed=3)
     np.testing.assert_allclose(np.asarray(layers.chunked_attention(q, k, v, causal)), reference_attention(q, k, v, causal),
                                atol=2e-5)
@@ -172,6 +175,41 @@ def test_chunked_attention_equals_the_reference_forward_and_gradient(q_len, kv_l
     xla = grad(lambda q, k, v: layers.fused_attention(q, k, v, "xla", causal))
     for c, x in zip(chunked, xla):
         np.testing.assert_allclose(np.asarray(c), np.asarray(x), atol=5e-5)
+
+
+@pytest.mark.parametrize("batch,heads,groups", [(4, 8, 2), (5, 8, 2), (3, 16, 3), (1, 8, 1)])
+def test_chunked_attention_in_row_groups_equals_the_reference(batch, heads, groups, monkeypatch):
+    """Rows split into independent groups along the batch (4 x 8, 3 x 16), along the heads where the
+    batch does not divide (5 x 8), or not at all (SD1.5's one row of 8 heads): same forward and gradient.
+    A 1 MiB logits budget makes these 256-token layers run blocked, as 1,024-token layers do at 16 MiB."""
+    from jax_inversion.models import cpu_attention
+
+    assert cpu_attention.row_groups(batch, heads) == groups
+    monkeypatch.setattr(cpu_attention, "LOGITS_BLOCK_BYTES", 2**20)
+    q, k, v = qkv(batch, 256, 256, heads, 4, seed=6)
+    np.testing.assert_allclose(np.asarray(layers.chunked_attention(q, k, v)), reference_attention(q, k, v), atol=2e-5)
+    weights = jax.random.normal(jax.random.PRNGKey(7), q.shape)
+    grad = lambda fn: jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * weights).sum(), argnums=(0, 1, 2)))(q, k, v)
+    for c, x in zip(grad(layers.chunked_attention), grad(lambda q, k, v: layers.fused_attention(q, k, v, "xla"))):
+        np.testing.assert_allclose(np.asarray(c), np.asarray(x), atol=5e-5)
+
+
+@pytest.mark.parametrize("batch,heads,other,cap,expected", [(8, 8, 1024, 128, 64), (1, 8, 4096, 128, 128),
+                                                            (1, 8, 1024, 64, 64), (64, 16, 4096, 128, 16)])
+def test_chunked_attention_block_keeps_one_block_of_logits_within_its_budget(batch, heads, other, cap, expected):
+    """The largest power of two up to the cap whose float32 logits fit 16 MiB (64 x 64 x 1024 x 4 B is
+    exactly 16 MiB), never under 16 rows."""
+    from jax_inversion.models import cpu_attention
+
+    assert cpu_attention.block_length(batch, heads, other, cap) == expected
+
+
+def test_chunked_attention_runs_blocked_only_where_the_whole_logits_outgrow_the_budget():
+    """In the traced program: a loop (``scan``) over blocks for the small config's 1,024-token layer
+    (64 x 1024 x 1024 float32 logits, 256 MiB), none for SD1.5's 16x16 layer at 256 px (2 MiB)."""
+    loops = lambda *shape: str(jax.make_jaxpr(layers.chunked_attention)(*qkv(*shape))).count("scan[")
+    assert loops(8, 1024, 1024, 8, 4) > 0
+    assert loops(1, 256, 256, 8, 80) == 0
 
 
 def test_chunked_attention_in_bfloat16_keeps_float32_logits():

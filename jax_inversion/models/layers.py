@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_inversion.models.cpu_attention import blocked_attention
 from jax_inversion.models.tpu_attention import splash_attention
 from jax_inversion.core.platform import (
     CHUNK_QUERIES,
@@ -120,31 +121,12 @@ class Upsample2D(nn.Module):
 
 
 def chunked_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, causal: bool = False, block: int = CHUNK_QUERIES):
-    """Softmax attention over ``[B, T, heads, dim]``, heads-major, ``block`` queries at a time.
-
-    Each block's logits (``[B, heads, block, S]``, float32) are recomputed in the backward pass
-    instead of stored, so no ``[B, heads, T, S]`` array outlives its block. On XLA:CPU this runs
-    the tiny-head-dim attention of small UNets several times faster than
-    ``jax.nn.dot_product_attention``'s unfused path (see :mod:`jax_inversion.core.platform`).
-    """
+    """Softmax attention over ``[B, T, heads, dim]``, ``block`` queries (keys) at a time: the ``chunked``
+    backend, flash attention's algorithm in XLA ops with its own backward pass
+    (:mod:`jax_inversion.models.cpu_attention`). No ``[B, heads, T, S]`` array outlives its block;
+    logits and softmax are float32."""
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (qh, kh, vh))  # [B, heads, T, dim]
-    batch, heads, q_len, dim = q.shape
-    keys = jnp.arange(k.shape[2])
-
-    def attend(q_block, first_query):
-        logits = jnp.matmul(q_block, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32) * dim ** -0.5
-        if causal:
-            queries = first_query + jnp.arange(q_block.shape[2])
-            logits = jnp.where(keys[None, :] <= queries[:, None], logits, jnp.finfo(logits.dtype).min)
-        return jnp.matmul(jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
-
-    if q_len <= block or q_len % block:
-        out = attend(q, 0)
-    else:
-        blocks = jnp.moveaxis(q.reshape(batch, heads, q_len // block, block, dim), 2, 0)
-        out = jax.lax.map(lambda args: jax.checkpoint(attend)(*args), (blocks, jnp.arange(q_len // block) * block))
-        out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, q_len, dim)
-    return jnp.swapaxes(out, 1, 2)
+    return jnp.swapaxes(blocked_attention(q, k, v, causal, block), 1, 2)
 
 
 def fused_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, backend: str, causal: bool = False) -> jax.Array:
