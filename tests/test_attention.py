@@ -160,12 +160,23 @@ def test_pallas_splash_attention_gradient_in_interpret_mode_equals_xla():
         np.testing.assert_allclose(np.asarray(p), np.asarray(x), atol=5e-5)
 
 
-@pytest.mark.parametrize("q_len,kv_len,causal", [(1024, 77, False), (512, 512, True), (77, 77, True), (300, 40, False),
-                                                 (77, 384, False)])
-def test_chunked_attention_equals_the_reference_forward_and_gradient(q_len, kv_len, causal):
-    """Its hand-written backward pass against autodiff of XLA's attention: several 128-query blocks
-    (1024, 512; causal across blocks of queries and keys), one block (77), a length no block divides
-    (300), and one query block against several key blocks (77 x 384)."""
+SMALL_LOGITS_BUDGET = 2**14  # 16 KiB: these test layers run blocked, as 1,024-token layers do at the real 16 MiB
+
+
+@pytest.mark.parametrize("q_len,kv_len,causal,budget", [
+    (1024, 77, False, SMALL_LOGITS_BUDGET),  # 64 query blocks, one key block (16 does not divide 77)
+    (512, 512, True, SMALL_LOGITS_BUDGET),   # causal across blocks of queries and of keys
+    (300, 40, False, SMALL_LOGITS_BUDGET),   # no block divides 300: one block, the hand-written backward still
+    (77, 384, False, SMALL_LOGITS_BUDGET),   # one query block against several key blocks
+    (77, 77, True, None),                    # whole logits within the real budget: unblocked, jax.grad
+])
+def test_chunked_attention_equals_the_reference_forward_and_gradient(q_len, kv_len, causal, budget, monkeypatch):
+    """Forward against float64 numpy; the gradient (the hand-written backward pass where blocked)
+    against autodiff of XLA's attention."""
+    from jax_inversion.models import cpu_attention
+
+    if budget:
+        monkeypatch.setattr(cpu_attention, "LOGITS_BLOCK_BYTES", budget)
     q, k, v = qkv(2, q_len, kv_len, 2, 8, seed=3)
     np.testing.assert_allclose(np.asarray(layers.chunked_attention(q, k, v, causal)), reference_attention(q, k, v, causal),
                                atol=2e-5)
@@ -177,15 +188,21 @@ def test_chunked_attention_equals_the_reference_forward_and_gradient(q_len, kv_l
         np.testing.assert_allclose(np.asarray(c), np.asarray(x), atol=5e-5)
 
 
-@pytest.mark.parametrize("batch,heads,groups", [(4, 8, 2), (5, 8, 2), (3, 16, 3), (1, 8, 1)])
-def test_chunked_attention_in_row_groups_equals_the_reference(batch, heads, groups, monkeypatch):
-    """Rows split into independent groups along the batch (4 x 8, 3 x 16), along the heads where the
-    batch does not divide (5 x 8), or not at all (SD1.5's one row of 8 heads): same forward and gradient.
-    A 1 MiB logits budget makes these 256-token layers run blocked, as 1,024-token layers do at 16 MiB."""
+@pytest.mark.parametrize("batch,heads,groups", [(4, 8, 2), (5, 8, 2), (3, 16, 3), (1, 8, 1), (64, 8, 4)])
+def test_chunked_attention_row_groups(batch, heads, groups):
+    """At least 16 (batch row, head) pairs per group, at most 4 groups, a divisor of the batch or the heads."""
     from jax_inversion.models import cpu_attention
 
     assert cpu_attention.row_groups(batch, heads) == groups
-    monkeypatch.setattr(cpu_attention, "LOGITS_BLOCK_BYTES", 2**20)
+
+
+@pytest.mark.parametrize("batch,heads", [(4, 8), (5, 8)])
+def test_chunked_attention_in_row_groups_equals_the_reference(batch, heads, monkeypatch):
+    """Rows split into independent groups along the batch (4 x 8) or, where the batch does not divide,
+    along the heads (5 x 8): same forward and gradient."""
+    from jax_inversion.models import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "LOGITS_BLOCK_BYTES", 2**20)  # blocked, 4 blocks of 64 per group
     q, k, v = qkv(batch, 256, 256, heads, 4, seed=6)
     np.testing.assert_allclose(np.asarray(layers.chunked_attention(q, k, v)), reference_attention(q, k, v), atol=2e-5)
     weights = jax.random.normal(jax.random.PRNGKey(7), q.shape)
