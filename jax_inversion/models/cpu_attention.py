@@ -11,9 +11,9 @@ Why written by hand rather than left to ``jax.grad`` of the blocked forward: aut
 query-blocked softmax accumulates dK and dV as ``P^T @ dO`` contracted over each query block, which
 XLA:CPU runs as many small transposed matmuls (the small config's 1,024-token layers were 82 % of its
 step, 65 % in their backward pass); and it differentiates through max and division, more passes
-over each block. Here every
-block is ``matmul -> elementwise -> matmul`` with a plain (untransposed) contraction, the shape
-XLA:CPU's YNNPACK fusions take whole. Measured on a 2-core CPU: ``benchmarks/results/attention_cpu.jsonl``.
+over each block. Here every block is ``matmul -> elementwise -> matmul`` with a plain
+(untransposed) contraction, the shape XLA:CPU's YNNPACK fusions take whole. Measured on a 2-core
+CPU: ``benchmarks/results/attention_cpu.jsonl``.
 """
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def block_length(batch: int, heads: int, other_length: int, cap: int) -> int:
     ``other_length`` keys (queries) fit :data:`LOGITS_BLOCK_BYTES`, at least 16.
 
     Measured on a 2-core CPU: XLA:CPU's fused block (matmul, softmax, matmul) slows several-fold once a
-    block's logits outgrow the cache (the tiny UNet's 1,024-token layer, 64 rows x heads: 205 ms
-    forward at 128 queries, 36 ms at 32), while SD1.5's layers (one row, 8 heads) run fastest at 128.
+    block's logits outgrow the cache (the small config's 1,024-token layer, 64 (batch row, head) pairs:
+    205 ms forward at 128 queries, 36 ms at 32), while SD1.5's layers (one row, 8 heads) run fastest
+    at 128.
     """
     length = cap
     while length > 16 and batch * heads * length * other_length * 4 > LOGITS_BLOCK_BYTES:
@@ -104,7 +105,7 @@ def row_groups(batch: int, heads: int) -> int:
     at most :data:`MAX_GROUPS`, a divisor of ``batch`` or of ``heads``, at least 1.
 
     XLA:CPU runs a block's fused ops on one core, but independent ops on all of them: on 2 cores the
-    tiny UNet's step (64 rows) ran 0.70 -> 0.53 s in 4 groups, while SD1.5's 8 rows gain nothing
+    small config's step (64 pairs per layer) ran 0.70-0.75 -> 0.52-0.56 s in 4 groups, while SD1.5's 8 rows gain nothing
     from splitting.
     """
     rows = batch * heads
@@ -142,7 +143,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = F
 
 def _whole_attention(q, k, v, causal: bool) -> jax.Array:
     """Attention with all logits at once, differentiated by ``jax.grad``: for layers whose whole logits fit
-    one block's budget (SD1.5's 16x16 layer at 256 px: 5.7 ms forward+backward, against 9.2 ms blocked)."""
+    one block's budget (SD1.5's 16x16 layer at 256 px: 5.4 ms forward+backward, against 9.2 ms blocked)."""
     probs = jax.nn.softmax(_logits(q, k, causal, 0, 0), axis=-1)
     return jnp.matmul(probs.astype(v.dtype), v, preferred_element_type=F32).astype(q.dtype)
 
@@ -153,12 +154,12 @@ def _attention_group(q, k, v, causal, block):
     return _forward(q, k, v, causal, block)[0]
 
 
-def _blocked_attention_fwd(q, k, v, causal, block):
+def _attention_group_fwd(q, k, v, causal, block):
     out, lse = _forward(q, k, v, causal, block)
     return out, (q, k, v, out, lse)
 
 
-def _blocked_attention_bwd(causal, block, residuals, d_out):
+def _attention_group_bwd(causal, block, residuals, d_out):
     q, k, v, out, lse = residuals
     delta = jnp.sum(d_out.astype(F32) * out.astype(F32), axis=-1)  # rowsum(dO * O), [B, H, T]
     scale = q.shape[-1] ** -0.5
@@ -186,4 +187,4 @@ def _blocked_attention_bwd(causal, block, residuals, d_out):
     return d_q, d_k, d_v
 
 
-_attention_group.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+_attention_group.defvjp(_attention_group_fwd, _attention_group_bwd)
