@@ -6,9 +6,9 @@ Pure functions of (requested name, platform, dtype, shapes), so every choice is 
   fused attention needs) and float32 on CPU (no bf16 matmul units, and exact parity with PyTorch).
 * :func:`select_attention_backend` - ``auto`` is cuDNN flash attention on GPU in bf16/fp16, the Pallas
   splash-attention kernel on TPU (long layers), ``chunked`` on CPU (flash attention's algorithm in XLA
-  ops with its own backward pass, :mod:`jax_inversion.models.cpu_attention`: on a 2-core CPU 1.6-8x
+  ops with its own backward pass, :mod:`jax_inversion.models.cpu_attention`: on a 2-core CPU 1.6-8.7x
   faster forward+backward than ``jax.nn.dot_product_attention``'s unfused path on 1,024- and
-  4,096-token layers, and it never holds ``[B, heads, T, S]`` probabilities), ``xla``
+  4,096-token layers, holding ``[B, heads, T, S]`` probabilities only where they fit 16 MiB), ``xla``
   (``jax.nn.dot_product_attention``'s unfused path) on GPU in float32; a backend that cannot run on
   the platform or dtype is a :class:`PlatformError`.
 * :func:`attention_kernel_fits` - the shape limits of the fused kernels; a layer outside them (e.g.
