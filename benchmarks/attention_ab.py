@@ -46,7 +46,7 @@ CPU_SHAPES = (  # what CPU users run: benchmarks.train_step's small config (batc
     ("sd15 256px 16x16 self", 1, 256, 256, 8, 80),
     ("sd15 512px 64x64 self", 1, 4096, 4096, 8, 40),
 )
-SHAPES = {"sd15": SD15_SHAPES, "cpu": CPU_SHAPES, "smoke": SMOKE_SHAPES}
+SHAPES = {"sd15": SD15_SHAPES, "cpu": CPU_SHAPES}
 
 
 LOOPS = 3  # timed loops per measurement (their median)
@@ -100,12 +100,12 @@ def main() -> None:
     parser.add_argument("--backends", default="xla,cudnn")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--steps", type=int, default=20, help="calls per timed loop")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes (a quick end-to-end check on a CPU); --shapes smoke")
-    parser.add_argument("--shapes", default="sd15", choices=sorted(SHAPES), help="sd15 (batch 8), cpu or smoke")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (a quick end-to-end check on a CPU)")
+    parser.add_argument("--shapes", default="sd15", choices=sorted(SHAPES), help="sd15 (batch 8) or cpu")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
-    for shape in SHAPES["smoke" if args.smoke else args.shapes]:
+    for shape in SMOKE_SHAPES if args.smoke else SHAPES[args.shapes]:
         reference = None
         for backend in [b for b in args.backends.split(",") if b]:
             line = {"bench": "attention", "shape": shape[0], "batch": shape[1], "queries": shape[2], "keys": shape[3],

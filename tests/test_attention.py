@@ -11,7 +11,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from jax_inversion.core.errors import UserError
-from jax_inversion.models import layers
+from jax_inversion.models import cpu_attention, layers
 from jax_inversion.models import unet as unet_lib
 from jax_inversion.core.platform import (
     PlatformError,
@@ -160,6 +160,20 @@ def test_pallas_splash_attention_gradient_in_interpret_mode_equals_xla():
         np.testing.assert_allclose(np.asarray(p), np.asarray(x), atol=5e-5)
 
 
+def assert_chunked_equals_the_reference(qkv_arrays, causal, weight_seed):
+    """The ``chunked`` backend's output against float64 numpy, and its gradients (of a loss weighing every
+    output) against autodiff of XLA's attention."""
+    q, k, v = qkv_arrays
+    np.testing.assert_allclose(np.asarray(layers.chunked_attention(q, k, v, causal)), reference_attention(q, k, v, causal),
+                               atol=2e-5)
+    weights = jax.random.normal(jax.random.PRNGKey(weight_seed), q.shape)
+    grad = lambda fn: jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * weights).sum(), argnums=(0, 1, 2)))(q, k, v)
+    chunked = grad(lambda q, k, v: layers.chunked_attention(q, k, v, causal))
+    xla = grad(lambda q, k, v: layers.fused_attention(q, k, v, "xla", causal))
+    for c, x in zip(chunked, xla):
+        np.testing.assert_allclose(np.asarray(c), np.asarray(x), atol=5e-5)
+
+
 SMALL_LOGITS_BUDGET = 2**14  # 16 KiB: these test layers run blocked, as 1,024-token layers do at the real 16 MiB
 
 
@@ -173,26 +187,14 @@ SMALL_LOGITS_BUDGET = 2**14  # 16 KiB: these test layers run blocked, as 1,024-t
 def test_chunked_attention_equals_the_reference_forward_and_gradient(q_len, kv_len, causal, budget, monkeypatch):
     """Forward against float64 numpy; the gradient (the hand-written backward pass where blocked)
     against autodiff of XLA's attention."""
-    from jax_inversion.models import cpu_attention
-
     if budget:
         monkeypatch.setattr(cpu_attention, "LOGITS_BLOCK_BYTES", budget)
-    q, k, v = qkv(2, q_len, kv_len, 2, 8, seed=3)
-    np.testing.assert_allclose(np.asarray(layers.chunked_attention(q, k, v, causal)), reference_attention(q, k, v, causal),
-                               atol=2e-5)
-    weights = jax.random.normal(jax.random.PRNGKey(4), q.shape)
-    grad = lambda fn: jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * weights).sum(), argnums=(0, 1, 2)))(q, k, v)
-    chunked = grad(lambda q, k, v: layers.chunked_attention(q, k, v, causal))
-    xla = grad(lambda q, k, v: layers.fused_attention(q, k, v, "xla", causal))
-    for c, x in zip(chunked, xla):
-        np.testing.assert_allclose(np.asarray(c), np.asarray(x), atol=5e-5)
+    assert_chunked_equals_the_reference(qkv(2, q_len, kv_len, 2, 8, seed=3), causal, weight_seed=4)
 
 
 @pytest.mark.parametrize("batch,heads,groups", [(4, 8, 2), (5, 8, 2), (3, 16, 3), (1, 8, 1), (64, 8, 4)])
 def test_chunked_attention_row_groups(batch, heads, groups):
     """At least 16 (batch row, head) pairs per group, at most 4 groups, a divisor of the batch or the heads."""
-    from jax_inversion.models import cpu_attention
-
     assert cpu_attention.row_groups(batch, heads) == groups
 
 
@@ -200,15 +202,8 @@ def test_chunked_attention_row_groups(batch, heads, groups):
 def test_chunked_attention_in_row_groups_equals_the_reference(batch, heads, monkeypatch):
     """Rows split into independent groups along the batch (4 x 8) or, where the batch does not divide,
     along the heads (5 x 8): same forward and gradient."""
-    from jax_inversion.models import cpu_attention
-
     monkeypatch.setattr(cpu_attention, "LOGITS_BLOCK_BYTES", 2**20)  # blocked, 4 blocks of 64 per group
-    q, k, v = qkv(batch, 256, 256, heads, 4, seed=6)
-    np.testing.assert_allclose(np.asarray(layers.chunked_attention(q, k, v)), reference_attention(q, k, v), atol=2e-5)
-    weights = jax.random.normal(jax.random.PRNGKey(7), q.shape)
-    grad = lambda fn: jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * weights).sum(), argnums=(0, 1, 2)))(q, k, v)
-    for c, x in zip(grad(layers.chunked_attention), grad(lambda q, k, v: layers.fused_attention(q, k, v, "xla"))):
-        np.testing.assert_allclose(np.asarray(c), np.asarray(x), atol=5e-5)
+    assert_chunked_equals_the_reference(qkv(batch, 256, 256, heads, 4, seed=6), False, weight_seed=7)
 
 
 @pytest.mark.parametrize("batch,heads,other,cap,expected", [(8, 8, 1024, 128, 64), (1, 8, 4096, 128, 128),
@@ -216,8 +211,6 @@ def test_chunked_attention_in_row_groups_equals_the_reference(batch, heads, monk
 def test_chunked_attention_block_keeps_one_block_of_logits_within_its_budget(batch, heads, other, cap, expected):
     """The largest power of two up to the cap whose float32 logits fit 16 MiB (64 x 64 x 1024 x 4 B is
     exactly 16 MiB), never under 16 rows."""
-    from jax_inversion.models import cpu_attention
-
     assert cpu_attention.block_length(batch, heads, other, cap) == expected
 
 

@@ -31,7 +31,7 @@ ACCELERATORS = ("gpu", "tpu")
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 PALLAS_TILE = 128  # the TPU kernel's sequence lengths are multiples of this tile
 PALLAS_MIN_TOKENS = 1024  # the TPU kernel runs on self-attention over 64x64 and 32x32 latents, not shorter layers
-CHUNK_QUERIES = 128  # queries (keys) per block of the ``chunked`` backend
+CHUNK_QUERIES = 128  # the most queries (keys) per block of the ``chunked`` backend
 
 
 class PlatformError(ConfigError):

@@ -22,6 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax_inversion.core.platform import CHUNK_QUERIES
+
 F32 = jnp.float32
 
 
@@ -81,7 +83,8 @@ def _logits(rows: jax.Array, columns: jax.Array, causal: bool, row_start, column
 
 
 def _forward(q, k, v, causal: bool, block: int):
-    """Output ``[B, H, T, D]`` and each query's log-sum-exp ``[B, H, T]`` (float32)."""
+    """Output ``[B, H, T, D]`` and each query's log-sum-exp ``[B, H, T, 1]`` (float32; the trailing axis
+    broadcasts against a block's logits and lets the blocks split it like ``q``)."""
 
     def attend(pieces, q_start):
         (q_block,) = pieces
@@ -90,10 +93,9 @@ def _forward(q, k, v, causal: bool, block: int):
         weights = jnp.exp(logits - peak)
         total = jnp.sum(weights, axis=-1, keepdims=True)
         out = jnp.matmul(weights.astype(v.dtype), v, preferred_element_type=F32) / total
-        return out.astype(q.dtype), peak + jnp.log(total)  # lse as [B, H, block, 1], split like the rest
+        return out.astype(q.dtype), peak + jnp.log(total)
 
-    out, lse = _map_blocks(attend, (q,), q.shape[2], block_length(*q.shape[:2], k.shape[2], block))
-    return out, lse[..., 0]
+    return _map_blocks(attend, (q,), q.shape[2], block_length(*q.shape[:2], k.shape[2], block))
 
 
 ROWS_PER_GROUP = 16  # at least this many (batch row, head) pairs per independent group
@@ -115,7 +117,8 @@ def row_groups(batch: int, heads: int) -> int:
     return groups
 
 
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False, block: int = 128) -> jax.Array:
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,
+                      block: int = CHUNK_QUERIES) -> jax.Array:
     """Softmax attention over heads-major ``[B, heads, T, dim]`` arrays, a block of queries (and, in the
     backward pass, of keys) at a time; a length the block does not divide runs as one block. The
     ``(batch row, head)`` pairs run in :func:`row_groups` independent groups. Attention whose whole
@@ -161,7 +164,8 @@ def _attention_group_fwd(q, k, v, causal, block):
 
 def _attention_group_bwd(causal, block, residuals, d_out):
     q, k, v, out, lse = residuals
-    delta = jnp.sum(d_out.astype(F32) * out.astype(F32), axis=-1)  # rowsum(dO * O), [B, H, T]
+    delta = jnp.sum(d_out.astype(F32) * out.astype(F32), axis=-1, keepdims=True)  # rowsum(dO * O), [B, H, T, 1]
+    lse_t, delta_t = jnp.swapaxes(lse, -1, -2), jnp.swapaxes(delta, -1, -2)  # [B, H, 1, T]: per query, along a key row
     scale = q.shape[-1] ** -0.5
 
     def d_query(pieces, q_start):  # one query block against every key
@@ -173,15 +177,15 @@ def _attention_group_bwd(causal, block, residuals, d_out):
 
     def d_key_value(pieces, k_start):  # one key block against every query, transposed: [B, H, keys, T]
         k_block, v_block = pieces
-        probs_t = jnp.exp(_logits(k_block, q, causal, k_start, 0, rows_are_queries=False) - lse[:, :, None, :])
+        probs_t = jnp.exp(_logits(k_block, q, causal, k_start, 0, rows_are_queries=False) - lse_t)
         d_value = jnp.matmul(probs_t.astype(d_out.dtype), d_out, preferred_element_type=F32)
         d_probs_t = jnp.matmul(v_block, jnp.swapaxes(d_out, -1, -2), preferred_element_type=F32)
-        d_logits_t = probs_t * (d_probs_t - delta[:, :, None, :]) * scale
+        d_logits_t = probs_t * (d_probs_t - delta_t) * scale
         d_key = jnp.matmul(d_logits_t.astype(q.dtype), q, preferred_element_type=F32)
         return d_key.astype(k.dtype), d_value.astype(v.dtype)
 
     batch, heads, q_len, kv_len = *q.shape[:3], k.shape[2]
-    (d_q,) = _map_blocks(d_query, (q, d_out, lse[..., None], delta[..., None]), q_len,
+    (d_q,) = _map_blocks(d_query, (q, d_out, lse, delta), q_len,
                          block_length(batch, heads, kv_len, block))
     d_k, d_v = _map_blocks(d_key_value, (k, v), kv_len, block_length(batch, heads, q_len, block))
     return d_q, d_k, d_v
