@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -96,6 +97,9 @@ def main() -> None:
     from jax_inversion.configs.ti import get_config
     from jax_inversion.models.tiny import write_config_only_model
     from jax_inversion.training.tpu_plan import plan_topology, topology_devices
+
+    logging.basicConfig(format="%(asctime)s %(message)s")  # the search's compiles, one line each, on stderr
+    logging.getLogger("jax_inversion.training.tpu_plan").setLevel(logging.INFO)
 
     root = tempfile.mkdtemp(prefix="tpu_compile_models_")
     for name in args.models.split(","):

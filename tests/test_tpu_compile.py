@@ -56,8 +56,9 @@ def test_an_unknown_topology_is_one_line_and_exit_1():
 
 @pytest.mark.parametrize("limit", [0, 1, 5, 12, 64, 100])
 def test_the_largest_batch_search_finds_the_last_batch_that_fits(monkeypatch, limit):
-    """Doubling then bisection over compiles, checked against a stand-in compiler whose peak grows with the
-    batch (1 GiB + 1 GiB per example per chip) on 4 chips; the answer is capped at MAX_BATCH_PER_CHIP."""
+    """Checked against a stand-in compiler whose peak grows linearly with the batch (1 GiB + 1 GiB per
+    example per chip) on 4 chips: after two peaks the line predicts the answer, and one more compile
+    confirms it; the answer is capped at MAX_BATCH_PER_CHIP."""
     from jax_inversion.training import tpu_plan
     from jax_inversion.configs.ti import get_config
 
@@ -72,7 +73,7 @@ def test_the_largest_batch_search_finds_the_last_batch_that_fits(monkeypatch, li
     capacity = (1 + limit) * 2**30 + 5
     found = tpu_plan.largest_batch_per_chip(get_config(), [object()] * 4, capacity, "dots")
     assert found == min(limit, tpu_plan.MAX_BATCH_PER_CHIP)
-    assert len(compiled) == len(set(compiled)) <= 2 * 7 + 1  # each batch compiled once, ~2 log2 compiles
+    assert len(compiled) == len(set(compiled)) == {0: 1, 1: 2, 5: 4, 12: 4, 64: 3, 100: 3}[limit]  # 1, 2, the line's answer, one above
 
     # The report's own compile (8 per chip) is known: the search starts from it when it fits, is bounded by it when not.
     compiled.clear()
@@ -82,9 +83,35 @@ def test_the_largest_batch_search_finds_the_last_batch_that_fits(monkeypatch, li
     assert len(compiled) == len(set(compiled)) and 8 not in compiled
     if limit >= 8:
         assert min(compiled) > 8  # nothing below the known fit is compiled
-        assert len(compiled) == {12: 4, 64: 3, 100: 3}[limit]  # 16 (miss), 12, 14 (miss), 13 (miss); 16, 32, 64 (the cap)
+        assert compiled == {12: [16, 12, 13], 64: [16, 64], 100: [16, 64]}[limit]
     else:
         assert max(compiled) < 8
+
+
+@pytest.mark.parametrize("capacity_gib", [1.4, 3.0, 9.5, 20.0, 31.0, 47.0, 90.0, 200.0])
+def test_the_largest_batch_search_survives_a_curved_peak_and_misses_that_do_not_compile(monkeypatch, capacity_gib):
+    """A peak that bends upward (so the line overshoots) and a compiler that refuses every batch that does not
+    fit, as the TPU compiler does (RESOURCE_EXHAUSTED: no peak to learn from): the answer is still the last
+    batch that fits, found by brute force here, in at most about 2 log2(64) compiles, each batch once."""
+    from jax_inversion.training import tpu_plan
+    from jax_inversion.configs.ti import get_config
+
+    capacity = int(capacity_gib * 2**30)
+    true_peak = lambda per_chip: int((1 + 0.25 * per_chip + 0.01 * per_chip**2) * 2**30)
+    compiled = []
+
+    def peak(config, devices, batch_size):
+        compiled.append(batch_size // len(devices))
+        value = true_peak(batch_size // len(devices))
+        return value if value <= capacity else None
+
+    monkeypatch.setattr(tpu_plan, "_peak", peak)
+    expected = max((b for b in range(1, tpu_plan.MAX_BATCH_PER_CHIP + 1) if true_peak(b) <= capacity), default=0)
+    for known in ({}, {8: peak(None, [0], 8)}):
+        compiled.clear()
+        found = tpu_plan.largest_batch_per_chip(get_config(), [object()], capacity, "dots", known)
+        assert found == expected, (known, compiled)
+        assert len(compiled) == len(set(compiled)) <= 2 * 6 + 2
 
 
 @pytest.mark.parametrize("topology,devices,gib", [
