@@ -132,8 +132,11 @@ def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Op
     Peak bytes grow about linearly with the batch, so once two compiles have given their peaks the next
     batch tried is the line's prediction of the last fit, then the batch above it: an SD1.5 search from
     the report's 8 per chip compiles 16, the prediction and one more (doubling and bisection took 8
-    compiles for the same answer on v5e). Before two peaks are known it doubles; after a guess that missed
-    it bisects, so a peak curve that bends still ends in about 2 log2(answer) compiles. Only compiled
+    compiles for the same answer on v5e). Before two peaks are known it doubles; after a guess that missed,
+    or where the line predicts a fit at a batch already known not to fit, it bisects: the TPU compiler
+    rematerializes as a step nears the chip's HBM, so its peaks flatten there (SD1.5 on v5e: 7.7, 12.9,
+    14.7, 15.0 GiB at 8, 16, 20, 33 per chip) and the line overshoots; such a search ends in about
+    2 log2(answer) compiles. Only compiled
     batches decide: a fit is a batch whose step compiled within ``capacity``, the answer is a fit whose
     next batch did not, or ``MAX_BATCH_PER_CHIP``. ``known`` maps batch-per-chip -> peak bytes (None: did
     not compile) already compiled with this policy, such as the report's own batch; every batch below a
@@ -171,6 +174,8 @@ def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Op
     guess_missed = False
     while low < MAX_BATCH_PER_CHIP and (high is None or high - low > 1):
         prediction = None if guess_missed else predicted_last_fit(low)
+        if prediction is not None and high is not None and prediction >= high:
+            prediction = None  # the line says a batch that did not fit fits: the peak bends (the compiler remats), bisect
         if prediction is not None:
             guess = prediction if prediction > low else low + 1  # at or past the line's last fit: try the next batch
         elif high is None:
