@@ -129,15 +129,12 @@ def _peak(config, devices, batch_size: int) -> Optional[int]:
 def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Optional[dict] = None) -> int:
     """The largest batch per chip whose step fits ``capacity`` bytes with ``train.remat=remat`` (0: not even 1).
 
-    Peak bytes grow about linearly with the batch, so once two compiles have given their peaks the next
-    batch tried is the line's prediction of the last fit, then the batch above it: an SD1.5 search from
-    the report's 8 per chip compiles 16, the prediction and one more (doubling and bisection took 8
-    compiles for the same answer on v5e). Before two peaks are known it doubles; after a guess that missed,
-    or where the line predicts a fit at a batch already known not to fit, it bisects: the TPU compiler
-    rematerializes as a step nears the chip's HBM, so its peaks flatten there (SD1.5 on v5e: 7.7, 12.9,
-    14.7, 15.0 GiB at 8, 16, 20, 33 per chip) and the line overshoots; such a search ends in about
-    2 log2(answer) compiles. Only compiled
-    batches decide: a fit is a batch whose step compiled within ``capacity``, the answer is a fit whose
+    Once two compiles have given their peaks, the next batch tried is where the line through the two
+    nearest the last fit meets ``capacity`` (then the batch above it): three compiles where peaks grow
+    linearly. Before two peaks are known it doubles; where the line predicts a fit at a batch already known
+    not to fit, it bisects. On TPU the line does overshoot: the compiler rematerializes as a step nears the
+    chip's HBM, so peaks flatten (SD1.5 on v5e: 7.7, 12.9, 14.7, 15.0 GiB at 8, 16, 20, 33 per chip).
+    Only compiled batches decide: the answer is a batch whose step compiled within ``capacity`` and whose
     next batch did not, or ``MAX_BATCH_PER_CHIP``. ``known`` maps batch-per-chip -> peak bytes (None: did
     not compile) already compiled with this policy, such as the report's own batch; every batch below a
     fit is taken to fit, since memory grows with the batch.
@@ -171,23 +168,17 @@ def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Op
     if not fits(low):
         return 0
     high = min((b for b in known_misses if b > low), default=None)  # the smallest batch known not to fit
-    guess_missed = False
     while low < MAX_BATCH_PER_CHIP and (high is None or high - low > 1):
-        prediction = None if guess_missed else predicted_last_fit(low)
-        if prediction is not None and high is not None and prediction >= high:
-            prediction = None  # the line says a batch that did not fit fits: the peak bends (the compiler remats), bisect
-        if prediction is not None:
-            guess = prediction if prediction > low else low + 1  # at or past the line's last fit: try the next batch
-        elif high is None:
-            guess = low * 2
-        else:
-            guess = (low + high) // 2
-        ceiling = MAX_BATCH_PER_CHIP if high is None else high - 1
-        guess = max(low + 1, min(guess, ceiling))
+        guess = predicted_last_fit(low)
+        if guess is not None and high is not None and guess >= high:
+            guess = None  # the line says a batch that did not fit fits: the peak bends (the compiler remats), bisect
+        if guess is None:
+            guess = low * 2 if high is None else (low + high) // 2
+        guess = max(low + 1, min(guess, MAX_BATCH_PER_CHIP if high is None else high - 1))  # at or past the line's fit: the next
         if fits(guess):
-            low, guess_missed = guess, False
+            low = guess
         else:
-            high, guess_missed = guess, prediction is not None
+            high = guess
     return low
 
 
