@@ -69,12 +69,13 @@ def table_row(name: str, r: dict) -> str:
     from jax_inversion.training.tpu_plan import MAX_BATCH_PER_CHIP, hbm_bytes
 
     name = f"{name}, {r['topology']}" + (f", remat {r['remat']}" if r["remat"] != "none" else "")
-    if not r["compiled"]:
-        return f"| {name} | {r['chips']} ({r['hosts']}) | no: {r['error'][:160]} | | NO | | | | |"
-    capacity = hbm_bytes(r["topology"], r["chips"])
     largest = r.get("largest_batch_per_chip")
     shown = lambda b: "-" if b is None else (f">= {b} (the search's cap)" if b >= MAX_BATCH_PER_CHIP else str(b))
     searched = " / ".join(shown(largest.get(k)) for k in ("none", "dots", "full", "blocks")) if largest else "not searched"
+    if not r["compiled"]:  # refused for HBM: the search may still have found a smaller batch that fits
+        cell = f" {searched} " if largest else " "
+        return f"| {name} | {r['chips']} ({r['hosts']}) | no: {r['error'][:160]} | | NO | | |{cell}| |"
+    capacity = hbm_bytes(r["topology"], r["chips"])
     kernels = ", ".join(f"{k} {v}" for k, v in sorted(r["attention"].items()))
     return (f"| {name} | {r['chips']} ({r['hosts']}) | yes | {r['bytes_per_chip'] / 2**30:.2f} ({capacity / 2**30:.0f}) | "
             f"{'yes' if r['bytes_per_chip'] <= capacity else 'NO'} | {r['flops_per_step'] / 1e12:.2f} | {kernels} | {searched} | "

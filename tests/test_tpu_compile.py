@@ -78,14 +78,15 @@ def test_the_largest_batch_search_finds_the_last_batch_that_fits(monkeypatch, li
 
     monkeypatch.setattr(tpu_plan, "_peak", peak)
     capacity = (1 + limit) * 2**30 + 5
-    found = tpu_plan.largest_batch_per_chip(get_config(), [object()] * 4, capacity, "dots")
+    found = tpu_plan.largest_batch_per_chip(get_config(), [object()] * 4, capacity, "dots").largest
     assert found == min(limit, tpu_plan.MAX_BATCH_PER_CHIP)
     assert len(compiled) == len(set(compiled)) == {0: 1, 1: 2, 5: 4, 12: 4, 64: 3, 100: 3}[limit]  # 1, 2, the line's answer, one above
 
     # The report's own compile (8 per chip) is known: the search starts from it when it fits, is bounded by it when not.
     compiled.clear()
     known = {8: (1 + 8) * 2**30}
-    found = tpu_plan.largest_batch_per_chip(get_config(), [object()] * 4, capacity, "dots", known)
+    found, peaks = tpu_plan.largest_batch_per_chip(get_config(), [object()] * 4, capacity, "dots", known)
+    assert peaks == {b: (1 + b) * 2**30 for b in [8, *compiled]}  # every peak the answer rests on, the known one too
     assert found == min(limit, tpu_plan.MAX_BATCH_PER_CHIP)
     assert len(compiled) == len(set(compiled)) and 8 not in compiled
     if limit >= 8:
@@ -121,9 +122,52 @@ def test_the_largest_batch_search_survives_a_curved_peak_and_misses_that_do_not_
     expected = max((b for b in range(1, tpu_plan.MAX_BATCH_PER_CHIP + 1) if true_peak(b) <= capacity), default=0)
     for known in ({}, {8: peak(None, [0], 8)}):
         compiled.clear()
-        found = tpu_plan.largest_batch_per_chip(get_config(), [object()], capacity, "dots", known)
+        found = tpu_plan.largest_batch_per_chip(get_config(), [object()], capacity, "dots", known).largest
         assert found == expected, (known, compiled)
         assert len(compiled) == len(set(compiled)) <= 2 * 6 + 2
+
+
+@pytest.mark.parametrize("error,searched", [
+    ("JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+     "(25.17G) exceeds available HBM (15.75G).", True),  # SDXL at 1024 px, 8 per chip, on v5e: a smaller batch may fit
+    ("NotImplementedError: Mosaic kernels cannot be automatically partitioned. Please wrap the call in a shard_map.", False),
+])
+def test_a_step_refused_for_memory_still_gets_its_largest_batch(monkeypatch, error, searched):
+    """The report's own batch (8 per chip) does not compile: refused for HBM, the search runs from below it (the
+    answer a user needs most then) and the lines say it; any other compile error is reported without a search.
+    A stand-in compiler (no step is compiled): 1 GiB + 1 GiB per example per chip against 4.5 GiB of HBM."""
+    import types
+
+    from jax_inversion.configs.ti import get_config
+    from jax_inversion.training import tpu_plan
+
+    devices = [types.SimpleNamespace(device_kind="TPU v5 lite", process_index=k // 4) for k in range(8)]
+    monkeypatch.setattr(tpu_plan, "topology_devices", lambda name: devices)
+    monkeypatch.setattr(tpu_plan, "hbm_bytes", lambda name, n: int(4.5 * 2**30))
+    model = types.SimpleNamespace(unet=types.SimpleNamespace(dtype="bfloat16"))
+    monkeypatch.setattr(tpu_plan, "setup_run", lambda config, devices, shapes_only: types.SimpleNamespace(resolution=64, model=model))
+    monkeypatch.setattr(tpu_plan, "compile_phases", lambda run, batch_size: [tpu_plan.PhaseCompile("concept", None, {}, error)])
+    compiled = []
+
+    def peak(config, devices, batch_size):
+        compiled.append(batch_size // len(devices))
+        per_chip = 1 + batch_size // len(devices)
+        return per_chip * 2**30 if per_chip <= 4.5 else None  # what does not fit does not compile, as on TPU
+
+    monkeypatch.setattr(tpu_plan, "_peak", peak)
+    config = get_config()
+    config.train.batch_size = 64
+    report = tpu_plan.plan_topology(config, "v5e:2x4", search=("none", "blocks"))
+    assert not report["compiled"] and not report["fits"] and report["error"] == error
+    lines = tpu_plan.format_report(report).splitlines()
+    assert lines[1] == f"not compiled: {error}"
+    if not searched:
+        assert compiled == [] and "largest_batch_per_chip" not in report and len(lines) == 2
+        return
+    assert report["largest_batch_per_chip"] == {"none": 3, "blocks": 3}
+    assert report["search_peaks"]["none"]["8"] is None and "8" not in report["search_peaks"]["blocks"]  # known for none only
+    assert report["search_peaks"]["none"]["3"] == 4 * 2**30 and report["search_peaks"]["none"]["4"] is None
+    assert lines[2] == "largest batch per chip that fits: remat none: 3, remat blocks: 3"
 
 
 @pytest.mark.parametrize("topology,devices,gib", [

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +126,14 @@ def _peak(config, devices, batch_size: int) -> Optional[int]:
     return max(p.report.peak_bytes for p in phases)
 
 
-def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Optional[dict] = None) -> int:
+class BatchSearch(NamedTuple):
+    """A largest-batch search's answer and what it compiled: ``{batch per chip: peak bytes, None if not compiled}``."""
+
+    largest: int
+    peaks: dict
+
+
+def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Optional[dict] = None) -> BatchSearch:
     """The largest batch per chip whose step fits ``capacity`` bytes with ``train.remat=remat`` (0: not even 1).
 
     Once two compiles have given their peaks, the next batch tried is where the line through the two
@@ -137,7 +144,8 @@ def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Op
     Only compiled batches decide: the answer is a batch whose step compiled within ``capacity`` and whose
     next batch did not, or ``MAX_BATCH_PER_CHIP``. ``known`` maps batch-per-chip -> peak bytes (None: did
     not compile) already compiled with this policy, such as the report's own batch; every batch below a
-    fit is taken to fit, since memory grows with the batch.
+    fit is taken to fit, since memory grows with the batch. The answer comes with every peak known, ``known``'s
+    included.
     """
     n = len(devices)
     config = _with(config, remat=remat, gradient_accumulation=1)
@@ -166,7 +174,7 @@ def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Op
     known_misses = [b for b in peaks if b not in known_fits]
     low = min(max(known_fits, default=1), MAX_BATCH_PER_CHIP)
     if not fits(low):
-        return 0
+        return BatchSearch(0, peaks)
     high = min((b for b in known_misses if b > low), default=None)  # the smallest batch known not to fit
     while low < MAX_BATCH_PER_CHIP and (high is None or high - low > 1):
         guess = predicted_last_fit(low)
@@ -179,7 +187,12 @@ def largest_batch_per_chip(config, devices, capacity: int, remat: str, known: Op
             low = guess
         else:
             high = guess
-    return low
+    return BatchSearch(low, peaks)
+
+
+def refused_for_memory(error: str) -> bool:
+    """Whether a compile error is the TPU compiler refusing the step for HBM (a smaller batch may still fit)."""
+    return "RESOURCE_EXHAUSTED" in error or "Ran out of memory" in error
 
 
 def plan_topology(config: ml_collections.ConfigDict, topology: str, search: Sequence[str] = tuple(REMAT_POLICIES)) -> dict:
@@ -188,7 +201,8 @@ def plan_topology(config: ml_collections.ConfigDict, topology: str, search: Sequ
     Keys: ``topology``, ``chips``, ``hosts``, ``compiled``, ``fits``, ``bytes_per_chip`` (the largest
     phase's peak), ``hbm_bytes_per_chip``, ``flops_per_step`` (per chip, the TPU compiler's),
     ``attention`` (``{kernel: layers}``), ``error``, ``phases`` (each phase's numbers),
-    ``batch_per_chip`` and ``largest_batch_per_chip`` (``{remat: batch}`` for ``search``).
+    ``batch_per_chip``, and for ``search`` (when the step compiled, or the compiler refused it for HBM)
+    ``largest_batch_per_chip`` (``{remat: batch}``) and ``search_peaks`` (``{remat: {batch: peak bytes or None}}``).
     """
     devices = topology_devices(topology)
     capacity = hbm_bytes(topology, len(devices))
@@ -224,11 +238,14 @@ def plan_topology(config: ml_collections.ConfigDict, topology: str, search: Sequ
                 for p in phases
             ],
         }
-        if compiled and search:
-            known = {config.train.remat: {out["batch_per_chip"]: peak}} if config.train.get("gradient_accumulation", 1) == 1 else {}
-            out["largest_batch_per_chip"] = {
-                remat: largest_batch_per_chip(config, devices, capacity, remat, known.get(remat)) for remat in search
-            }
+        # A step the compiler refused for HBM is where the largest batch that fits matters most: search it too.
+        out_of_memory = not compiled and all(p.report is not None or refused_for_memory(p.error) for p in phases)
+        if search and (compiled or out_of_memory):
+            known = ({config.train.remat: {out["batch_per_chip"]: peak if compiled else None}}
+                     if config.train.get("gradient_accumulation", 1) == 1 else {})
+            searches = {remat: largest_batch_per_chip(config, devices, capacity, remat, known.get(remat)) for remat in search}
+            out["largest_batch_per_chip"] = {remat: found.largest for remat, found in searches.items()}
+            out["search_peaks"] = {remat: {str(b): p for b, p in sorted(found.peaks.items())} for remat, found in searches.items()}
     return out
 
 
@@ -238,7 +255,7 @@ def format_report(report: dict) -> str:
             f"{'s' if report['hosts'] > 1 else ''}): {report['model']} at {report['resolution']} px, "
             f"{report['dtype']}, batch {report['batch']} ({report['batch_per_chip']} per chip), remat {report['remat']}")
     if not report["compiled"]:
-        return f"{head}\nnot compiled: {report['error']}"
+        return "\n".join([head, f"not compiled: {report['error']}", *_largest_batch_lines(report)])
     lines = [head, "compiled"]
     for p in report["phases"]:
         lines.append(
@@ -248,7 +265,11 @@ def format_report(report: dict) -> str:
         )
     lines.append(f"fits: {'yes' if report['fits'] else 'NO'}")
     lines.append("attention layers by kernel: " + ", ".join(f"{k} {n}" for k, n in sorted(report["attention"].items())))
-    if "largest_batch_per_chip" in report:
-        lines.append("largest batch per chip that fits: " + ", ".join(
-            f"remat {r}: {b if b < MAX_BATCH_PER_CHIP else f'>= {b}'}" for r, b in report["largest_batch_per_chip"].items()))
-    return "\n".join(lines)
+    return "\n".join(lines + _largest_batch_lines(report))
+
+
+def _largest_batch_lines(report: dict) -> list[str]:
+    if "largest_batch_per_chip" not in report:
+        return []
+    return ["largest batch per chip that fits: " + ", ".join(
+        f"remat {r}: {b if b < MAX_BATCH_PER_CHIP else f'>= {b}'}" for r, b in report["largest_batch_per_chip"].items())]
