@@ -269,7 +269,9 @@ def format_report(report: dict) -> str:
 
 
 def _largest_batch_lines(report: dict) -> list[str]:
+    """The search's line, if it ran: ``0`` says not even 1 per chip fits, ``>= 64`` that the search stopped at its cap."""
     if "largest_batch_per_chip" not in report:
         return []
+    shown = lambda b: "0 (not even 1)" if b == 0 else (f">= {b}" if b >= MAX_BATCH_PER_CHIP else str(b))
     return ["largest batch per chip that fits: " + ", ".join(
-        f"remat {r}: {b if b < MAX_BATCH_PER_CHIP else f'>= {b}'}" for r, b in report["largest_batch_per_chip"].items())]
+        f"remat {r}: {shown(b)}" for r, b in report["largest_batch_per_chip"].items())]
