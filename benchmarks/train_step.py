@@ -76,7 +76,7 @@ import time
 import numpy as np
 
 from jax_inversion.core.aot import cost_flops
-from jax_inversion.models.tiny import TINY_UNET, TINY_VAE, tiny_text_config
+from jax_inversion.models.tiny import TINY_SCHEDULER, TINY_UNET, TINY_VAE, tiny_text_config
 
 # SD1.5 (runwayml/stable-diffusion-v1-5) architecture.
 SD15_UNET = {
@@ -122,14 +122,7 @@ SMALL_VAE = {k: v for k, v in TINY_VAE.items() if k != "_class_name"}
 SMALL_TEXT = {**{k: v for k, v in tiny_text_config(0, 0, 0).items() if k in SD15_TEXT}, "vocab_size": None}
 ARCHITECTURES = {"sd15": (SD15_UNET, SD15_VAE, SD15_TEXT), "small": (SMALL_UNET, SMALL_VAE, SMALL_TEXT)}
 DEFAULT_SHAPE = {"sd15": (512, 1), "small": (64, 8)}
-SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-}
+SCHEDULER = {k: v for k, v in TINY_SCHEDULER.items() if k != "_class_name"}  # SD1.5's DDPM schedule, as the tiny models'
 PROMPT = "a photo of a"  # then the placeholder, EOS, EOS padding
 INITIALIZER = "cat"
 # bf16 peak TFLOP/s by device kind (first substring match; more specific first): the dense
